@@ -1,0 +1,157 @@
+/*
+ * moe_kernels.h: the C interface of moe-kernels, CUDA kernels for Mixture-of-Experts layers.
+ *
+ * Conventions, for every function below:
+ * - Calls that touch the GPU are stream-ordered: they enqueue work on `stream` and return without
+ *   waiting for it. They never allocate device memory and never synchronise with the host, so they
+ *   can be captured into a CUDA graph. All memory is owned by the caller.
+ * - Every function returns a moek_status. Arguments are checked before anything is enqueued: on a
+ *   status other than MOEK_SUCCESS nothing was written, and moek_last_error_message() names the
+ *   offending argument (per calling thread).
+ * - Pointers named "device" point to device memory of the stream's device.
+ * - The library builds without the CUDA kernels on machines with no CUDA compiler; every GPU call then
+ *   returns MOEK_ERROR_NO_CUDA_KERNELS (argument checks and size queries still work).
+ *
+ * The header needs no CUDA header: it declares cudaStream_t the way CUDA's driver_types.h does.
+ */
+#ifndef MOE_KERNELS_H
+#define MOE_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MOEK_VERSION_MAJOR 0
+#define MOEK_VERSION_MINOR 1
+#define MOEK_VERSION_PATCH 0
+
+#ifndef __DRIVER_TYPES_H__
+/* Identical to CUDA's own declaration, so including cuda_runtime.h before or after is fine. */
+typedef struct CUstream_st *cudaStream_t;
+#endif
+
+/* Result of every call. */
+typedef enum moek_status {
+  MOEK_SUCCESS = 0,
+  MOEK_ERROR_NULL_POINTER = 1,          /* a required pointer is NULL */
+  MOEK_ERROR_INVALID_NUM_TOKENS = 2,    /* num_tokens negative or too large */
+  MOEK_ERROR_INVALID_NUM_EXPERTS = 3,   /* num_experts outside 1..MOEK_ROUTE_MAX_EXPERTS */
+  MOEK_ERROR_INVALID_K = 4,             /* k = 0, k > num_experts, k > MOEK_ROUTE_MAX_K, or k not
+                                           reachable under the mode's group constraints */
+  MOEK_ERROR_INVALID_GROUPS = 5,        /* num_groups does not divide num_experts (or k), or is out of range */
+  MOEK_ERROR_INVALID_TOPK_GROUPS = 6,   /* topk_groups = 0 or topk_groups > num_groups */
+  MOEK_ERROR_INVALID_CAPACITY = 7,      /* capacity 0 where the mode needs one */
+  MOEK_ERROR_INVALID_DTYPE = 8,         /* a dtype this operation does not take */
+  MOEK_ERROR_INVALID_ENUM = 9,          /* a mode or score function value that does not exist */
+  MOEK_ERROR_MISALIGNED = 10,           /* a pointer not aligned to its element type */
+  MOEK_ERROR_WORKSPACE_TOO_SMALL = 11,  /* workspace_bytes below the size query's answer */
+  MOEK_ERROR_BUFFER_TOO_SMALL = 12,     /* a buffer shorter than the shape needs (Rust API) */
+  MOEK_ERROR_INVALID_VALUE = 13,        /* a scalar argument that is not finite or out of range */
+  MOEK_ERROR_NO_CUDA_KERNELS = 14,      /* the library was built without its CUDA kernels */
+  MOEK_ERROR_CUDA = 15                  /* a CUDA call failed while enqueueing the work */
+} moek_status;
+
+/* Element types of tensors. */
+typedef enum moek_dtype {
+  MOEK_DTYPE_F32 = 0,
+  MOEK_DTYPE_BF16 = 1,
+  MOEK_DTYPE_F16 = 2
+} moek_dtype;
+
+/* A static, human-readable description of a status. Never NULL. */
+const char *moek_status_string(moek_status status);
+
+/* The message of the last failed call on the calling thread ("" if none): which argument was wrong
+ * and why. Valid until the next moe_kernels call on this thread. Never NULL. */
+const char *moek_last_error_message(void);
+
+/* The library's version as MAJOR * 10000 + MINOR * 100 + PATCH; compare with the MOEK_VERSION_*
+ * macros of the header you compiled against. */
+uint32_t moek_version(void);
+
+/* ------------------------------------------------------------------------------------------------
+ * Routing: scores, then top-k expert selection per token.
+ *
+ * For each token t (a row of `logits`, num_experts wide):
+ *   score[e]  = softmax over the row (MOEK_SCORE_SOFTMAX: exp(x - max) times the reciprocal of the
+ *               row's sum) or sigmoid(logit) (MOEK_SCORE_SIGMOID), computed in fp32;
+ *   key[e]    = score[e] + bias[e] when `bias` is given (DeepSeek-V3's correction bias), else score[e].
+ *               Keys decide the selection only; weights come from the unbiased scores.
+ *   selection = by mode (below), ties broken towards the lower expert index;
+ *   weight    = score of the selected expert, divided by the sum of the selected scores when
+ *               `renormalize` is set, then multiplied by `scale`.
+ * topk_ids[t][j] / topk_weights[t][j] hold the k selections in descending key order (ties: lower id).
+ *
+ * Modes:
+ *   MOEK_ROUTE_TOPK           the k best keys of the row.
+ *   MOEK_ROUTE_GROUP_LIMITED  DeepSeek-V3: the experts form num_groups equal contiguous groups; a group's
+ *                             rank is the sum of its two best keys (its best key for groups of one);
+ *                             the topk_groups best groups are kept and the k best keys among their
+ *                             experts are chosen.
+ *   MOEK_ROUTE_GROUPED        MoGE (Pangu Pro MoE): num_groups equal contiguous groups, k / num_groups
+ *                             best keys chosen inside every group.
+ *   MOEK_ROUTE_SWITCH         Switch Transformer: top-1 with an expert capacity (k must be 1).
+ *
+ * Capacity: with capacity > 0 (any mode; required by MOEK_ROUTE_SWITCH), each expert keeps at most
+ * `capacity` of the (token, slot) pairs routed to it, in order of token index then slot: the lowest
+ * token index wins, so the result is deterministic. A dropped pair gets id MOEK_DROPPED_ID and weight
+ * 0 (other weights of the token are left as computed), and the number of dropped pairs is written to
+ * *dropped_count (device). Capacity needs a workspace: see moek_route_workspace_size.
+ * ---------------------------------------------------------------------------------------------- */
+
+#define MOEK_ROUTE_MAX_EXPERTS 1024
+#define MOEK_ROUTE_MAX_K 32
+#define MOEK_ROUTE_MAX_GROUPS 64
+/* topk_ids value of a (token, slot) pair dropped by the capacity limit. */
+#define MOEK_DROPPED_ID (-1)
+
+typedef enum moek_route_mode {
+  MOEK_ROUTE_TOPK = 0,
+  MOEK_ROUTE_GROUP_LIMITED = 1,
+  MOEK_ROUTE_GROUPED = 2,
+  MOEK_ROUTE_SWITCH = 3
+} moek_route_mode;
+
+typedef enum moek_score_function {
+  MOEK_SCORE_SOFTMAX = 0,
+  MOEK_SCORE_SIGMOID = 1
+} moek_score_function;
+
+typedef struct moek_route_args {
+  moek_route_mode mode;
+  moek_score_function score_function;
+  moek_dtype logits_dtype;   /* MOEK_DTYPE_F32 or MOEK_DTYPE_BF16 */
+  int64_t num_tokens;        /* T >= 0 */
+  int32_t num_experts;       /* E, 1..MOEK_ROUTE_MAX_EXPERTS, any value */
+  int32_t k;                 /* 1..min(E, MOEK_ROUTE_MAX_K) */
+  int32_t num_groups;        /* GROUP_LIMITED and GROUPED: groups (divides E, <= MOEK_ROUTE_MAX_GROUPS);
+                                ignored by the other modes */
+  int32_t topk_groups;       /* GROUP_LIMITED: groups kept, 1..num_groups; ignored otherwise */
+  int32_t capacity;          /* 0: no limit; > 0: pairs kept per expert (required by SWITCH) */
+  int32_t renormalize;       /* nonzero: weights divided by the sum of the selected scores */
+  float scale;               /* finite multiplier of the weights (1.0 for none) */
+  const void *logits;        /* device [T, E] of logits_dtype, row-major, element-aligned */
+  const float *bias;         /* device [E] or NULL */
+  int32_t *topk_ids;         /* device [T, k], written */
+  float *topk_weights;       /* device [T, k], written */
+  int32_t *dropped_count;    /* device, one int32, written when capacity > 0; may be NULL otherwise */
+  void *workspace;           /* device, workspace_bytes long (may be NULL when the query says 0) */
+  size_t workspace_bytes;
+} moek_route_args;
+
+/* Bytes of device workspace moek_route needs for these arguments (0 without capacity). Reads only the
+ * shape fields (mode, dtype, num_tokens, num_experts, k, groups, capacity); pointers may be NULL. */
+moek_status moek_route_workspace_size(const moek_route_args *args, size_t *bytes);
+
+/* Enqueues the routing of args->num_tokens rows on `stream`. Reads logits and bias; writes topk_ids,
+ * topk_weights, dropped_count and the workspace. T = 0 is valid and writes only dropped_count. */
+moek_status moek_route(const moek_route_args *args, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MOE_KERNELS_H */

@@ -1,0 +1,51 @@
+//! The nvcc-built launchers (`cuda/*.cu`), or stand-ins that report their absence when the crate was
+//! built without a CUDA compiler.
+
+use crate::error::{Error, Result, Status};
+use crate::sys;
+
+/// True when this build contains the CUDA kernels (nvcc was found at build time).
+pub const KERNELS_BUILT: bool = cfg!(moek_cuda);
+
+/// Result of a launcher: a `cudaError_t` value (0 is success), or [`NO_KERNELS`].
+type LaunchCode = i32;
+const NO_KERNELS: LaunchCode = -1;
+
+#[cfg(moek_cuda)]
+mod launchers {
+    use crate::sys;
+    extern "C" {
+        pub fn moek_cuda_route(
+            args: *const sys::moek_route_args,
+            capacity_chunk: i32,
+            stream: sys::cudaStream_t,
+        ) -> i32;
+    }
+}
+
+/// Enqueues routing (arguments already validated).
+pub(crate) fn route(args: &sys::moek_route_args, capacity_chunk: i32, stream: sys::cudaStream_t) -> LaunchCode {
+    #[cfg(moek_cuda)]
+    {
+        // SAFETY: `args` was validated by route::check_shape/check_pointers; the pointers are the
+        // caller's device buffers, sized for the shape (the C contract, or checked by the Rust API).
+        unsafe { launchers::moek_cuda_route(args, capacity_chunk, stream) }
+    }
+    #[cfg(not(moek_cuda))]
+    {
+        let _ = (args, capacity_chunk, stream);
+        NO_KERNELS
+    }
+}
+
+/// Maps a launcher's code to a result.
+pub(crate) fn status(code: LaunchCode) -> Result<()> {
+    match code {
+        0 => Ok(()),
+        NO_KERNELS => Err(Error::new(
+            Status::NoCudaKernels,
+            "this build has no CUDA kernels: nvcc was not found when moe-kernels was compiled",
+        )),
+        e => Err(Error::new(Status::Cuda, format!("cudaError {e} while enqueueing the kernels"))),
+    }
+}

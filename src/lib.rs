@@ -1,0 +1,27 @@
+//! # moe-kernels
+//!
+//! Hand-written CUDA kernels for Mixture-of-Experts layers, with a safe Rust API over
+//! [cudarc](https://docs.rs/cudarc) and a C interface (`include/moe_kernels.h`, linked from
+//! `libmoe_kernels.a`).
+//!
+//! Every GPU call is stream-ordered, allocates nothing and never synchronises with the host, so it can
+//! be captured into a CUDA graph. Arguments are checked before anything is enqueued; a bad one gives an
+//! [`Error`] whose [`Status`] is the C status code and whose message names the argument.
+//!
+//! What is here now:
+//! - [`route`]: expert scores and top-k selection (softmax / sigmoid, DeepSeek-V3 group-limited, MoGE
+//!   grouped, Switch top-1 with capacity), with the CPU reference in [`reference::route`].
+//!
+//! Built without nvcc (see `scripts/setup-cuda.sh`), the crate still compiles and its CPU parts work;
+//! GPU calls return [`Status::NoCudaKernels`]. [`KERNELS_BUILT`] tells which build this is.
+
+pub mod capi;
+mod cuda;
+pub mod error;
+pub mod reference;
+pub mod route;
+pub mod sys;
+pub mod timing;
+
+pub use cuda::KERNELS_BUILT;
+pub use error::{Error, Result, Status};
