@@ -1,0 +1,3 @@
+//! Plain CPU implementations of every operation: the oracle of the tests, and a fallback users can call.
+
+pub mod route;

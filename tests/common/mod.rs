@@ -1,0 +1,39 @@
+//! Helpers shared by the GPU tests.
+#![allow(dead_code)]
+
+use cudarc::driver::{CudaContext, CudaStream};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::sync::Arc;
+
+/// The first GPU and a fresh stream, or None (with a printed notice) when there is none or the crate
+/// was built without kernels. `MOEK_REQUIRE_GPU=1` turns the skip into a failure.
+pub fn gpu() -> Option<(Arc<CudaContext>, Arc<CudaStream>)> {
+    let require = std::env::var("MOEK_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    let why = if !moe_kernels::KERNELS_BUILT {
+        "this build has no CUDA kernels".to_string()
+    } else if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        "no CUDA driver (libcuda) on this machine".to_string()
+    } else {
+        match CudaContext::new(0) {
+            Ok(ctx) => {
+                let stream = ctx.new_stream().expect("creating a stream");
+                return Some((ctx, stream));
+            }
+            Err(e) => format!("no usable GPU ({e})"),
+        }
+    };
+    assert!(!require, "MOEK_REQUIRE_GPU=1 but {why}");
+    // Written to the process's stderr directly, so the notice shows even though libtest captures
+    // test output.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED (GPU test): {why}");
+    None
+}
+
+/// A fresh generator, its seed printed so a failure can be replayed with MOEK_SEED.
+pub fn rng(test: &str) -> StdRng {
+    let seed = std::env::var("MOEK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random::<u64>);
+    eprintln!("{test}: seed {seed} (rerun with MOEK_SEED={seed})");
+    StdRng::seed_from_u64(seed)
+}
