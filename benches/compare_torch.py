@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""PyTorch side-by-side for the routing benchmarks, on the same GPU in the same run.
+
+Times the routing as a PyTorch user writes it (softmax/sigmoid + topk; DeepSeek-V3's group-limited
+selection; Switch capacity with a cumsum), both eager and replayed from a CUDA graph, measures the copy
+bandwidth ceiling, and, given our bench JSON (benches/route.rs), prints the comparison table.
+
+    python3 benches/compare_torch.py --ours target/bench-route.json --out torch-route.json
+"""
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+GRAPH_CALLS = 20
+
+
+def deepseek_v3(logits, bias, n_group=8, topk_group=4, k=8, scale=2.5):
+    t, e = logits.shape
+    scores = logits.sigmoid()
+    choice = scores + bias
+    group_scores = choice.view(t, n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = group_scores.topk(topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    expert_mask = group_mask.unsqueeze(-1).expand(t, n_group, e // n_group).reshape(t, e)
+    masked = choice.masked_fill(~expert_mask.bool(), float("-inf"))
+    ids = masked.topk(k, dim=-1)[1]
+    w = scores.gather(1, ids)
+    return ids, w / w.sum(dim=-1, keepdim=True) * scale
+
+
+def softmax_topk(logits, k, renormalize=False):
+    probs = logits.softmax(dim=-1, dtype=torch.float32)
+    w, ids = probs.topk(k, dim=-1)
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return ids, w
+
+
+def switch(logits, capacity):
+    probs = logits.softmax(dim=-1, dtype=torch.float32)
+    w, ids = probs.max(dim=-1)
+    one_hot = F.one_hot(ids, logits.shape[1])
+    position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1)
+    keep = position <= capacity
+    return torch.where(keep, ids, -1), torch.where(keep, w, 0.0), (~keep).sum()
+
+
+def moge(logits, groups, k):
+    t, e = logits.shape
+    probs = logits.softmax(dim=-1, dtype=torch.float32)
+    w, local = probs.view(t, groups, e // groups).topk(k // groups, dim=-1)
+    ids = local + torch.arange(groups, device=logits.device).view(1, groups, 1) * (e // groups)
+    w = w.reshape(t, k)
+    return ids.reshape(t, k), w / w.sum(dim=-1, keepdim=True)
+
+
+def cases():
+    """Same names and shapes as benches/route.rs."""
+    return {
+        "deepseek_v3_T4096": (4096, 256, torch.float32, lambda x, b: deepseek_v3(x, b)),
+        "deepseek_v3_T65536": (65536, 256, torch.float32, lambda x, b: deepseek_v3(x, b)),
+        "softmax_top8_of_128_T65536_f32": (65536, 128, torch.float32, lambda x, b: softmax_topk(x, 8)),
+        "softmax_top8_of_128_T65536_bf16": (65536, 128, torch.bfloat16, lambda x, b: softmax_topk(x, 8)),
+        "mixtral_T4096": (4096, 8, torch.float32, lambda x, b: softmax_topk(x, 2, True)),
+        "switch_E128_T65536_capacity": (65536, 128, torch.float32, lambda x, b: switch(x, 640)),
+        "moge_E64_G8_k8_T4096": (4096, 64, torch.float32, lambda x, b: moge(x, 8, 8)),
+    }
+
+
+def time_us(fn, reps=50, samples=11):
+    fn()
+    torch.cuda.synchronize()
+    # Fewer repetitions for slow calls: about 5 ms a sample is plenty.
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    reps = max(1, min(reps, int(5000 / max(start.elapsed_time(end) * 1e3, 1e-3))))
+    times = []
+    for _ in range(samples):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / reps)
+    return sorted(times)[len(times) // 2]
+
+
+def graph_us(fn):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_CALLS):
+            fn()
+    return time_us(graph.replay, reps=10) / GRAPH_CALLS
+
+
+def copy_gbps():
+    n = 1 << 30  # 1 GiB each way, far beyond the 60 MB L2
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    us = time_us(lambda: dst.copy_(src), reps=10, samples=7)
+    return 2 * n / (us * 1e-6) / 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ours", help="JSON written by benches/route.rs")
+    ap.add_argument("--out", default="torch-route.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": copy_gbps(), "cases": {}}
+    for name, (t, e, dtype, fn) in cases().items():
+        x = (torch.rand(t, e, device="cuda") * 8 - 4).to(dtype)
+        b = torch.rand(e, device="cuda") * 0.2 - 0.1
+        results["cases"][name] = {"eager_us": time_us(lambda: fn(x, b)), "graph_us": graph_us(lambda: fn(x, b))}
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    if not args.ours:
+        print(json.dumps(results, indent=1))
+        return
+    ours = {r["case"]: r for r in json.load(open(args.ours))}
+    ceiling = results["copy_gbps"]
+    print(f"GPU {results['gpu']}, torch {results['torch']}, measured copy bandwidth {ceiling:.0f} GB/s")
+    print("| case | ours stream us | ours graph us | torch eager us | torch graph us | speed-up eager | speed-up graph | logits GB/s (graph) | fraction of copy bw |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in ours.items():
+        tc = results["cases"].get(name, {})
+        gbps = r["logits_bytes"] / (r["graph_us"] * 1e-6) / 1e9
+        print(
+            f"| {name} | {r['stream_us']:.2f} | {r['graph_us']:.2f} | {tc.get('eager_us', float('nan')):.2f} | "
+            f"{tc.get('graph_us', float('nan')):.2f} | {tc.get('eager_us', float('nan')) / r['stream_us']:.1f}x | {tc.get('graph_us', float('nan')) / r['graph_us']:.1f}x | {gbps:.0f} | {gbps / ceiling:.0%} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

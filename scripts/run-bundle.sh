@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the repository root, what scripts/bundle.sh packed:
+#   bash bundle/run.sh [steps...]     steps: tests sanitize c demo bench (default: all)
+# Logs go to $OUT/run.log, step results to $OUT/results.json, benchmark JSON and the comparison table
+# to $OUT/bench-*.json, $OUT/torch-*.json and $OUT/table.md. A summary table is printed last.
+set -u
+here="$(cd "$(dirname "$0")" && pwd)"
+OUT="${OUT:-/tmp/moek-out}"
+mkdir -p "$OUT"
+log="$OUT/run.log"
+export MOEK_REQUIRE_GPU=1
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests sanitize c demo bench)
+summary=()
+json=()
+
+# step NAME CMD...: runs CMD with its output appended to the log, records rc and seconds.
+step() {
+  local name="$1"; shift
+  local start=$(date +%s.%N)
+  echo "===== $name: $*" >> "$log"
+  "$@" >> "$log" 2>&1
+  local rc=$?
+  local secs=$(python3 -c "print(round($(date +%s.%N) - $start, 1))")
+  summary+=("$(printf '%-28s %-6s %8ss' "$name" "$([ $rc -eq 0 ] && echo ok || echo FAIL:$rc)" "$secs")")
+  json+=("{\"step\":\"$name\",\"rc\":$rc,\"seconds\":$secs}")
+}
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv >> "$log" 2>&1
+for s in "${steps[@]}"; do
+  case "$s" in
+    tests)
+      for t in "$here"/tests/*; do step "test:$(basename "$t")" "$t"; done ;;
+    sanitize)
+      for t in "$here"/tests/*_gpu; do
+        step "memcheck:$(basename "$t")" compute-sanitizer --tool memcheck --error-exitcode 99 "$t" --test-threads=1
+      done ;;
+    c)
+      step c_api_test "$here/bin/c_api_test" ;;
+    demo)
+      for d in "$here"/bin/*; do
+        case "$(basename "$d")" in bench-*|c_api_test) ;; *) step "example:$(basename "$d")" "$d" ;; esac
+      done ;;
+    bench)
+      for b in "$here"/bin/bench-*; do
+        name=$(basename "$b"); name=${name#bench-}
+        MOEK_BENCH_JSON="$OUT/bench-$name.json" step "bench:$name" "$b" --bench
+        step "torch:$name" bash -c "python3 '$here/compare_torch.py' --ours '$OUT/bench-$name.json' --out '$OUT/torch-$name.json' > '$OUT/table.md'"
+      done ;;
+    *) echo "unknown step $s" >&2 ;;
+  esac
+done
+(IFS=,; echo "[${json[*]}]") > "$OUT/results.json"
+grep -E "test result:|passed, .* failed|ERROR SUMMARY|SKIPPED|FAIL" "$log" | sort | uniq -c | head -40
+[ -f "$OUT/table.md" ] && cat "$OUT/table.md"
+printf '%s\n' "${summary[@]}"
