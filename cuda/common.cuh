@@ -28,6 +28,15 @@ __device__ __forceinline__ void load_as_float(const T* p, float (&out)[VEC]) {
   for (int v = 0; v < VEC; ++v) out[v] = to_float(elems[v]);
 }
 
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^x by the hardware approximation (relative error about 2^-22; flushes subnormal results to 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Maps a float to an unsigned integer with the same order (for non-NaN values), so that selections
 // can compare integers. 0 is never produced for a real value: it marks "no candidate".
 __device__ __forceinline__ uint32_t ordered_key(float f) {

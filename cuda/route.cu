@@ -2,8 +2,20 @@
 // route_kernel (route_kernel.cuh) and, with an expert capacity, the two capacity passes below.
 #include "route_kernel.cuh"
 
+#include <cstdlib>
+
 namespace moek {
 namespace {
+
+// Values a lane holds when T is large enough to fill the GPU: 16 by default. MOEK_ROUTE_LANE_VALUES=32
+// (read once) halves the lanes per token; it exists for tuning runs of the benchmarks.
+int lane_values_target() {
+  static const int target = [] {
+    const char* v = std::getenv("MOEK_ROUTE_LANE_VALUES");
+    return v != nullptr && std::atoi(v) == 32 ? 32 : 16;
+  }();
+  return target;
+}
 
 // In place, per expert (one block each): exclusive prefix sum of the per-chunk counts, giving the
 // number of the expert's pairs in earlier chunks.
@@ -85,7 +97,7 @@ extern "C" int moek_cuda_route(const moek_route_args* a, int32_t capacity_chunk,
   // too small to fill the GPU (about 128K threads), since a token's latency then sets the time.
   auto values_per_lane = [&](int l) { return ((row_chunks + l - 1) / l) * vec; };
   int lanes = 1;
-  while (lanes < 32 && values_per_lane(lanes) > 16) lanes <<= 1;
+  while (lanes < 32 && values_per_lane(lanes) > lane_values_target()) lanes <<= 1;
   while (lanes < 32 && T * lanes < (int64_t{1} << 17) && values_per_lane(lanes) > vec) lanes <<= 1;
   const int nv = values_per_lane(lanes);
 

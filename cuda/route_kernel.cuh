@@ -264,7 +264,7 @@ __global__ void __launch_bounds__(kRouteBlock) route_kernel(RouteParams p) {
   const int E = p.num_experts;
   const int k = p.k;
 
-  float score[NV];
+  float value[NV];
   const T* row = static_cast<const T*>(p.logits) + t * E;
 #pragma unroll
   for (int j = 0; j < CPL; ++j) {
@@ -277,60 +277,84 @@ __global__ void __launch_bounds__(kRouteBlock) route_kernel(RouteParams p) {
       for (int v = 0; v < VEC; ++v) x[v] = -INFINITY;
     }
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) score[j * VEC + v] = x[v];
+    for (int v = 0; v < VEC; ++v) value[j * VEC + v] = x[v];
   }
 
-  // Scores in fp32: softmax as exp(x - max) times the reciprocal of their sum (as the reference does).
-  if (p.score_function == MOEK_SCORE_SOFTMAX) {
-    float m = -INFINITY;
-#pragma unroll
-    for (int s = 0; s < NV; ++s) m = fmaxf(m, score[s]);
-    m = grp.max(m);
-    float sum = 0.f;
-#pragma unroll
-    for (int s = 0; s < NV; ++s) {
-      score[s] = expf(score[s] - m);  // 0 for the -inf of slots past the row
-      sum += score[s];
-    }
-    const float inv = 1.f / grp.sum(sum);
-#pragma unroll
-    for (int s = 0; s < NV; ++s) score[s] *= inv;
-  } else {
-#pragma unroll
-    for (int s = 0; s < NV; ++s) score[s] = 1.f / (1.f + expf(-score[s]));
-  }
-
-  // Keys: 0 for slots past the row. Scores are >= +0, so without a bias the ordered key is just the
-  // bits with the top one set (what ordered_key gives for non-negative floats).
+  // Keys (0 for slots past the row). Softmax and sigmoid are increasing, so without a bias, and outside
+  // the group limit (which sums scores), ranking by the logit orders exactly as ranking by the score,
+  // except where fp32 rounding makes two scores equal (the larger logit then wins). That path turns
+  // only the k winners into scores. `value` then holds logits; otherwise it holds the fp32 scores.
+  const bool softmax = p.score_function == MOEK_SCORE_SOFTMAX;
+  const bool by_logit = p.bias == nullptr && p.mode != MOEK_ROUTE_GROUP_LIMITED;
   uint32_t key[NV];
-  if (p.bias == nullptr) {
+  float row_max = 0.f, inv_sum = 1.f;  // softmax: exp(x - row_max) * inv_sum is the score
+  if (by_logit) {
+    uint32_t top = 0;
 #pragma unroll
     for (int s = 0; s < NV; ++s) {
       const bool valid = grp.rank + (s / VEC) * L < p.chunks_per_row;
-      key[s] = valid ? (__float_as_uint(score[s]) | 0x80000000u) : 0u;
+      key[s] = valid ? ordered_key(value[s]) : 0u;
+      top = max(top, key[s]);
+    }
+    if (softmax) {
+      row_max = key_to_float(grp.max(top));
+      if (!p.renormalize) {
+        // The row's sum needs every exponential; an approximate 2^x (relative error ~1e-7, plus the
+        // rounding of its argument) is plenty for a sum that only scales the weights.
+        const float shift = row_max * kLog2e;
+        float sum = 0.f;
+#pragma unroll
+        for (int s = 0; s < NV; ++s) sum += fast_exp2(fmaf(value[s], kLog2e, -shift));  // 0 for -inf slots
+        inv_sum = 1.f / grp.sum(sum);
+      }
     }
   } else {
+    // Scores in fp32: softmax as exp(x - max) times the reciprocal of their sum (as the reference).
+    if (softmax) {
+      float m = -INFINITY;
+#pragma unroll
+      for (int s = 0; s < NV; ++s) m = fmaxf(m, value[s]);
+      m = grp.max(m);
+      float sum = 0.f;
+#pragma unroll
+      for (int s = 0; s < NV; ++s) {
+        value[s] = expf(value[s] - m);  // 0 for the -inf of slots past the row
+        sum += value[s];
+      }
+      const float inv = 1.f / grp.sum(sum);
+#pragma unroll
+      for (int s = 0; s < NV; ++s) value[s] *= inv;
+    } else {
+#pragma unroll
+      for (int s = 0; s < NV; ++s) value[s] = 1.f / (1.f + expf(-value[s]));
+    }
 #pragma unroll
     for (int s = 0; s < NV; ++s) {
       const bool valid = grp.rank + (s / VEC) * L < p.chunks_per_row;
-      key[s] = valid ? ordered_key(score[s] + __ldg(p.bias + slot_expert<VEC, L>(grp.rank, s))) : 0u;
+      const float b = p.bias != nullptr && valid ? __ldg(p.bias + slot_expert<VEC, L>(grp.rank, s)) : 0.f;
+      key[s] = valid ? ordered_key(value[s] + b) : 0u;
     }
   }
 
   if (p.mode == MOEK_ROUTE_GROUP_LIMITED) limit_groups<VEC, L, NV>(p, grp, key, tok);
   const bool grouped = p.mode == MOEK_ROUTE_GROUPED;
-  if (grouped || !select_by_ranking<VEC, L, NV>(p, grp, key, score, tok)) {
-    select_by_rounds<VEC, L, NV>(p, grp, key, score, tok);
+  if (grouped || !select_by_ranking<VEC, L, NV>(p, grp, key, value, tok)) {
+    select_by_rounds<VEC, L, NV>(p, grp, key, value, tok);
   }
   grp.sync();
 
   // Output: each lane takes selections i = rank, rank + L, ... Their position is i (descending key,
   // ties to the lower id), except for MoGE, whose group-by-group selections are ranked here. Weights
   // are renormalised by the group-wide sum of the selected scores (a fixed tree order), then scaled.
-  const uint64_t* s_sel = reinterpret_cast<const uint64_t*>(tok);
-  const float* s_sel_score = reinterpret_cast<const float*>(tok + 8 * k);
+  uint64_t* s_sel = reinterpret_cast<uint64_t*>(tok);
+  float* s_sel_score = reinterpret_cast<float*>(tok + 8 * k);
   float partial = 0.f;
-  for (int i = grp.rank; i < k; i += L) partial += s_sel_score[i];
+  for (int i = grp.rank; i < k; i += L) {
+    float v = s_sel_score[i];
+    if (by_logit) v = softmax ? expf(v - row_max) * inv_sum : 1.f / (1.f + expf(-v));
+    s_sel_score[i] = v;  // only this lane reads entry i again
+    partial += v;
+  }
   const float sum = grp.sum(partial);
   for (int i = grp.rank; i < k; i += L) {
     const uint64_t c = s_sel[i];
@@ -354,17 +378,13 @@ cudaError_t launch_route_variant(const RouteParams& p, dim3 grid, dim3 block, si
   return cudaGetLastError();
 }
 
-// Instantiates the (L, NV) variants the launcher picks (moek_cuda_route): up to 8 or 16 values a
-// lane for L < 32, up to 8, 16 or 32 for L = 32.
+// Instantiates the (L, NV) variants the launcher picks (moek_cuda_route): up to 8, 16 or 32 values a
+// lane.
 template <typename T, int VEC, int L>
 cudaError_t launch_route_nv(const RouteParams& p, int nv, dim3 grid, dim3 block, size_t smem, cudaStream_t stream) {
   if (nv <= 8) return launch_route_variant<T, VEC, L, 8>(p, grid, block, smem, stream);
-  if constexpr (L < 32) {
-    return launch_route_variant<T, VEC, L, 16>(p, grid, block, smem, stream);
-  } else {
-    return nv <= 16 ? launch_route_variant<T, VEC, L, 16>(p, grid, block, smem, stream)
-                    : launch_route_variant<T, VEC, L, 32>(p, grid, block, smem, stream);
-  }
+  if (nv <= 16) return launch_route_variant<T, VEC, L, 16>(p, grid, block, smem, stream);
+  return launch_route_variant<T, VEC, L, 32>(p, grid, block, smem, stream);
 }
 
 template <typename T, int VEC>

@@ -80,7 +80,9 @@ uint32_t moek_version(void);
  *               row's sum) or sigmoid(logit) (MOEK_SCORE_SIGMOID), computed in fp32;
  *   key[e]    = score[e] + bias[e] when `bias` is given (DeepSeek-V3's correction bias), else score[e].
  *               Keys decide the selection only; weights come from the unbiased scores.
- *   selection = by mode (below), ties broken towards the lower expert index;
+ *   selection = by mode (below), ties broken towards the lower expert index. Without a bias, outside
+ *               the group-limited mode, the kernels rank by the logit, which orders as the score does
+ *               except where fp32 rounding makes two scores equal: the larger logit then wins;
  *   weight    = score of the selected expert, divided by the sum of the selected scores when
  *               `renormalize` is set, then multiplied by `scale`.
  * topk_ids[t][j] / topk_weights[t][j] hold the k selections in descending key order (ties: lower id).
