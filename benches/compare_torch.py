@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""PyTorch side-by-side for the routing benchmarks, on the same GPU in the same run.
+"""PyTorch side-by-side for our benchmarks, on the same GPU in the same run.
 
-Times the routing as a PyTorch user writes it (softmax/sigmoid + topk; DeepSeek-V3's group-limited
-selection; Switch capacity with a cumsum), both eager and replayed from a CUDA graph, measures the copy
-bandwidth ceiling, and, given our bench JSON (benches/route.rs), prints the comparison table.
+Times each case as a PyTorch user writes it, both eager and replayed from a CUDA graph, measures the copy
+bandwidth ceiling, and, given our bench JSON, prints the comparison table. Suites:
+- route (benches/route.rs): softmax/sigmoid + topk; DeepSeek-V3's group-limited selection; Switch
+  capacity with a cumsum;
+- permute (benches/permute.rs): the plan with argsort + bincount + cumsum, permute with index_select,
+  combine with a weighted index_add_.
 
-    python3 benches/compare_torch.py --ours target/bench-route.json --out torch-route.json
+    python3 benches/compare_torch.py --suite route --ours target/bench-route.json --out torch-route.json
 """
 import argparse
 import json
@@ -54,6 +57,43 @@ def moge(logits, groups, k):
     ids = local + torch.arange(groups, device=logits.device).view(1, groups, 1) * (e // groups)
     w = w.reshape(t, k)
     return ids.reshape(t, k), w / w.sum(dim=-1, keepdim=True)
+
+
+def torch_plan(ids, num_experts):
+    flat = ids.view(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    offsets = torch.cumsum(counts, 0)
+    pair_row = torch.empty_like(order)
+    pair_row[order] = torch.arange(order.numel(), device=ids.device)
+    return order, offsets, pair_row
+
+
+def permute_cases():
+    """Same names and shapes as benches/permute.rs (balanced random routing, E=256, k=8)."""
+    def plan_case(t):
+        ids = torch.randint(0, 256, (t, 8), device="cuda", dtype=torch.int64)
+        return lambda: torch_plan(ids, 256)
+
+    t, h, k = 16384, 7168, 8
+    ids = torch.randint(0, 256, (t, k), device="cuda", dtype=torch.int64)
+    x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(t, k, device="cuda")
+    order, _, _ = torch_plan(ids, 256)
+    token_of_row = order // k
+    rows = x.index_select(0, token_of_row)
+    row_weight = w.view(-1)[order].to(torch.bfloat16).unsqueeze(1)
+
+    def combine():
+        out = torch.zeros(t, h, device="cuda", dtype=torch.bfloat16)
+        return out.index_add_(0, token_of_row, rows * row_weight)
+
+    return {
+        "plan_E256_k8_T4096": plan_case(4096),
+        "plan_E256_k8_T32768": plan_case(32768),
+        "permute_bf16_T16384_H7168_k8": lambda: x.index_select(0, token_of_row),
+        "combine_bf16_T16384_H7168_k8": combine,
+    }
 
 
 def cases():
@@ -115,15 +155,20 @@ def copy_gbps():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ours", help="JSON written by benches/route.rs")
-    ap.add_argument("--out", default="torch-route.json")
+    ap.add_argument("--suite", default="route", choices=["route", "permute"])
+    ap.add_argument("--ours", help="JSON written by benches/<suite>.rs")
+    ap.add_argument("--out", default="torch.json")
     args = ap.parse_args()
     torch.manual_seed(0)
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": copy_gbps(), "cases": {}}
-    for name, (t, e, dtype, fn) in cases().items():
-        x = (torch.rand(t, e, device="cuda") * 8 - 4).to(dtype)
-        b = torch.rand(e, device="cuda") * 0.2 - 0.1
-        results["cases"][name] = {"eager_us": time_us(lambda: fn(x, b)), "graph_us": graph_us(lambda: fn(x, b))}
+    if args.suite == "route":
+        for name, (t, e, dtype, fn) in cases().items():
+            x = (torch.rand(t, e, device="cuda") * 8 - 4).to(dtype)
+            b = torch.rand(e, device="cuda") * 0.2 - 0.1
+            results["cases"][name] = {"eager_us": time_us(lambda: fn(x, b)), "graph_us": graph_us(lambda: fn(x, b))}
+    else:
+        for name, fn in permute_cases().items():
+            results["cases"][name] = {"eager_us": time_us(fn), "graph_us": graph_us(fn)}
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     if not args.ours:
@@ -132,14 +177,16 @@ def main():
     ours = {r["case"]: r for r in json.load(open(args.ours))}
     ceiling = results["copy_gbps"]
     print(f"GPU {results['gpu']}, torch {results['torch']}, measured copy bandwidth {ceiling:.0f} GB/s")
-    print("| case | ours stream us | ours graph us | torch eager us | torch graph us | speed-up eager | speed-up graph | logits GB/s (graph) | fraction of copy bw |")
+    print("| case | ours stream us | ours graph us | torch eager us | torch graph us | speed-up eager | speed-up graph | GB/s (graph) | fraction of copy bw |")
     print("|---|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
     for name, r in ours.items():
         tc = results["cases"].get(name, {})
-        gbps = r["logits_bytes"] / (r["graph_us"] * 1e-6) / 1e9
+        gbps = r.get("logits_bytes", r["bytes"]) / (r["graph_us"] * 1e-6) / 1e9
         print(
-            f"| {name} | {r['stream_us']:.2f} | {r['graph_us']:.2f} | {tc.get('eager_us', float('nan')):.2f} | "
-            f"{tc.get('graph_us', float('nan')):.2f} | {tc.get('eager_us', float('nan')) / r['stream_us']:.1f}x | {tc.get('graph_us', float('nan')) / r['graph_us']:.1f}x | {gbps:.0f} | {gbps / ceiling:.0%} |"
+            f"| {name} | {r['stream_us']:.2f} | {r['graph_us']:.2f} | {tc.get('eager_us', nan):.2f} | "
+            f"{tc.get('graph_us', nan):.2f} | {tc.get('eager_us', nan) / r['stream_us']:.1f}x | "
+            f"{tc.get('graph_us', nan) / r['graph_us']:.1f}x | {gbps:.0f} | {gbps / ceiling:.0%} |"
         )
 
 

@@ -152,6 +152,86 @@ moek_status moek_route_workspace_size(const moek_route_args *args, size_t *bytes
  * topk_weights, dropped_count and the workspace. T = 0 is valid and writes only dropped_count. */
 moek_status moek_route(const moek_route_args *args, cudaStream_t stream);
 
+/* ------------------------------------------------------------------------------------------------
+ * Permutation: the plan (which row of the expert-grouped layout each (token, slot) pair takes), permute
+ * (gather token rows into that layout) and combine (weighted sum of the expert outputs back per token).
+ *
+ * A pair p = t * k + s is token t's slot s. The plan groups kept pairs by expert, experts in index
+ * order, pairs inside an expert in increasing p (so the plan is deterministic); each expert's block of
+ * rows starts at a multiple of row_align (padding rows in between hold no pair). A pair is not kept
+ * when its id is MOEK_DROPPED_ID, when its expert already has `capacity` pairs (capacity > 0), or when
+ * its id is out of range: the plan counts those in *error_count and never writes out of bounds.
+ * ---------------------------------------------------------------------------------------------- */
+
+#define MOEK_PLAN_MAX_EXPERTS 8192
+#define MOEK_PLAN_MAX_K 64
+
+typedef struct moek_plan_args {
+  int64_t num_tokens;        /* T >= 0 */
+  int32_t k;                 /* slots per token, 1..MOEK_PLAN_MAX_K */
+  int32_t num_experts;       /* E, 1..MOEK_PLAN_MAX_EXPERTS */
+  int32_t capacity;          /* 0: no limit; > 0: pairs kept per expert, lowest p first */
+  int32_t row_align;         /* >= 1: every expert's block starts at a multiple of it (GEMM tiles) */
+  int32_t num_ranks;         /* 0 or 1: one GPU; R > 1 divides E: experts [r*E/R, (r+1)*E/R) live on rank r */
+  const int32_t *topk_ids;   /* device [T, k] */
+  int32_t *expert_counts;    /* device [E], written: pairs kept per expert */
+  int32_t *expert_offsets;   /* device [E + 1], written: first row of each expert's block; [E] = rows in use */
+  int32_t *row_source;       /* device [max_rows], written up to expert_offsets[E]: the pair of each row,
+                                -1 for padding rows */
+  int32_t *pair_row;         /* device [T, k], written: the row of each pair, -1 if not kept */
+  int32_t *rank_counts;      /* device [R] or NULL (R > 1 only): pairs kept per rank */
+  int32_t *rank_offsets;     /* device [R + 1] or NULL (R > 1 only): first row of each rank's experts */
+  int32_t *error_count;      /* device, one int32, written: pairs whose id was out of range */
+  void *workspace;           /* device, workspace_bytes long */
+  size_t workspace_bytes;
+} moek_plan_args;
+
+/* Rows the layout can need for these arguments: min(T*k, E*capacity) + E*(row_align - 1). Size
+ * row_source and the permuted buffers with it. Reads only the shape fields. */
+moek_status moek_plan_max_rows(const moek_plan_args *args, int64_t *rows);
+
+/* Bytes of device workspace moek_plan needs. Reads only the shape fields. */
+moek_status moek_plan_workspace_size(const moek_plan_args *args, size_t *bytes);
+
+/* Enqueues the plan. Reads topk_ids; writes every output named above and the workspace. */
+moek_status moek_plan(const moek_plan_args *args, cudaStream_t stream);
+
+typedef struct moek_permute_args {
+  moek_dtype dtype;          /* of x and out: f32, bf16 or f16 */
+  int64_t num_tokens;        /* T */
+  int32_t k;
+  int32_t num_experts;       /* E of the plan */
+  int64_t hidden;            /* H, a multiple of 8 */
+  int64_t max_rows;          /* rows of out (at least moek_plan_max_rows) */
+  const void *x;             /* device [T, H], 16-byte aligned */
+  const int32_t *row_source; /* device [max_rows], from moek_plan */
+  const int32_t *expert_offsets; /* device [E + 1], from moek_plan (rows in use: expert_offsets[E]) */
+  const float *pair_scale;   /* device [T, k] or NULL: row of pair p multiplied by pair_scale[p] */
+  int32_t zero_padding;      /* nonzero: padding rows written as zeros (else left as they are) */
+  void *out;                 /* device [max_rows, H], 16-byte aligned; rows past expert_offsets[E] untouched */
+} moek_permute_args;
+
+/* Enqueues out[row] = x[pair / k] (times pair_scale[pair]) for every row in use. */
+moek_status moek_permute(const moek_permute_args *args, cudaStream_t stream);
+
+typedef struct moek_combine_args {
+  moek_dtype dtype;          /* of y, residual and out: f32, bf16 or f16 */
+  int64_t num_tokens;        /* T */
+  int32_t k;
+  int64_t hidden;            /* H, a multiple of 8 */
+  int64_t max_rows;          /* rows of y */
+  const void *y;             /* device [max_rows, H], 16-byte aligned: the expert outputs per row */
+  const int32_t *pair_row;   /* device [T, k], from moek_plan */
+  const float *weights;      /* device [T, k] or NULL (weight 1) */
+  const void *residual;      /* device [T, H] or NULL; may be the same buffer as out */
+  void *out;                 /* device [T, H], 16-byte aligned, written */
+} moek_combine_args;
+
+/* Enqueues out[t] = residual[t] + sum over s = 0..k-1 of weights[t,s] * y[pair_row[t,s]], accumulated
+ * in fp32 in that order (bit-identical from run to run); pairs with row -1 (or a row outside
+ * 0..max_rows-1) add nothing. */
+moek_status moek_combine(const moek_combine_args *args, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

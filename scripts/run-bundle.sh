@@ -7,6 +7,9 @@ set -u
 here="$(cd "$(dirname "$0")" && pwd)"
 OUT="${OUT:-/tmp/moek-out}"
 mkdir -p "$OUT"
+# The binaries travel compressed (scripts/bundle.sh); unpack them beside the machine's /tmp.
+bins=/tmp/moek-bundle
+rm -rf "$bins" && mkdir -p "$bins" && tar -C "$bins" -xJf "$here/bins.tar.xz" || { echo "cannot unpack $here/bins.tar.xz" >&2; exit 2; }
 log="$OUT/run.log"
 export MOEK_REQUIRE_GPU=1
 steps=("$@")
@@ -30,22 +33,22 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv >> 
 for s in "${steps[@]}"; do
   case "$s" in
     tests)
-      for t in "$here"/tests/*; do step "test:$(basename "$t")" "$t"; done ;;
+      for t in "$bins"/tests/*; do step "test:$(basename "$t")" "$t"; done ;;
     sanitize)
-      for t in "$here"/tests/*_gpu; do
+      for t in "$bins"/tests/*_gpu; do
         step "memcheck:$(basename "$t")" compute-sanitizer --tool memcheck --error-exitcode 99 "$t" --test-threads=1
       done ;;
     c)
-      step c_api_test "$here/bin/c_api_test" ;;
+      step c_api_test "$bins/bin/c_api_test" ;;
     demo)
-      for d in "$here"/bin/*; do
+      for d in "$bins"/bin/*; do
         case "$(basename "$d")" in bench-*|c_api_test) ;; *) step "example:$(basename "$d")" "$d" ;; esac
       done ;;
     bench)
-      for b in "$here"/bin/bench-*; do
+      for b in "$bins"/bin/bench-*; do
         name=$(basename "$b"); name=${name#bench-}
         MOEK_BENCH_JSON="$OUT/bench-$name.json" step "bench:$name" "$b" --bench
-        step "torch:$name" bash -c "python3 '$here/compare_torch.py' --ours '$OUT/bench-$name.json' --out '$OUT/torch-$name.json' > '$OUT/table.md'"
+        step "torch:$name" bash -c "python3 '$here/compare_torch.py' --suite $name --ours '$OUT/bench-$name.json' --out '$OUT/torch-$name.json' >> '$OUT/table.md'"
       done ;;
     *) echo "unknown step $s" >&2 ;;
   esac
@@ -53,4 +56,5 @@ done
 (IFS=,; echo "[${json[*]}]") > "$OUT/results.json"
 grep -E "test result:|passed, .* failed|ERROR SUMMARY|SKIPPED|FAIL" "$log" | sort | uniq -c | head -40
 [ -f "$OUT/table.md" ] && cat "$OUT/table.md"
+true
 printf '%s\n' "${summary[@]}"

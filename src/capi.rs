@@ -3,7 +3,7 @@
 //! checked against the bindgen declarations in `src/sys.rs` at compile time (see the bottom).
 
 use crate::error::{bail, last_error_ptr, status_text, to_status, Result};
-use crate::{route, sys};
+use crate::{permute, route, sys};
 use std::os::raw::c_char;
 
 /// Reads a caller's struct, refusing NULL.
@@ -15,6 +15,27 @@ unsafe fn read_args<'a, T>(p: *const T, name: &str) -> Result<&'a T> {
         Some(v) => Ok(v),
         None => bail!(NullPointer, "{name} is NULL"),
     }
+}
+
+/// A size query: checks `args`, then writes `compute(args)` to `out` (named `out_name` in errors).
+///
+/// # Safety
+/// `args` is NULL or valid; `out` is NULL or writable.
+unsafe fn query<A, T>(
+    args: *const A,
+    out: *mut T,
+    out_name: &str,
+    compute: impl FnOnce(&A) -> Result<T>,
+) -> sys::moek_status {
+    to_status((|| {
+        let a = unsafe { read_args(args, "args") }?;
+        if out.is_null() {
+            bail!(NullPointer, "{out_name} is NULL");
+        }
+        let value = compute(a)?;
+        unsafe { out.write(value) };
+        Ok(())
+    })())
 }
 
 /// See `moek_status_string` in the header.
@@ -44,15 +65,7 @@ pub unsafe extern "C" fn moek_route_workspace_size(
     args: *const sys::moek_route_args,
     bytes: *mut usize,
 ) -> sys::moek_status {
-    to_status((|| {
-        let a = unsafe { read_args(args, "args") }?;
-        if bytes.is_null() {
-            bail!(NullPointer, "bytes is NULL");
-        }
-        let n = route::workspace_bytes(a)?;
-        unsafe { bytes.write(n) };
-        Ok(())
-    })())
+    unsafe { query(args, bytes, "bytes", route::workspace_bytes) }
 }
 
 /// See `moek_route` in the header.
@@ -64,6 +77,60 @@ pub unsafe extern "C" fn moek_route(args: *const sys::moek_route_args, stream: s
     to_status(unsafe { read_args(args, "args") }.and_then(|a| route::route_raw(a, stream)))
 }
 
+/// See `moek_plan_max_rows` in the header.
+///
+/// # Safety
+/// `args` is NULL or valid; `rows` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn moek_plan_max_rows(args: *const sys::moek_plan_args, rows: *mut i64) -> sys::moek_status {
+    unsafe { query(args, rows, "rows", permute::plan_max_rows) }
+}
+
+/// See `moek_plan_workspace_size` in the header.
+///
+/// # Safety
+/// `args` is NULL or valid; `bytes` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn moek_plan_workspace_size(
+    args: *const sys::moek_plan_args,
+    bytes: *mut usize,
+) -> sys::moek_status {
+    unsafe { query(args, bytes, "bytes", permute::plan_workspace_bytes) }
+}
+
+/// See `moek_plan` in the header.
+///
+/// # Safety
+/// `args` is NULL or valid, and its pointers satisfy the header's contract.
+#[no_mangle]
+pub unsafe extern "C" fn moek_plan(args: *const sys::moek_plan_args, stream: sys::cudaStream_t) -> sys::moek_status {
+    to_status(unsafe { read_args(args, "args") }.and_then(|a| permute::plan_raw(a, stream)))
+}
+
+/// See `moek_permute` in the header.
+///
+/// # Safety
+/// `args` is NULL or valid, and its pointers satisfy the header's contract.
+#[no_mangle]
+pub unsafe extern "C" fn moek_permute(
+    args: *const sys::moek_permute_args,
+    stream: sys::cudaStream_t,
+) -> sys::moek_status {
+    to_status(unsafe { read_args(args, "args") }.and_then(|a| permute::permute_raw(a, stream)))
+}
+
+/// See `moek_combine` in the header.
+///
+/// # Safety
+/// `args` is NULL or valid, and its pointers satisfy the header's contract.
+#[no_mangle]
+pub unsafe extern "C" fn moek_combine(
+    args: *const sys::moek_combine_args,
+    stream: sys::cudaStream_t,
+) -> sys::moek_status {
+    to_status(unsafe { read_args(args, "args") }.and_then(|a| permute::combine_raw(a, stream)))
+}
+
 // Compile-time proof that the definitions above have the header's signatures.
 const _: [unsafe extern "C" fn(sys::moek_status) -> *const c_char; 2] = [sys::moek_status_string, moek_status_string];
 const _: [unsafe extern "C" fn() -> *const c_char; 2] = [sys::moek_last_error_message, moek_last_error_message];
@@ -72,3 +139,13 @@ type WorkspaceFn = unsafe extern "C" fn(*const sys::moek_route_args, *mut usize)
 const _: [WorkspaceFn; 2] = [sys::moek_route_workspace_size, moek_route_workspace_size];
 type RouteFn = unsafe extern "C" fn(*const sys::moek_route_args, sys::cudaStream_t) -> sys::moek_status;
 const _: [RouteFn; 2] = [sys::moek_route, moek_route];
+type PlanRowsFn = unsafe extern "C" fn(*const sys::moek_plan_args, *mut i64) -> sys::moek_status;
+const _: [PlanRowsFn; 2] = [sys::moek_plan_max_rows, moek_plan_max_rows];
+type PlanSizeFn = unsafe extern "C" fn(*const sys::moek_plan_args, *mut usize) -> sys::moek_status;
+const _: [PlanSizeFn; 2] = [sys::moek_plan_workspace_size, moek_plan_workspace_size];
+type PlanFn = unsafe extern "C" fn(*const sys::moek_plan_args, sys::cudaStream_t) -> sys::moek_status;
+const _: [PlanFn; 2] = [sys::moek_plan, moek_plan];
+type PermuteFn = unsafe extern "C" fn(*const sys::moek_permute_args, sys::cudaStream_t) -> sys::moek_status;
+const _: [PermuteFn; 2] = [sys::moek_permute, moek_permute];
+type CombineFn = unsafe extern "C" fn(*const sys::moek_combine_args, sys::cudaStream_t) -> sys::moek_status;
+const _: [CombineFn; 2] = [sys::moek_combine, moek_combine];

@@ -20,6 +20,9 @@ mod launchers {
             capacity_chunk: i32,
             stream: sys::cudaStream_t,
         ) -> i32;
+        pub fn moek_cuda_plan(args: *const sys::moek_plan_args, chunk: i32, stream: sys::cudaStream_t) -> i32;
+        pub fn moek_cuda_permute(args: *const sys::moek_permute_args, stream: sys::cudaStream_t) -> i32;
+        pub fn moek_cuda_combine(args: *const sys::moek_combine_args, stream: sys::cudaStream_t) -> i32;
     }
 }
 
@@ -34,6 +37,48 @@ pub(crate) fn route(args: &sys::moek_route_args, capacity_chunk: i32, stream: sy
     #[cfg(not(moek_cuda))]
     {
         let _ = (args, capacity_chunk, stream);
+        NO_KERNELS
+    }
+}
+
+/// Enqueues a permutation plan (arguments already validated).
+pub(crate) fn plan(args: &sys::moek_plan_args, chunk: i32, stream: sys::cudaStream_t) -> LaunchCode {
+    #[cfg(moek_cuda)]
+    {
+        // SAFETY: validated by permute::plan_raw; the buffers are the caller's, sized per the header.
+        unsafe { launchers::moek_cuda_plan(args, chunk, stream) }
+    }
+    #[cfg(not(moek_cuda))]
+    {
+        let _ = (args, chunk, stream);
+        NO_KERNELS
+    }
+}
+
+/// Enqueues permute (arguments already validated).
+pub(crate) fn permute(args: &sys::moek_permute_args, stream: sys::cudaStream_t) -> LaunchCode {
+    #[cfg(moek_cuda)]
+    {
+        // SAFETY: validated by permute::permute_raw; the buffers are the caller's, sized per the header.
+        unsafe { launchers::moek_cuda_permute(args, stream) }
+    }
+    #[cfg(not(moek_cuda))]
+    {
+        let _ = (args, stream);
+        NO_KERNELS
+    }
+}
+
+/// Enqueues combine (arguments already validated).
+pub(crate) fn combine(args: &sys::moek_combine_args, stream: sys::cudaStream_t) -> LaunchCode {
+    #[cfg(moek_cuda)]
+    {
+        // SAFETY: validated by permute::combine_raw; the buffers are the caller's, sized per the header.
+        unsafe { launchers::moek_cuda_combine(args, stream) }
+    }
+    #[cfg(not(moek_cuda))]
+    {
+        let _ = (args, stream);
         NO_KERNELS
     }
 }

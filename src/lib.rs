@@ -11,13 +11,18 @@
 //! What is here now:
 //! - [`route`]: expert scores and top-k selection (softmax / sigmoid, DeepSeek-V3 group-limited, MoGE
 //!   grouped, Switch top-1 with capacity), with the CPU reference in [`reference::route`].
+//! - [`permute`]: the device-side plan of the expert-grouped layout, permute and the deterministic
+//!   weighted combine, with the CPU reference in [`reference::permute`] (not yet measured on a GPU).
 //!
 //! Built without nvcc (see `scripts/setup-cuda.sh`), the crate still compiles and its CPU parts work;
 //! GPU calls return [`Status::NoCudaKernels`]. [`KERNELS_BUILT`] tells which build this is.
 
 pub mod capi;
+mod check;
 mod cuda;
+pub mod dtype;
 pub mod error;
+pub mod permute;
 pub mod reference;
 pub mod route;
 pub mod sys;

@@ -2,9 +2,11 @@
 //! grouped, Switch top-1 with capacity). The semantics are those of `moek_route` in
 //! `include/moe_kernels.h`; [`crate::reference::route`] is the CPU oracle of the same function.
 
+use crate::check;
+use crate::dtype::Element;
 use crate::error::{bail, Result};
 use crate::sys;
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 use std::sync::Arc;
 
 /// Pairs per chunk of the capacity pass: the workspace holds one counter per (expert, chunk).
@@ -223,30 +225,18 @@ pub(crate) fn workspace_bytes(a: &sys::moek_route_args) -> Result<usize> {
 
 /// Checks the pointers and workspace of `args` (after [`check_shape`]).
 fn check_pointers(a: &sys::moek_route_args) -> Result<()> {
-    fn check<T>(name: &str, p: *const T, required: bool, align: usize) -> Result<()> {
-        if p.is_null() {
-            if required {
-                bail!(NullPointer, "{name} is NULL");
-            }
-            return Ok(());
-        }
-        if (p as usize) % align != 0 {
-            bail!(Misaligned, "{name} = {p:?} is not aligned to {align} bytes");
-        }
-        Ok(())
-    }
     let has_tokens = a.num_tokens > 0;
     let elem = if a.logits_dtype == sys::moek_dtype_MOEK_DTYPE_F32 { 4 } else { 2 };
-    check("logits", a.logits, has_tokens, elem)?;
-    check("bias", a.bias, false, 4)?;
-    check("topk_ids", a.topk_ids, has_tokens, 4)?;
-    check("topk_weights", a.topk_weights, has_tokens, 4)?;
-    check("dropped_count", a.dropped_count, a.capacity > 0, 4)?;
+    check::pointer("logits", a.logits, has_tokens, elem)?;
+    check::pointer("bias", a.bias, false, 4)?;
+    check::pointer("topk_ids", a.topk_ids, has_tokens, 4)?;
+    check::pointer("topk_weights", a.topk_weights, has_tokens, 4)?;
+    check::pointer("dropped_count", a.dropped_count, a.capacity > 0, 4)?;
     let need = workspace_bytes(a)?;
     if a.workspace_bytes < need {
         bail!(WorkspaceTooSmall, "workspace_bytes = {} but this call needs {need}", a.workspace_bytes);
     }
-    check("workspace", a.workspace, need > 0, 4)?;
+    check::pointer("workspace", a.workspace, need > 0, 4)?;
     Ok(())
 }
 
@@ -257,16 +247,10 @@ pub(crate) fn route_raw(a: &sys::moek_route_args, stream: sys::cudaStream_t) -> 
     crate::cuda::status(crate::cuda::route(a, CAPACITY_CHUNK as i32, stream))
 }
 
-/// Element types routing accepts for logits.
-pub trait LogitsElem: DeviceRepr {
-    const DTYPE: sys::moek_dtype;
-}
-impl LogitsElem for f32 {
-    const DTYPE: sys::moek_dtype = sys::moek_dtype_MOEK_DTYPE_F32;
-}
-impl LogitsElem for half::bf16 {
-    const DTYPE: sys::moek_dtype = sys::moek_dtype_MOEK_DTYPE_BF16;
-}
+/// Element types routing accepts for logits (f32 and bf16).
+pub trait LogitsElem: Element {}
+impl LogitsElem for f32 {}
+impl LogitsElem for half::bf16 {}
 
 /// Device buffers routing writes.
 pub struct RouteOutput<'a> {
@@ -313,20 +297,14 @@ pub fn route<L: LogitsElem>(
     let mut args = cfg.to_args(num_tokens, L::DTYPE);
     check_shape(&args)?;
     let (t, e, k) = (num_tokens, cfg.num_experts as usize, cfg.k as usize);
-    let need = |name: &str, have: usize, need: usize| -> Result<()> {
-        if have < need {
-            bail!(BufferTooSmall, "{name} has {have} elements but {need} are needed");
-        }
-        Ok(())
-    };
-    need("logits", logits.len(), t * e)?;
+    check::length("logits", logits.len(), t * e)?;
     if let Some(b) = bias {
-        need("bias", b.len(), e)?;
+        check::length("bias", b.len(), e)?;
     }
-    need("topk_ids", out.topk_ids.len(), t * k)?;
-    need("topk_weights", out.topk_weights.len(), t * k)?;
+    check::length("topk_ids", out.topk_ids.len(), t * k)?;
+    check::length("topk_weights", out.topk_weights.len(), t * k)?;
     if let Some(d) = &out.dropped_count {
-        need("dropped_count", d.len(), 1)?;
+        check::length("dropped_count", d.len(), 1)?;
     }
     stream.context().bind_to_thread()?;
     let (logits_ptr, _g1) = logits.device_ptr(stream);

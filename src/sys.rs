@@ -11,6 +11,8 @@ pub const MOEK_ROUTE_MAX_EXPERTS: u32 = 1024;
 pub const MOEK_ROUTE_MAX_K: u32 = 32;
 pub const MOEK_ROUTE_MAX_GROUPS: u32 = 64;
 pub const MOEK_DROPPED_ID: i32 = -1;
+pub const MOEK_PLAN_MAX_EXPERTS: u32 = 8192;
+pub const MOEK_PLAN_MAX_K: u32 = 64;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct CUstream_st {
@@ -108,4 +110,127 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn moek_route(args: *const moek_route_args, stream: cudaStream_t) -> moek_status;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moek_plan_args {
+    pub num_tokens: i64,
+    pub k: i32,
+    pub num_experts: i32,
+    pub capacity: i32,
+    pub row_align: i32,
+    pub num_ranks: i32,
+    pub topk_ids: *const i32,
+    pub expert_counts: *mut i32,
+    pub expert_offsets: *mut i32,
+    pub row_source: *mut i32,
+    pub pair_row: *mut i32,
+    pub rank_counts: *mut i32,
+    pub rank_offsets: *mut i32,
+    pub error_count: *mut i32,
+    pub workspace: *mut ::std::os::raw::c_void,
+    pub workspace_bytes: usize,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of moek_plan_args"][::std::mem::size_of::<moek_plan_args>() - 112usize];
+    ["Alignment of moek_plan_args"][::std::mem::align_of::<moek_plan_args>() - 8usize];
+    ["Offset of field: moek_plan_args::num_tokens"][::std::mem::offset_of!(moek_plan_args, num_tokens) - 0usize];
+    ["Offset of field: moek_plan_args::k"][::std::mem::offset_of!(moek_plan_args, k) - 8usize];
+    ["Offset of field: moek_plan_args::num_experts"][::std::mem::offset_of!(moek_plan_args, num_experts) - 12usize];
+    ["Offset of field: moek_plan_args::capacity"][::std::mem::offset_of!(moek_plan_args, capacity) - 16usize];
+    ["Offset of field: moek_plan_args::row_align"][::std::mem::offset_of!(moek_plan_args, row_align) - 20usize];
+    ["Offset of field: moek_plan_args::num_ranks"][::std::mem::offset_of!(moek_plan_args, num_ranks) - 24usize];
+    ["Offset of field: moek_plan_args::topk_ids"][::std::mem::offset_of!(moek_plan_args, topk_ids) - 32usize];
+    ["Offset of field: moek_plan_args::expert_counts"][::std::mem::offset_of!(moek_plan_args, expert_counts) - 40usize];
+    ["Offset of field: moek_plan_args::expert_offsets"]
+        [::std::mem::offset_of!(moek_plan_args, expert_offsets) - 48usize];
+    ["Offset of field: moek_plan_args::row_source"][::std::mem::offset_of!(moek_plan_args, row_source) - 56usize];
+    ["Offset of field: moek_plan_args::pair_row"][::std::mem::offset_of!(moek_plan_args, pair_row) - 64usize];
+    ["Offset of field: moek_plan_args::rank_counts"][::std::mem::offset_of!(moek_plan_args, rank_counts) - 72usize];
+    ["Offset of field: moek_plan_args::rank_offsets"][::std::mem::offset_of!(moek_plan_args, rank_offsets) - 80usize];
+    ["Offset of field: moek_plan_args::error_count"][::std::mem::offset_of!(moek_plan_args, error_count) - 88usize];
+    ["Offset of field: moek_plan_args::workspace"][::std::mem::offset_of!(moek_plan_args, workspace) - 96usize];
+    ["Offset of field: moek_plan_args::workspace_bytes"]
+        [::std::mem::offset_of!(moek_plan_args, workspace_bytes) - 104usize];
+};
+unsafe extern "C" {
+    pub fn moek_plan_max_rows(args: *const moek_plan_args, rows: *mut i64) -> moek_status;
+}
+unsafe extern "C" {
+    pub fn moek_plan_workspace_size(args: *const moek_plan_args, bytes: *mut usize) -> moek_status;
+}
+unsafe extern "C" {
+    pub fn moek_plan(args: *const moek_plan_args, stream: cudaStream_t) -> moek_status;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moek_permute_args {
+    pub dtype: moek_dtype,
+    pub num_tokens: i64,
+    pub k: i32,
+    pub num_experts: i32,
+    pub hidden: i64,
+    pub max_rows: i64,
+    pub x: *const ::std::os::raw::c_void,
+    pub row_source: *const i32,
+    pub expert_offsets: *const i32,
+    pub pair_scale: *const f32,
+    pub zero_padding: i32,
+    pub out: *mut ::std::os::raw::c_void,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of moek_permute_args"][::std::mem::size_of::<moek_permute_args>() - 88usize];
+    ["Alignment of moek_permute_args"][::std::mem::align_of::<moek_permute_args>() - 8usize];
+    ["Offset of field: moek_permute_args::dtype"][::std::mem::offset_of!(moek_permute_args, dtype) - 0usize];
+    ["Offset of field: moek_permute_args::num_tokens"][::std::mem::offset_of!(moek_permute_args, num_tokens) - 8usize];
+    ["Offset of field: moek_permute_args::k"][::std::mem::offset_of!(moek_permute_args, k) - 16usize];
+    ["Offset of field: moek_permute_args::num_experts"]
+        [::std::mem::offset_of!(moek_permute_args, num_experts) - 20usize];
+    ["Offset of field: moek_permute_args::hidden"][::std::mem::offset_of!(moek_permute_args, hidden) - 24usize];
+    ["Offset of field: moek_permute_args::max_rows"][::std::mem::offset_of!(moek_permute_args, max_rows) - 32usize];
+    ["Offset of field: moek_permute_args::x"][::std::mem::offset_of!(moek_permute_args, x) - 40usize];
+    ["Offset of field: moek_permute_args::row_source"][::std::mem::offset_of!(moek_permute_args, row_source) - 48usize];
+    ["Offset of field: moek_permute_args::expert_offsets"]
+        [::std::mem::offset_of!(moek_permute_args, expert_offsets) - 56usize];
+    ["Offset of field: moek_permute_args::pair_scale"][::std::mem::offset_of!(moek_permute_args, pair_scale) - 64usize];
+    ["Offset of field: moek_permute_args::zero_padding"]
+        [::std::mem::offset_of!(moek_permute_args, zero_padding) - 72usize];
+    ["Offset of field: moek_permute_args::out"][::std::mem::offset_of!(moek_permute_args, out) - 80usize];
+};
+unsafe extern "C" {
+    pub fn moek_permute(args: *const moek_permute_args, stream: cudaStream_t) -> moek_status;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moek_combine_args {
+    pub dtype: moek_dtype,
+    pub num_tokens: i64,
+    pub k: i32,
+    pub hidden: i64,
+    pub max_rows: i64,
+    pub y: *const ::std::os::raw::c_void,
+    pub pair_row: *const i32,
+    pub weights: *const f32,
+    pub residual: *const ::std::os::raw::c_void,
+    pub out: *mut ::std::os::raw::c_void,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of moek_combine_args"][::std::mem::size_of::<moek_combine_args>() - 80usize];
+    ["Alignment of moek_combine_args"][::std::mem::align_of::<moek_combine_args>() - 8usize];
+    ["Offset of field: moek_combine_args::dtype"][::std::mem::offset_of!(moek_combine_args, dtype) - 0usize];
+    ["Offset of field: moek_combine_args::num_tokens"][::std::mem::offset_of!(moek_combine_args, num_tokens) - 8usize];
+    ["Offset of field: moek_combine_args::k"][::std::mem::offset_of!(moek_combine_args, k) - 16usize];
+    ["Offset of field: moek_combine_args::hidden"][::std::mem::offset_of!(moek_combine_args, hidden) - 24usize];
+    ["Offset of field: moek_combine_args::max_rows"][::std::mem::offset_of!(moek_combine_args, max_rows) - 32usize];
+    ["Offset of field: moek_combine_args::y"][::std::mem::offset_of!(moek_combine_args, y) - 40usize];
+    ["Offset of field: moek_combine_args::pair_row"][::std::mem::offset_of!(moek_combine_args, pair_row) - 48usize];
+    ["Offset of field: moek_combine_args::weights"][::std::mem::offset_of!(moek_combine_args, weights) - 56usize];
+    ["Offset of field: moek_combine_args::residual"][::std::mem::offset_of!(moek_combine_args, residual) - 64usize];
+    ["Offset of field: moek_combine_args::out"][::std::mem::offset_of!(moek_combine_args, out) - 72usize];
+};
+unsafe extern "C" {
+    pub fn moek_combine(args: *const moek_combine_args, stream: cudaStream_t) -> moek_status;
 }

@@ -1,3 +1,4 @@
 //! Plain CPU implementations of every operation: the oracle of the tests, and a fallback users can call.
 
+pub mod permute;
 pub mod route;

@@ -70,6 +70,22 @@ static void cpu_side(void) {
   CHECK(moek_route(&a, NULL) == MOEK_ERROR_INVALID_CAPACITY, "capacity 0");
   CHECK(strstr(moek_last_error_message(), "capacity") != NULL, "message names capacity");
 
+  /* Permutation plan: size queries and argument errors. */
+  moek_plan_args plan;
+  memset(&plan, 0, sizeof plan);
+  plan.num_tokens = 100;
+  plan.k = 8;
+  plan.num_experts = 64;
+  plan.row_align = 16;
+  int64_t rows = 0;
+  size_t plan_bytes = 0;
+  CHECK(moek_plan_max_rows(&plan, &rows) == MOEK_SUCCESS && rows == 800 + 64 * 15, "plan rows %lld", (long long)rows);
+  CHECK(moek_plan_workspace_size(&plan, &plan_bytes) == MOEK_SUCCESS && plan_bytes > 0, "plan workspace");
+  CHECK(moek_plan(&plan, NULL) == MOEK_ERROR_NULL_POINTER, "plan without buffers");
+  CHECK(strstr(moek_last_error_message(), "topk_ids") != NULL, "message names topk_ids: %s", moek_last_error_message());
+  plan.row_align = 0;
+  CHECK(moek_plan_max_rows(&plan, &rows) == MOEK_ERROR_INVALID_VALUE, "row_align 0");
+
   size_t bytes = 1;
   a = topk_args(16, 64, 8);
   CHECK(moek_route_workspace_size(&a, &bytes) == MOEK_SUCCESS && bytes == 0, "no capacity, no workspace");

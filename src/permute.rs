@@ -1,0 +1,346 @@
+//! Permutation: the plan (expert-grouped rows for every (token, slot) pair, computed on the device),
+//! permute (gather token rows into that layout) and combine (the weighted, fixed-order sum back per
+//! token). Semantics: `moek_plan`, `moek_permute`, `moek_combine` in `include/moe_kernels.h`;
+//! [`crate::reference::permute`] is the CPU oracle.
+
+use crate::check;
+use crate::dtype::{self, Element};
+use crate::error::{bail, Result};
+use crate::sys;
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+use std::sync::Arc;
+
+/// Pairs per chunk of the plan's counting passes: the workspace holds one counter per (expert, chunk).
+pub(crate) const PLAN_CHUNK: i64 = 256;
+
+/// What defines a plan, apart from the number of tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanConfig {
+    /// E, 1..=8192.
+    pub num_experts: u32,
+    /// Slots per token, 1..=64.
+    pub k: u32,
+    /// Pairs kept per expert, lowest pair index first (0: no limit).
+    pub capacity: u32,
+    /// Every expert's block of rows starts at a multiple of this (1: packed).
+    pub row_align: u32,
+    /// GPUs the experts are spread over, E / ranks contiguous experts each (0 or 1: one GPU).
+    pub num_ranks: u32,
+}
+
+impl PlanConfig {
+    /// A packed plan for one GPU, no capacity.
+    pub fn new(num_experts: u32, k: u32) -> Self {
+        PlanConfig { num_experts, k, capacity: 0, row_align: 1, num_ranks: 0 }
+    }
+
+    /// The C argument struct for this configuration, with every pointer NULL.
+    pub fn to_args(&self, num_tokens: usize) -> sys::moek_plan_args {
+        let clamp = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
+        sys::moek_plan_args {
+            num_tokens: i64::try_from(num_tokens).unwrap_or(i64::MAX),
+            k: clamp(self.k),
+            num_experts: clamp(self.num_experts),
+            capacity: clamp(self.capacity),
+            row_align: clamp(self.row_align),
+            num_ranks: clamp(self.num_ranks),
+            topk_ids: std::ptr::null(),
+            expert_counts: std::ptr::null_mut(),
+            expert_offsets: std::ptr::null_mut(),
+            row_source: std::ptr::null_mut(),
+            pair_row: std::ptr::null_mut(),
+            rank_counts: std::ptr::null_mut(),
+            rank_offsets: std::ptr::null_mut(),
+            error_count: std::ptr::null_mut(),
+            workspace: std::ptr::null_mut(),
+            workspace_bytes: 0,
+        }
+    }
+
+    /// Checks the configuration for `num_tokens` tokens, naming the bad field.
+    pub fn validate(&self, num_tokens: usize) -> Result<()> {
+        plan_max_rows(&self.to_args(num_tokens)).map(|_| ())
+    }
+
+    /// Rows the layout can need: size `row_source` and permuted buffers with it.
+    pub fn max_rows(&self, num_tokens: usize) -> Result<usize> {
+        plan_max_rows(&self.to_args(num_tokens)).map(|r| r as usize)
+    }
+
+    /// Device workspace bytes [`plan`] needs.
+    pub fn workspace_bytes(&self, num_tokens: usize) -> Result<usize> {
+        plan_workspace_bytes(&self.to_args(num_tokens))
+    }
+
+    /// Ranks the plan reports on (0 when it is for one GPU).
+    fn ranks(&self) -> usize {
+        if self.num_ranks > 1 {
+            self.num_ranks as usize
+        } else {
+            0
+        }
+    }
+}
+
+/// Checks the shape fields of a plan and returns its maximum number of rows.
+pub(crate) fn plan_max_rows(a: &sys::moek_plan_args) -> Result<i64> {
+    if a.num_tokens < 0 || a.num_tokens > i64::from(i32::MAX) {
+        bail!(InvalidNumTokens, "num_tokens = {} is outside 0..=2^31-1", a.num_tokens);
+    }
+    let e = a.num_experts;
+    if e < 1 || e > sys::MOEK_PLAN_MAX_EXPERTS as i32 {
+        bail!(InvalidNumExperts, "num_experts = {e} is outside 1..={}", sys::MOEK_PLAN_MAX_EXPERTS);
+    }
+    if a.k < 1 || a.k > sys::MOEK_PLAN_MAX_K as i32 {
+        bail!(InvalidK, "k = {} is outside 1..={}", a.k, sys::MOEK_PLAN_MAX_K);
+    }
+    if a.capacity < 0 {
+        bail!(InvalidCapacity, "capacity = {} is negative", a.capacity);
+    }
+    if a.row_align < 1 {
+        bail!(InvalidValue, "row_align = {} must be at least 1", a.row_align);
+    }
+    if a.num_ranks < 0 || (a.num_ranks > 1 && e % a.num_ranks != 0) {
+        bail!(InvalidValue, "num_ranks = {} must be 0, 1 or divide num_experts = {e}", a.num_ranks);
+    }
+    let pairs = a.num_tokens * i64::from(a.k);
+    let kept = if a.capacity > 0 { pairs.min(i64::from(e) * i64::from(a.capacity)) } else { pairs };
+    let rows = kept + i64::from(e) * i64::from(a.row_align - 1);
+    if rows > i64::from(i32::MAX) {
+        bail!(InvalidNumTokens, "the layout would need {rows} rows; row indices are 32-bit");
+    }
+    Ok(rows)
+}
+
+/// Workspace bytes of a plan: per (expert, chunk) counters, then per-expert totals.
+pub(crate) fn plan_workspace_bytes(a: &sys::moek_plan_args) -> Result<usize> {
+    plan_max_rows(a)?;
+    let chunks = (a.num_tokens * i64::from(a.k) + PLAN_CHUNK - 1) / PLAN_CHUNK;
+    Ok(((chunks + 1) * i64::from(a.num_experts) * 4) as usize)
+}
+
+/// Validates a plan's arguments in full, then enqueues it. Shared by the C entry point and [`plan`].
+pub(crate) fn plan_raw(a: &sys::moek_plan_args, stream: sys::cudaStream_t) -> Result<()> {
+    plan_max_rows(a)?;
+    let tokens = a.num_tokens > 0;
+    let ranks = a.num_ranks > 1;
+    check::pointer("topk_ids", a.topk_ids, tokens, 4)?;
+    check::pointer("expert_counts", a.expert_counts, true, 4)?;
+    check::pointer("expert_offsets", a.expert_offsets, true, 4)?;
+    check::pointer("row_source", a.row_source, tokens, 4)?;
+    check::pointer("pair_row", a.pair_row, tokens, 4)?;
+    check::pointer("rank_counts", a.rank_counts, ranks, 4)?;
+    check::pointer("rank_offsets", a.rank_offsets, ranks, 4)?;
+    check::pointer("error_count", a.error_count, true, 4)?;
+    let need = plan_workspace_bytes(a)?;
+    if a.workspace_bytes < need {
+        bail!(WorkspaceTooSmall, "workspace_bytes = {} but this call needs {need}", a.workspace_bytes);
+    }
+    check::pointer("workspace", a.workspace, true, 4)?;
+    crate::cuda::status(crate::cuda::plan(a, PLAN_CHUNK as i32, stream))
+}
+
+/// Checks the shape shared by permute and combine.
+fn check_rows(dtype: sys::moek_dtype, num_tokens: i64, k: i32, hidden: i64, max_rows: i64) -> Result<()> {
+    if dtype::size_of(dtype).is_none() {
+        bail!(InvalidDtype, "dtype = {dtype} is not a moek_dtype");
+    }
+    if !(0..=i64::from(i32::MAX)).contains(&num_tokens) {
+        bail!(InvalidNumTokens, "num_tokens = {num_tokens} is outside 0..=2^31-1");
+    }
+    if k < 1 || k > sys::MOEK_PLAN_MAX_K as i32 {
+        bail!(InvalidK, "k = {k} is outside 1..={}", sys::MOEK_PLAN_MAX_K);
+    }
+    if hidden < 8 || hidden % 8 != 0 {
+        bail!(InvalidValue, "hidden = {hidden} must be a positive multiple of 8");
+    }
+    if !(0..=i64::from(i32::MAX)).contains(&max_rows) {
+        bail!(InvalidValue, "max_rows = {max_rows} is outside 0..=2^31-1");
+    }
+    Ok(())
+}
+
+/// Validates permute's arguments, then enqueues it.
+pub(crate) fn permute_raw(a: &sys::moek_permute_args, stream: sys::cudaStream_t) -> Result<()> {
+    check_rows(a.dtype, a.num_tokens, a.k, a.hidden, a.max_rows)?;
+    if a.num_experts < 1 || a.num_experts > sys::MOEK_PLAN_MAX_EXPERTS as i32 {
+        bail!(InvalidNumExperts, "num_experts = {} is outside 1..={}", a.num_experts, sys::MOEK_PLAN_MAX_EXPERTS);
+    }
+    let rows = a.max_rows > 0;
+    check::pointer("x", a.x, rows && a.num_tokens > 0, 16)?;
+    check::pointer("row_source", a.row_source, rows, 4)?;
+    check::pointer("expert_offsets", a.expert_offsets, true, 4)?;
+    check::pointer("pair_scale", a.pair_scale, false, 4)?;
+    check::pointer("out", a.out, rows, 16)?;
+    crate::cuda::status(crate::cuda::permute(a, stream))
+}
+
+/// Validates combine's arguments, then enqueues it.
+pub(crate) fn combine_raw(a: &sys::moek_combine_args, stream: sys::cudaStream_t) -> Result<()> {
+    check_rows(a.dtype, a.num_tokens, a.k, a.hidden, a.max_rows)?;
+    let tokens = a.num_tokens > 0;
+    check::pointer("y", a.y, tokens && a.max_rows > 0, 16)?;
+    check::pointer("pair_row", a.pair_row, tokens, 4)?;
+    check::pointer("weights", a.weights, false, 4)?;
+    check::pointer("residual", a.residual, false, 16)?;
+    check::pointer("out", a.out, tokens, 16)?;
+    crate::cuda::status(crate::cuda::combine(a, stream))
+}
+
+/// Device buffers a plan writes. Sizes: [E], [E + 1], [max_rows], [T * k], [R], [R + 1], 1, and
+/// [`PlanConfig::workspace_bytes`].
+pub struct PlanOutput<'a> {
+    pub expert_counts: CudaViewMut<'a, i32>,
+    pub expert_offsets: CudaViewMut<'a, i32>,
+    pub row_source: CudaViewMut<'a, i32>,
+    pub pair_row: CudaViewMut<'a, i32>,
+    /// Required when the plan has more than one rank.
+    pub rank_counts: Option<CudaViewMut<'a, i32>>,
+    /// Required when the plan has more than one rank.
+    pub rank_offsets: Option<CudaViewMut<'a, i32>>,
+    pub error_count: CudaViewMut<'a, i32>,
+    pub workspace: CudaViewMut<'a, u8>,
+}
+
+/// Plans `num_tokens` tokens of `topk_ids` ([T, k]) on `stream`: no allocation, no host synchronisation.
+pub fn plan(
+    stream: &Arc<CudaStream>,
+    cfg: &PlanConfig,
+    num_tokens: usize,
+    topk_ids: &CudaView<'_, i32>,
+    out: &mut PlanOutput<'_>,
+) -> Result<()> {
+    let mut a = cfg.to_args(num_tokens);
+    let max_rows = plan_max_rows(&a)? as usize;
+    let (e, pairs, ranks) = (cfg.num_experts as usize, num_tokens * cfg.k as usize, cfg.ranks());
+    check::length("topk_ids", topk_ids.len(), pairs)?;
+    check::length("expert_counts", out.expert_counts.len(), e)?;
+    check::length("expert_offsets", out.expert_offsets.len(), e + 1)?;
+    check::length("row_source", out.row_source.len(), max_rows)?;
+    check::length("pair_row", out.pair_row.len(), pairs)?;
+    if ranks > 0 {
+        check::length("rank_counts", out.rank_counts.as_ref().map_or(0, |v| v.len()), ranks)?;
+        check::length("rank_offsets", out.rank_offsets.as_ref().map_or(0, |v| v.len()), ranks + 1)?;
+    }
+    check::length("error_count", out.error_count.len(), 1)?;
+    stream.context().bind_to_thread()?;
+    let (ids, _g0) = topk_ids.device_ptr(stream);
+    let (counts, _g1) = out.expert_counts.device_ptr_mut(stream);
+    let (offsets, _g2) = out.expert_offsets.device_ptr_mut(stream);
+    let (row_source, _g3) = out.row_source.device_ptr_mut(stream);
+    let (pair_row, _g4) = out.pair_row.device_ptr_mut(stream);
+    let rank_counts = out.rank_counts.as_mut().map(|v| v.device_ptr_mut(stream));
+    let rank_offsets = out.rank_offsets.as_mut().map(|v| v.device_ptr_mut(stream));
+    let (errors, _g5) = out.error_count.device_ptr_mut(stream);
+    let ws_len = out.workspace.len();
+    let (ws, _g6) = out.workspace.device_ptr_mut(stream);
+    a.topk_ids = ids as *const i32;
+    a.expert_counts = counts as *mut i32;
+    a.expert_offsets = offsets as *mut i32;
+    a.row_source = row_source as *mut i32;
+    a.pair_row = pair_row as *mut i32;
+    a.rank_counts = rank_counts.as_ref().map_or(std::ptr::null_mut(), |(p, _)| *p as *mut i32);
+    a.rank_offsets = rank_offsets.as_ref().map_or(std::ptr::null_mut(), |(p, _)| *p as *mut i32);
+    a.error_count = errors as *mut i32;
+    a.workspace = ws as *mut _;
+    a.workspace_bytes = ws_len;
+    plan_raw(&a, stream.cu_stream() as sys::cudaStream_t)
+}
+
+/// The plan's device outputs permute and combine read.
+pub struct PlanView<'a> {
+    pub expert_offsets: CudaView<'a, i32>,
+    pub row_source: CudaView<'a, i32>,
+    pub pair_row: CudaView<'a, i32>,
+}
+
+/// Gathers the rows of `x` ([T, H]) into the plan's layout in `out` ([max_rows, H]); rows of pairs are
+/// multiplied by `pair_scale[pair]` when given, padding rows zeroed when `zero_padding`.
+#[allow(clippy::too_many_arguments)]
+pub fn permute<T: Element>(
+    stream: &Arc<CudaStream>,
+    cfg: &PlanConfig,
+    num_tokens: usize,
+    hidden: usize,
+    x: &CudaView<'_, T>,
+    plan: &PlanView<'_>,
+    pair_scale: Option<&CudaView<'_, f32>>,
+    zero_padding: bool,
+    out: &mut CudaViewMut<'_, T>,
+) -> Result<()> {
+    let max_rows = cfg.max_rows(num_tokens)?;
+    let pairs = num_tokens * cfg.k as usize;
+    check::length("x", x.len(), num_tokens * hidden)?;
+    check::length("expert_offsets", plan.expert_offsets.len(), cfg.num_experts as usize + 1)?;
+    check::length("row_source", plan.row_source.len(), max_rows)?;
+    if let Some(s) = pair_scale {
+        check::length("pair_scale", s.len(), pairs)?;
+    }
+    check::length("out", out.len(), max_rows * hidden)?;
+    stream.context().bind_to_thread()?;
+    let (x_ptr, _g0) = x.device_ptr(stream);
+    let (rs, _g1) = plan.row_source.device_ptr(stream);
+    let (offs, _g2) = plan.expert_offsets.device_ptr(stream);
+    let scale = pair_scale.map(|s| s.device_ptr(stream));
+    let (out_ptr, _g3) = out.device_ptr_mut(stream);
+    let a = sys::moek_permute_args {
+        dtype: T::DTYPE,
+        num_tokens: num_tokens as i64,
+        k: cfg.k as i32,
+        num_experts: cfg.num_experts as i32,
+        hidden: hidden as i64,
+        max_rows: max_rows as i64,
+        x: x_ptr as *const _,
+        row_source: rs as *const i32,
+        expert_offsets: offs as *const i32,
+        pair_scale: scale.as_ref().map_or(std::ptr::null(), |(p, _)| *p as *const f32),
+        zero_padding: zero_padding as i32,
+        out: out_ptr as *mut _,
+    };
+    permute_raw(&a, stream.cu_stream() as sys::cudaStream_t)
+}
+
+/// out[t] = residual[t] + sum over slots of weights[t, s] * y[pair_row[t, s]] (fp32, fixed order).
+#[allow(clippy::too_many_arguments)]
+pub fn combine<T: Element>(
+    stream: &Arc<CudaStream>,
+    cfg: &PlanConfig,
+    num_tokens: usize,
+    hidden: usize,
+    y: &CudaView<'_, T>,
+    pair_row: &CudaView<'_, i32>,
+    weights: Option<&CudaView<'_, f32>>,
+    residual: Option<&CudaView<'_, T>>,
+    out: &mut CudaViewMut<'_, T>,
+) -> Result<()> {
+    let max_rows = cfg.max_rows(num_tokens)?;
+    let pairs = num_tokens * cfg.k as usize;
+    check::length("y", y.len(), max_rows * hidden)?;
+    check::length("pair_row", pair_row.len(), pairs)?;
+    if let Some(w) = weights {
+        check::length("weights", w.len(), pairs)?;
+    }
+    if let Some(r) = residual {
+        check::length("residual", r.len(), num_tokens * hidden)?;
+    }
+    check::length("out", out.len(), num_tokens * hidden)?;
+    stream.context().bind_to_thread()?;
+    let (y_ptr, _g0) = y.device_ptr(stream);
+    let (pr, _g1) = pair_row.device_ptr(stream);
+    let w = weights.map(|w| w.device_ptr(stream));
+    let r = residual.map(|r| r.device_ptr(stream));
+    let (out_ptr, _g2) = out.device_ptr_mut(stream);
+    let a = sys::moek_combine_args {
+        dtype: T::DTYPE,
+        num_tokens: num_tokens as i64,
+        k: cfg.k as i32,
+        hidden: hidden as i64,
+        max_rows: max_rows as i64,
+        y: y_ptr as *const _,
+        pair_row: pr as *const i32,
+        weights: w.as_ref().map_or(std::ptr::null(), |(p, _)| *p as *const f32),
+        residual: r.as_ref().map_or(std::ptr::null(), |(p, _)| *p as *const _),
+        out: out_ptr as *mut _,
+    };
+    combine_raw(&a, stream.cu_stream() as sys::cudaStream_t)
+}
