@@ -1,4 +1,5 @@
 //! Plain CPU implementations of every operation: the oracle of the tests, and a fallback users can call.
 
+pub mod grouped_gemm;
 pub mod permute;
 pub mod route;
