@@ -187,7 +187,7 @@ pub(crate) fn combine_raw(a: &sys::moek_combine_args, stream: sys::cudaStream_t)
     crate::cuda::status(crate::cuda::combine(a, stream))
 }
 
-/// Device buffers a plan writes. Sizes: [E], [E + 1], [max_rows], [T * k], [R], [R + 1], 1, and
+/// Device buffers a plan writes. Sizes: E, E + 1, max_rows, T * k, R, R + 1, 1, and
 /// [`PlanConfig::workspace_bytes`].
 pub struct PlanOutput<'a> {
     pub expert_counts: CudaViewMut<'a, i32>,
@@ -300,7 +300,7 @@ pub fn permute<T: Element>(
     permute_raw(&a, stream.cu_stream() as sys::cudaStream_t)
 }
 
-/// out[t] = residual[t] + sum over slots of weights[t, s] * y[pair_row[t, s]] (fp32, fixed order).
+/// `out[t] = residual[t] + sum over slots of weights[t, s] * y[pair_row[t, s]]` (fp32, fixed order).
 #[allow(clippy::too_many_arguments)]
 pub fn combine<T: Element>(
     stream: &Arc<CudaStream>,

@@ -1,9 +1,9 @@
 //! CPU reference of the grouped GEMM (the oracle for the grouped-GEMM kernels, written ahead of them):
-//! for every expert e, the rows offsets[e]..offsets[e+1] of A ([rows, K]) times B[e]^T (B as [E, N, K],
+//! for every expert e, the rows `offsets[e]..offsets[e+1]` of A ([rows, K]) times `B[e]^T` (B as [E, N, K],
 //! the nn.Linear layout), followed by an epilogue. Products are accumulated in f64, so the reference is
 //! more exact than any fp32-accumulating kernel it checks.
 
-/// What is applied to each row of A·B[e]^T before it is stored.
+/// What is applied to each row of `A·B[e]^T` before it is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Epilogue {
     /// The product as it is ([rows, N]).
@@ -79,10 +79,10 @@ fn row_products(a_row: &[f32], b_expert: &[f32], n: usize, k: usize) -> Vec<f64>
         .collect()
 }
 
-/// The contiguous layout: `a` is [rows, K] with expert e owning rows offsets[e]..offsets[e+1]
+/// The contiguous layout: `a` is [rows, K] with expert e owning rows `offsets[e]..offsets[e+1]`
 /// (offsets has E + 1 entries, non-decreasing); `b` is [E, N, K]; `row_scale` (one per row of A) scales
-/// each output row. Returns [offsets[E], output_columns(N)]; rows between experts' blocks (padding,
-/// when offsets[e+1] - offsets[e] covers them) are computed like any other row of their expert.
+/// each output row. Returns `[offsets[E], output_columns(N)]`; rows between experts' blocks (padding,
+/// when `offsets[e+1] - offsets[e]` covers them) are computed like any other row of their expert.
 pub fn grouped_gemm(
     a: &[f32],
     b: &[f32],
@@ -108,7 +108,7 @@ pub fn grouped_gemm(
     out
 }
 
-/// The masked (capacity) layout: `a` is [E, capacity, K] and expert e uses its first counts[e] rows.
+/// The masked (capacity) layout: `a` is [E, capacity, K] and expert e uses its first `counts[e]` rows.
 /// Returns [E, capacity, output_columns(N)] with the unused rows zero.
 pub fn grouped_gemm_masked(
     a: &[f32],

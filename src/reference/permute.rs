@@ -6,7 +6,7 @@ use crate::permute::PlanConfig;
 /// The expert-grouped layout of T tokens' k slots.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
-    /// [E] pairs kept per expert.
+    /// Pairs kept per expert (E).
     pub expert_counts: Vec<i32>,
     /// [E + 1] first row of each expert's block; the last entry is the number of rows in use.
     pub expert_offsets: Vec<i32>,
@@ -14,7 +14,7 @@ pub struct Plan {
     pub row_source: Vec<i32>,
     /// [T * k] the row of each pair, -1 where the pair is not kept.
     pub pair_row: Vec<i32>,
-    /// [R] pairs kept per rank (empty for one rank).
+    /// Pairs kept per rank (R; empty for one rank).
     pub rank_counts: Vec<i32>,
     /// [R + 1] first row of each rank's experts (empty for one rank).
     pub rank_offsets: Vec<i32>,
@@ -87,7 +87,7 @@ pub fn permute(plan: &Plan, x: &[f32], hidden: usize, k: usize, pair_scale: Opti
     out
 }
 
-/// out[t] = residual[t] + sum over slots s (in order) of weights[t, s] * y[pair_row[t, s]], in fp32;
+/// `out[t] = residual[t] + sum over slots s (in order) of weights[t, s] * y[pair_row[t, s]]`, in fp32;
 /// pairs with no row add nothing.
 pub fn combine(
     pair_row: &[i32],
