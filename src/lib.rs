@@ -13,6 +13,8 @@
 //!   grouped, Switch top-1 with capacity), with the CPU reference in [`reference::route`].
 //! - [`permute`]: the device-side plan of the expert-grouped layout, permute and the deterministic
 //!   weighted combine, with the CPU reference in [`reference::permute`] (not yet measured on a GPU).
+//! - [`subbit`]: the sub-1-bit ternary expert format (encoder, validator, CPU decoder); its kernels are
+//!   still to come.
 //!
 //! Built without nvcc (see `scripts/setup-cuda.sh`), the crate still compiles and its CPU parts work;
 //! GPU calls return [`Status::NoCudaKernels`]. [`KERNELS_BUILT`] tells which build this is.
@@ -25,6 +27,7 @@ pub mod error;
 pub mod permute;
 pub mod reference;
 pub mod route;
+pub mod subbit;
 pub mod sys;
 pub mod timing;
 
