@@ -4,7 +4,7 @@
 //!
 //!     cargo run --release --example ternary_size
 
-use moe_kernels::subbit::{encode, entropy, quantize, Compressed, TernaryMatrix};
+use moe_kernels::subbit::{encode, entropy, quantize, random_iid, Compressed};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
@@ -17,19 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("| P(0) | bit/parameter (all included) | Shannon limit | over the limit | encode Mparam/s/core | decode check |");
     println!("|---|---|---|---|---|---|");
     for p0 in [0.80, 0.885, 0.95] {
-        let symbols = (0..rows * cols)
-            .map(|_| {
-                let u: f64 = rng.random();
-                if u < p0 {
-                    0
-                } else if u < p0 + (1.0 - p0) / 2.0 {
-                    1
-                } else {
-                    2
-                }
-            })
-            .collect();
-        let m = TernaryMatrix { rows, cols, symbols, positive: vec![0.02; rows], negative: vec![0.02; rows] };
+        let m = random_iid(&mut rng, rows, cols, p0);
         let start = Instant::now();
         let bytes = encode(std::slice::from_ref(&m), 2048)?;
         let seconds = start.elapsed().as_secs_f64();

@@ -1,32 +1,9 @@
 //! The sub-1-bit format on the CPU: lossless round trips on odd shapes, a validator that refuses
 //! mutated or truncated buffers without panicking, and the size target on i.i.d. ternary matrices.
 
-use moe_kernels::subbit::{encode, entropy, quantize, Compressed, TernaryMatrix};
+use moe_kernels::subbit::{encode, entropy, quantize, random_iid as iid, Compressed, TernaryMatrix};
 use proptest::prelude::*;
-use rand::{Rng, SeedableRng};
-
-/// An i.i.d. ternary matrix with P(0) = p0 and equal odds of the two other symbols.
-fn iid(rng: &mut impl Rng, rows: usize, cols: usize, p0: f64) -> TernaryMatrix {
-    let symbols = (0..rows * cols)
-        .map(|_| {
-            let u: f64 = rng.random();
-            if u < p0 {
-                0
-            } else if u < p0 + (1.0 - p0) / 2.0 {
-                1
-            } else {
-                2
-            }
-        })
-        .collect();
-    TernaryMatrix {
-        rows,
-        cols,
-        symbols,
-        positive: (0..rows).map(|_| rng.random_range(0.01f32..0.1)).collect(),
-        negative: (0..rows).map(|_| rng.random_range(0.01f32..0.1)).collect(),
-    }
-}
+use rand::SeedableRng;
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]

@@ -60,6 +60,30 @@ impl TernaryMatrix {
     }
 }
 
+/// An i.i.d. ternary matrix with P(0) = `p0`, the two other symbols equally likely, and random row
+/// levels in 0.01..0.1: the synthetic input the format's size targets are stated on.
+pub fn random_iid(rng: &mut impl rand::Rng, rows: usize, cols: usize, p0: f64) -> TernaryMatrix {
+    let symbols = (0..rows * cols)
+        .map(|_| {
+            let u: f64 = rng.random();
+            if u < p0 {
+                0
+            } else if u < p0 + (1.0 - p0) / 2.0 {
+                1
+            } else {
+                2
+            }
+        })
+        .collect();
+    TernaryMatrix {
+        rows,
+        cols,
+        symbols,
+        positive: (0..rows).map(|_| rng.random_range(0.01f32..0.1)).collect(),
+        negative: (0..rows).map(|_| rng.random_range(0.01f32..0.1)).collect(),
+    }
+}
+
 /// Round-to-nearest ternary quantization of [rows, cols] weights, per row: levels +pos and -neg chosen
 /// to minimise the squared error (alternating nearest assignment and per-level means, from the
 /// 0.7·mean|w| threshold of ternary weight networks).
