@@ -166,11 +166,103 @@ static void gpu_side(void) {
   cudaStreamDestroy(stream);
 }
 
+/* Plan, permute and combine on the GPU: 3 tokens, k = 2, 3 experts, rows of 8 floats. Ids (1,0), (2,-1)
+ * and (1,1): expert 0 gets pair 1, expert 1 pairs 0, 4, 5, expert 2 pair 2; pair 3 is dropped. */
+static void gpu_permutation(void) {
+  const int32_t ids[6] = {1, 0, 2, -1, 1, 1};
+  const int32_t want_offsets[4] = {0, 1, 4, 5};
+  const int32_t want_row_source[5] = {1, 0, 4, 5, 2};
+  enum { T = 3, K = 2, E = 3, H = 8 };
+  float x[T * H], want[T * H], out[T * H];
+  for (int i = 0; i < T * H; ++i) x[i] = (float)(i % 7) - 2.5f;
+  /* With weight 1/2 per kept slot: token 0 has both slots -> x; token 1 one slot -> x/2; token 2 both -> x. */
+  for (int t = 0; t < T; ++t)
+    for (int h = 0; h < H; ++h) want[t * H + h] = (t == 1 ? 0.5f : 1.0f) * x[t * H + h];
+  const float weights[6] = {0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f};
+
+  moek_plan_args p;
+  memset(&p, 0, sizeof p);
+  p.num_tokens = T;
+  p.k = K;
+  p.num_experts = E;
+  p.row_align = 1;
+  int64_t max_rows = 0;
+  size_t ws_bytes = 0;
+  CHECK(moek_plan_max_rows(&p, &max_rows) == MOEK_SUCCESS && max_rows == 6, "max rows %lld", (long long)max_rows);
+  CHECK(moek_plan_workspace_size(&p, &ws_bytes) == MOEK_SUCCESS, "plan workspace");
+
+  void *d_ids, *d_counts, *d_offsets, *d_row_source, *d_pair_row, *d_errors, *d_ws, *d_x, *d_rows, *d_w, *d_out;
+  cudaMalloc(&d_ids, sizeof ids);
+  cudaMalloc(&d_counts, E * sizeof(int32_t));
+  cudaMalloc(&d_offsets, (E + 1) * sizeof(int32_t));
+  cudaMalloc(&d_row_source, max_rows * sizeof(int32_t));
+  cudaMalloc(&d_pair_row, T * K * sizeof(int32_t));
+  cudaMalloc(&d_errors, sizeof(int32_t));
+  cudaMalloc(&d_ws, ws_bytes);
+  cudaMalloc(&d_x, sizeof x);
+  cudaMalloc(&d_rows, max_rows * H * sizeof(float));
+  cudaMalloc(&d_w, sizeof weights);
+  cudaMalloc(&d_out, sizeof out);
+  cudaMemcpy(d_ids, ids, sizeof ids, cudaMemcpyHostToDevice);
+  cudaMemcpy(d_x, x, sizeof x, cudaMemcpyHostToDevice);
+  cudaMemcpy(d_w, weights, sizeof weights, cudaMemcpyHostToDevice);
+
+  p.topk_ids = (const int32_t *)d_ids;
+  p.expert_counts = (int32_t *)d_counts;
+  p.expert_offsets = (int32_t *)d_offsets;
+  p.row_source = (int32_t *)d_row_source;
+  p.pair_row = (int32_t *)d_pair_row;
+  p.error_count = (int32_t *)d_errors;
+  p.workspace = d_ws;
+  p.workspace_bytes = ws_bytes;
+  CHECK(moek_plan(&p, NULL) == MOEK_SUCCESS, "plan: %s", moek_last_error_message());
+
+  moek_permute_args pa;
+  memset(&pa, 0, sizeof pa);
+  pa.dtype = MOEK_DTYPE_F32;
+  pa.num_tokens = T;
+  pa.k = K;
+  pa.num_experts = E;
+  pa.hidden = H;
+  pa.max_rows = max_rows;
+  pa.x = d_x;
+  pa.row_source = (const int32_t *)d_row_source;
+  pa.expert_offsets = (const int32_t *)d_offsets;
+  pa.out = d_rows;
+  CHECK(moek_permute(&pa, NULL) == MOEK_SUCCESS, "permute: %s", moek_last_error_message());
+
+  moek_combine_args ca;
+  memset(&ca, 0, sizeof ca);
+  ca.dtype = MOEK_DTYPE_F32;
+  ca.num_tokens = T;
+  ca.k = K;
+  ca.hidden = H;
+  ca.max_rows = max_rows;
+  ca.y = d_rows;
+  ca.pair_row = (const int32_t *)d_pair_row;
+  ca.weights = (const float *)d_w;
+  ca.out = d_out;
+  CHECK(moek_combine(&ca, NULL) == MOEK_SUCCESS, "combine: %s", moek_last_error_message());
+
+  int32_t offsets[E + 1], row_source[5], errors = -1;
+  cudaMemcpy(offsets, d_offsets, sizeof offsets, cudaMemcpyDeviceToHost);
+  cudaMemcpy(row_source, d_row_source, sizeof row_source, cudaMemcpyDeviceToHost);
+  cudaMemcpy(&errors, d_errors, sizeof errors, cudaMemcpyDeviceToHost);
+  cudaMemcpy(out, d_out, sizeof out, cudaMemcpyDeviceToHost);
+  for (int i = 0; i <= E; ++i) CHECK(offsets[i] == want_offsets[i], "offset %d: %d", i, offsets[i]);
+  for (int i = 0; i < 5; ++i) CHECK(row_source[i] == want_row_source[i], "row %d source %d", i, row_source[i]);
+  CHECK(errors == 0, "error count %d", errors);
+  for (int i = 0; i < T * H; ++i) CHECK(fabsf(out[i] - want[i]) < 1e-6f, "combined %d: %f vs %f", i, out[i], want[i]);
+  void *all[] = {d_ids, d_counts, d_offsets, d_row_source, d_pair_row, d_errors, d_ws, d_x, d_rows, d_w, d_out};
+  for (size_t i = 0; i < sizeof all / sizeof all[0]; ++i) cudaFree(all[i]);
+}
+
 int main(void) {
   cpu_side();
   int devices = 0;
   if (cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0) {
     gpu_side();
+    gpu_permutation();
   } else {
     /* No GPU: a fully valid call must fail cleanly with a status, not crash. */
     moek_route_args a = topk_args(4, 8, 2);
