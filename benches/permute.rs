@@ -113,13 +113,7 @@ impl Problem {
 /// Stream and graph medians of `op`, in microseconds.
 fn times(stream: &Arc<CudaStream>, mut op: impl FnMut() -> moe_kernels::Result<()>) -> (f64, f64) {
     let stream_us = timing::median_us(stream, 21, 20, &mut op).unwrap();
-    stream.synchronize().unwrap();
-    stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
-    for _ in 0..GRAPH_CALLS {
-        op().unwrap();
-    }
-    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).unwrap().unwrap();
-    let graph_us = timing::median_us(stream, 11, 5, || Ok(graph.launch()?)).unwrap() / GRAPH_CALLS as f64;
+    let graph_us = timing::graph_median_us(stream, GRAPH_CALLS, 11, 5, op).unwrap();
     (stream_us, graph_us)
 }
 

@@ -96,18 +96,6 @@ fn logits_bytes(c: &Case) -> f64 {
 
 const GRAPH_CALLS: usize = 20;
 
-/// Mean device time of one call inside a captured graph of GRAPH_CALLS calls.
-fn graph_us<L: LogitsElem>(stream: &Arc<CudaStream>, b: &mut Buffers<L>, c: &Case) -> f64 {
-    stream.synchronize().unwrap();
-    stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
-    for _ in 0..GRAPH_CALLS {
-        b.run(stream, c).unwrap();
-    }
-    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).unwrap().unwrap();
-    let per_graph = timing::median_us(stream, 11, 10, || Ok(graph.launch()?)).unwrap();
-    per_graph / GRAPH_CALLS as f64
-}
-
 fn measure<L: LogitsElem>(
     crit: &mut Criterion,
     stream: &Arc<CudaStream>,
@@ -122,7 +110,7 @@ fn measure<L: LogitsElem>(
         })
     });
     let stream_us = timing::median_us(stream, 21, 50, || b.run(stream, c)).unwrap();
-    let graph_us = graph_us(stream, &mut b, c);
+    let graph_us = timing::graph_median_us(stream, GRAPH_CALLS, 11, 10, || b.run(stream, c)).unwrap();
     format!(
         "{{\"case\":\"{}\",\"tokens\":{},\"experts\":{},\"k\":{},\"stream_us\":{stream_us:.3},\"graph_us\":{graph_us:.3},\"bytes\":{},\"logits_bytes\":{}}}",
         c.name,

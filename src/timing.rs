@@ -43,3 +43,26 @@ pub fn median_us(
     times.sort_by(|a, b| a.total_cmp(b));
     Ok(times[times.len() / 2])
 }
+
+/// Captures `calls` runs of `op` into a CUDA graph on `stream` and returns one call's share of the
+/// graph's median replay time (median of `samples` means over `reps` replays): device time without
+/// launch gaps, the way a graph-captured engine runs it. `op` must be capturable (no host sync, no
+/// allocation) and the context's event tracking off, since nothing may record events inside a capture.
+pub fn graph_median_us(
+    stream: &Arc<CudaStream>,
+    calls: usize,
+    samples: usize,
+    reps: usize,
+    mut op: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    stream.synchronize()?;
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    for _ in 0..calls {
+        op()?;
+    }
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))?
+        .ok_or_else(|| crate::Error::new(crate::Status::Cuda, "the stream capture produced no graph"))?;
+    Ok(median_us(stream, samples, reps, || Ok(graph.launch()?))? / calls.max(1) as f64)
+}
