@@ -62,7 +62,9 @@ def moge(logits, groups, k):
 def torch_plan(ids, num_experts):
     flat = ids.view(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    # torch.bincount reads its input's maximum back to the host, which a CUDA graph cannot capture;
+    # scatter_add_ counts the same way without that.
+    counts = torch.zeros(num_experts, dtype=flat.dtype, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     offsets = torch.cumsum(counts, 0)
     pair_row = torch.empty_like(order)
     pair_row[order] = torch.arange(order.numel(), device=ids.device)

@@ -1,7 +1,6 @@
-// Counting helpers of the permutation plan: count (expert, chunk of 256 pairs) occurrences, scan the
-// counts per expert, then place each pair at its expert's count in earlier chunks plus its rank among
-// equal ids earlier in its own chunk. (Routing's capacity pass in route.cu does the same with its own
-// copy, measured on the GPU before this header existed; fold it in once both run there again.)
+// Counting helpers: a block-wide scan (the plan's offsets, cuda/plan.cu) and, for routing's capacity pass
+// (cuda/route.cu), a per-expert scan of per-chunk counts and a pair's rank among equal ids earlier in
+// its chunk.
 #pragma once
 
 #include <cstdint>
@@ -10,20 +9,34 @@
 namespace moek {
 namespace {
 
-// Block-wide exclusive prefix sum of one value per thread (Hillis-Steele in `s`, blockDim.x entries);
-// returns this thread's exclusive sum and adds the block's total to `carry` (same in every thread).
+// Block-wide exclusive prefix sum of one value per thread (blockDim.x a multiple of 32, `s` at least
+// 33 entries of shared memory): returns this thread's exclusive sum and adds the block's total to
+// `carry` (same in every thread). Warps scan with shuffles; one warp scans the warp totals.
 __device__ __forceinline__ int32_t block_exclusive_sum(int32_t* s, int32_t v, int32_t& carry) {
-  s[threadIdx.x] = v;
-  __syncthreads();
-  for (int off = 1; off < blockDim.x; off <<= 1) {
-    const int32_t add = threadIdx.x >= off ? s[threadIdx.x - off] : 0;
-    __syncthreads();
-    s[threadIdx.x] += add;
-    __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x / 32;
+  const int warps = blockDim.x / 32;
+  int32_t inclusive = v;
+  for (int off = 1; off < 32; off <<= 1) {
+    const int32_t up = __shfl_up_sync(0xffffffffu, inclusive, off);
+    if (lane >= off) inclusive += up;
   }
-  const int32_t exclusive = carry + s[threadIdx.x] - v;
-  carry += s[blockDim.x - 1];
+  if (lane == 31) s[warp] = inclusive;
   __syncthreads();
+  if (warp == 0) {
+    const int32_t total = lane < warps ? s[lane] : 0;
+    int32_t scanned = total;
+    for (int off = 1; off < 32; off <<= 1) {
+      const int32_t up = __shfl_up_sync(0xffffffffu, scanned, off);
+      if (lane >= off) scanned += up;
+    }
+    if (lane < warps) s[lane] = scanned - total;  // exclusive sum of the earlier warps' totals
+    if (lane == 31) s[32] = scanned;              // the block's total (scanned over all 32 lanes)
+  }
+  __syncthreads();
+  const int32_t exclusive = carry + s[warp] + inclusive - v;
+  carry += s[32];
+  __syncthreads();  // s is reused by the next call
   return exclusive;
 }
 

@@ -1,5 +1,6 @@
 // Routing entry point: validates nothing (src/route.rs did), picks the kernel configuration, launches
 // route_kernel (route_kernel.cuh) and, with an expert capacity, the two capacity passes below.
+#include "chunk_scan.cuh"
 #include "route_kernel.cuh"
 
 #include <cstdlib>
@@ -17,29 +18,6 @@ int lane_values_target() {
   return target;
 }
 
-// In place, per expert (one block each): exclusive prefix sum of the per-chunk counts, giving the
-// number of the expert's pairs in earlier chunks.
-__global__ void capacity_scan_kernel(int32_t* counts, int64_t num_chunks) {
-  __shared__ int32_t s[256];
-  int32_t* c = counts + static_cast<int64_t>(blockIdx.x) * num_chunks;
-  int32_t carry = 0;
-  for (int64_t base = 0; base < num_chunks; base += blockDim.x) {
-    const int64_t i = base + threadIdx.x;
-    const int32_t v = i < num_chunks ? c[i] : 0;
-    s[threadIdx.x] = v;
-    __syncthreads();
-    for (int off = 1; off < blockDim.x; off <<= 1) {
-      const int32_t add = threadIdx.x >= off ? s[threadIdx.x - off] : 0;
-      __syncthreads();
-      s[threadIdx.x] += add;
-      __syncthreads();
-    }
-    if (i < num_chunks) c[i] = carry + s[threadIdx.x] - v;
-    carry += s[blockDim.x - 1];
-    __syncthreads();
-  }
-}
-
 // One block per chunk of pairs: a pair's position inside its expert is the expert's count in earlier
 // chunks plus the pairs of the same expert earlier in this chunk; positions >= capacity are dropped.
 __global__ void capacity_drop_kernel(int32_t* ids, float* weights, const int32_t* chunk_base, int64_t num_pairs,
@@ -50,9 +28,8 @@ __global__ void capacity_drop_kernel(int32_t* ids, float* weights, const int32_t
   s_ids[threadIdx.x] = id;
   __syncthreads();
   if (pair >= num_pairs) return;
-  int32_t rank = 0;
-  for (int j = 0; j < static_cast<int>(threadIdx.x); ++j) rank += s_ids[j] == id;
-  const int32_t position = chunk_base[static_cast<int64_t>(id) * num_chunks + blockIdx.x] + rank;
+  const int32_t position =
+      chunk_base[static_cast<int64_t>(id) * num_chunks + blockIdx.x] + count_equal_before(s_ids, threadIdx.x, id);
   if (position >= capacity) {
     ids[pair] = MOEK_DROPPED_ID;
     weights[pair] = 0.f;
@@ -140,7 +117,7 @@ extern "C" int moek_cuda_route(const moek_route_args* a, int32_t capacity_chunk,
                                           : launch_route<__nv_bfloat16>(p, vec, lanes, nv, grid, block, smem, stream);
   if (err != cudaSuccess || a->capacity == 0) return err;
 
-  capacity_scan_kernel<<<E, 256, 0, stream>>>(p.chunk_counts, num_chunks);
+  chunk_exclusive_scan_kernel<<<E, 256, 0, stream>>>(p.chunk_counts, num_chunks, nullptr);
   capacity_drop_kernel<<<static_cast<unsigned>(num_chunks), capacity_chunk, capacity_chunk * sizeof(int32_t),
                          stream>>>(p.ids, p.weights, p.chunk_counts, num_pairs, num_chunks, a->capacity,
                                    a->dropped_count);

@@ -204,14 +204,16 @@ typedef struct moek_permute_args {
   int64_t hidden;            /* H, a multiple of 8 */
   int64_t max_rows;          /* rows of out (at least moek_plan_max_rows) */
   const void *x;             /* device [T, H], 16-byte aligned */
-  const int32_t *row_source; /* device [max_rows], from moek_plan */
+  const int32_t *row_source; /* device [max_rows], from moek_plan (read for zero_padding only) */
+  const int32_t *pair_row;   /* device [T, k], from moek_plan: where each token row is written */
   const int32_t *expert_offsets; /* device [E + 1], from moek_plan (rows in use: expert_offsets[E]) */
   const float *pair_scale;   /* device [T, k] or NULL: row of pair p multiplied by pair_scale[p] */
   int32_t zero_padding;      /* nonzero: padding rows written as zeros (else left as they are) */
   void *out;                 /* device [max_rows, H], 16-byte aligned; rows past expert_offsets[E] untouched */
 } moek_permute_args;
 
-/* Enqueues out[row] = x[pair / k] (times pair_scale[pair]) for every row in use. */
+/* Enqueues out[pair_row[p]] = x[p / k] (times pair_scale[p]) for every kept pair p, and zeros for the
+ * padding rows when zero_padding. Each token row is read once and written k times. */
 moek_status moek_permute(const moek_permute_args *args, cudaStream_t stream);
 
 typedef struct moek_combine_args {

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the repository root, what scripts/bundle.sh packed:
 #   bash bundle/run.sh [steps...]     steps: tests sanitize c demo bench (default: all)
+#   MOEK_ONLY=permute bash bundle/run.sh ...   only the test, bench and example binaries whose name
+#                                              contains that text (the C program always runs)
 # Logs go to $OUT/run.log, step results to $OUT/results.json, benchmark JSON and the comparison table
 # to $OUT/bench-*.json, $OUT/torch-*.json and $OUT/table.md. A summary table is printed last.
 set -u
@@ -16,6 +18,8 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests sanitize c demo bench)
 summary=()
 json=()
+# wanted NAME: whether MOEK_ONLY (if set) selects this binary.
+wanted() { [ -z "${MOEK_ONLY:-}" ] || [[ "$1" == *"$MOEK_ONLY"* ]]; }
 
 # step NAME CMD...: runs CMD with its output appended to the log, records rc and seconds.
 step() {
@@ -33,20 +37,23 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv >> 
 for s in "${steps[@]}"; do
   case "$s" in
     tests)
-      for t in "$bins"/tests/*; do step "test:$(basename "$t")" "$t"; done ;;
+      for t in "$bins"/tests/*; do wanted "$(basename "$t")" && step "test:$(basename "$t")" "$t"; done ;;
     sanitize)
       for t in "$bins"/tests/*_gpu; do
+        wanted "$(basename "$t")" || continue
         step "memcheck:$(basename "$t")" compute-sanitizer --tool memcheck --error-exitcode 99 "$t" --test-threads=1
       done ;;
     c)
       step c_api_test "$bins/bin/c_api_test" ;;
     demo)
       for d in "$bins"/bin/*; do
+        wanted "$(basename "$d")" || continue
         case "$(basename "$d")" in bench-*|c_api_test) ;; *) step "example:$(basename "$d")" "$d" ;; esac
       done ;;
     bench)
       for b in "$bins"/bin/bench-*; do
         name=$(basename "$b"); name=${name#bench-}
+        wanted "$name" || continue
         MOEK_BENCH_JSON="$OUT/bench-$name.json" step "bench:$name" "$b" --bench
         step "torch:$name" bash -c "python3 '$here/compare_torch.py' --suite $name --ours '$OUT/bench-$name.json' --out '$OUT/torch-$name.json' >> '$OUT/table.md'"
       done ;;

@@ -10,8 +10,25 @@ use crate::sys;
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 use std::sync::Arc;
 
-/// Pairs per chunk of the plan's counting passes: the workspace holds one counter per (expert, chunk).
-pub(crate) const PLAN_CHUNK: i64 = 256;
+/// Fewest pairs per chunk of the plan (cuda/plan.cu): a plan of up to this many pairs is one launch.
+/// `MOEK_PLAN_CHUNK_PAIRS` overrides it (a tuning knob for benchmarks, read once).
+const PLAN_MIN_CHUNK_PAIRS: i64 = 1024;
+
+/// Chunks of the plan's counting sort for `pairs` pairs over `num_experts` experts. Every block of the
+/// placement pass reads all chunks' histograms, so the count is capped (at 128, and at 32768 histogram
+/// entries in all); larger inputs get longer chunks instead.
+fn plan_chunks(pairs: i64, num_experts: i32) -> i64 {
+    static MIN_PAIRS: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let min_pairs = *MIN_PAIRS.get_or_init(|| {
+        std::env::var("MOEK_PLAN_CHUNK_PAIRS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&v| v > 0)
+            .unwrap_or(PLAN_MIN_CHUNK_PAIRS)
+    });
+    let max_chunks = (32768 / i64::from(num_experts.max(1))).clamp(1, 128);
+    ((pairs + min_pairs - 1) / min_pairs).clamp(1, max_chunks)
+}
 
 /// What defines a plan, apart from the number of tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +121,9 @@ pub(crate) fn plan_max_rows(a: &sys::moek_plan_args) -> Result<i64> {
         bail!(InvalidValue, "num_ranks = {} must be 0, 1 or divide num_experts = {e}", a.num_ranks);
     }
     let pairs = a.num_tokens * i64::from(a.k);
+    if pairs > i64::from(i32::MAX) {
+        bail!(InvalidNumTokens, "num_tokens * k = {pairs} pairs; pair indices are 32-bit");
+    }
     let kept = if a.capacity > 0 { pairs.min(i64::from(e) * i64::from(a.capacity)) } else { pairs };
     let rows = kept + i64::from(e) * i64::from(a.row_align - 1);
     if rows > i64::from(i32::MAX) {
@@ -112,11 +132,11 @@ pub(crate) fn plan_max_rows(a: &sys::moek_plan_args) -> Result<i64> {
     Ok(rows)
 }
 
-/// Workspace bytes of a plan: per (expert, chunk) counters, then per-expert totals.
+/// Workspace bytes of a plan: a histogram of E counters per chunk, then one error counter per chunk.
 pub(crate) fn plan_workspace_bytes(a: &sys::moek_plan_args) -> Result<usize> {
     plan_max_rows(a)?;
-    let chunks = (a.num_tokens * i64::from(a.k) + PLAN_CHUNK - 1) / PLAN_CHUNK;
-    Ok(((chunks + 1) * i64::from(a.num_experts) * 4) as usize)
+    let chunks = plan_chunks(a.num_tokens * i64::from(a.k), a.num_experts);
+    Ok((chunks * (i64::from(a.num_experts) + 1) * 4) as usize)
 }
 
 /// Validates a plan's arguments in full, then enqueues it. Shared by the C entry point and [`plan`].
@@ -137,7 +157,8 @@ pub(crate) fn plan_raw(a: &sys::moek_plan_args, stream: sys::cudaStream_t) -> Re
         bail!(WorkspaceTooSmall, "workspace_bytes = {} but this call needs {need}", a.workspace_bytes);
     }
     check::pointer("workspace", a.workspace, true, 4)?;
-    crate::cuda::status(crate::cuda::plan(a, PLAN_CHUNK as i32, stream))
+    let chunks = plan_chunks(a.num_tokens * i64::from(a.k), a.num_experts);
+    crate::cuda::status(crate::cuda::plan(a, chunks, stream))
 }
 
 /// Checks the shape shared by permute and combine.
@@ -169,6 +190,7 @@ pub(crate) fn permute_raw(a: &sys::moek_permute_args, stream: sys::cudaStream_t)
     let rows = a.max_rows > 0;
     check::pointer("x", a.x, rows && a.num_tokens > 0, 16)?;
     check::pointer("row_source", a.row_source, rows, 4)?;
+    check::pointer("pair_row", a.pair_row, a.num_tokens > 0, 4)?;
     check::pointer("expert_offsets", a.expert_offsets, true, 4)?;
     check::pointer("pair_scale", a.pair_scale, false, 4)?;
     check::pointer("out", a.out, rows, 16)?;
@@ -273,6 +295,7 @@ pub fn permute<T: Element>(
     check::length("x", x.len(), num_tokens * hidden)?;
     check::length("expert_offsets", plan.expert_offsets.len(), cfg.num_experts as usize + 1)?;
     check::length("row_source", plan.row_source.len(), max_rows)?;
+    check::length("pair_row", plan.pair_row.len(), pairs)?;
     if let Some(s) = pair_scale {
         check::length("pair_scale", s.len(), pairs)?;
     }
@@ -281,6 +304,7 @@ pub fn permute<T: Element>(
     let (x_ptr, _g0) = x.device_ptr(stream);
     let (rs, _g1) = plan.row_source.device_ptr(stream);
     let (offs, _g2) = plan.expert_offsets.device_ptr(stream);
+    let (pr, _g4) = plan.pair_row.device_ptr(stream);
     let scale = pair_scale.map(|s| s.device_ptr(stream));
     let (out_ptr, _g3) = out.device_ptr_mut(stream);
     let a = sys::moek_permute_args {
@@ -292,6 +316,7 @@ pub fn permute<T: Element>(
         max_rows: max_rows as i64,
         x: x_ptr as *const _,
         row_source: rs as *const i32,
+        pair_row: pr as *const i32,
         expert_offsets: offs as *const i32,
         pair_scale: scale.as_ref().map_or(std::ptr::null(), |(p, _)| *p as *const f32),
         zero_padding: zero_padding as i32,

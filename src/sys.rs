@@ -174,6 +174,7 @@ pub struct moek_permute_args {
     pub max_rows: i64,
     pub x: *const ::std::os::raw::c_void,
     pub row_source: *const i32,
+    pub pair_row: *const i32,
     pub expert_offsets: *const i32,
     pub pair_scale: *const f32,
     pub zero_padding: i32,
@@ -181,7 +182,7 @@ pub struct moek_permute_args {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of moek_permute_args"][::std::mem::size_of::<moek_permute_args>() - 88usize];
+    ["Size of moek_permute_args"][::std::mem::size_of::<moek_permute_args>() - 96usize];
     ["Alignment of moek_permute_args"][::std::mem::align_of::<moek_permute_args>() - 8usize];
     ["Offset of field: moek_permute_args::dtype"][::std::mem::offset_of!(moek_permute_args, dtype) - 0usize];
     ["Offset of field: moek_permute_args::num_tokens"][::std::mem::offset_of!(moek_permute_args, num_tokens) - 8usize];
@@ -192,12 +193,13 @@ const _: () = {
     ["Offset of field: moek_permute_args::max_rows"][::std::mem::offset_of!(moek_permute_args, max_rows) - 32usize];
     ["Offset of field: moek_permute_args::x"][::std::mem::offset_of!(moek_permute_args, x) - 40usize];
     ["Offset of field: moek_permute_args::row_source"][::std::mem::offset_of!(moek_permute_args, row_source) - 48usize];
+    ["Offset of field: moek_permute_args::pair_row"][::std::mem::offset_of!(moek_permute_args, pair_row) - 56usize];
     ["Offset of field: moek_permute_args::expert_offsets"]
-        [::std::mem::offset_of!(moek_permute_args, expert_offsets) - 56usize];
-    ["Offset of field: moek_permute_args::pair_scale"][::std::mem::offset_of!(moek_permute_args, pair_scale) - 64usize];
+        [::std::mem::offset_of!(moek_permute_args, expert_offsets) - 64usize];
+    ["Offset of field: moek_permute_args::pair_scale"][::std::mem::offset_of!(moek_permute_args, pair_scale) - 72usize];
     ["Offset of field: moek_permute_args::zero_padding"]
-        [::std::mem::offset_of!(moek_permute_args, zero_padding) - 72usize];
-    ["Offset of field: moek_permute_args::out"][::std::mem::offset_of!(moek_permute_args, out) - 80usize];
+        [::std::mem::offset_of!(moek_permute_args, zero_padding) - 80usize];
+    ["Offset of field: moek_permute_args::out"][::std::mem::offset_of!(moek_permute_args, out) - 88usize];
 };
 unsafe extern "C" {
     pub fn moek_permute(args: *const moek_permute_args, stream: cudaStream_t) -> moek_status;

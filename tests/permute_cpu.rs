@@ -131,7 +131,7 @@ fn c_interface_checks_permutation_arguments() {
     assert_eq!(unsafe { capi::moek_plan_max_rows(&a, &mut rows) }, sys::moek_status_MOEK_SUCCESS);
     assert_eq!(rows, 128);
     assert_eq!(unsafe { capi::moek_plan_workspace_size(&a, &mut bytes) }, sys::moek_status_MOEK_SUCCESS);
-    assert_eq!(bytes, (1 + 1) * 16 * 4);
+    assert_eq!(bytes, (16 + 1) * 4); // one chunk: its histogram and its error counter
     a.topk_ids = 0x1000 as *const i32;
     a.expert_counts = 0x2000 as *mut i32;
     a.expert_offsets = 0x3000 as *mut i32;
@@ -153,6 +153,7 @@ fn c_interface_checks_permutation_arguments() {
         max_rows: 128,
         x: 0x1000 as *const _,
         row_source: 0x2000 as *const i32,
+        pair_row: std::ptr::null(),
         expert_offsets: 0x3000 as *const i32,
         pair_scale: std::ptr::null(),
         zero_padding: 0,
@@ -161,6 +162,10 @@ fn c_interface_checks_permutation_arguments() {
     assert_eq!(unsafe { capi::moek_permute(&p, stream) }, sys::moek_status_MOEK_ERROR_INVALID_VALUE);
     p.hidden = 16;
     p.out = 0x4008 as *mut _;
+    assert_eq!(unsafe { capi::moek_permute(&p, stream) }, sys::moek_status_MOEK_ERROR_NULL_POINTER);
+    let message = unsafe { std::ffi::CStr::from_ptr(capi::moek_last_error_message()) }.to_string_lossy();
+    assert!(message.contains("pair_row"), "{message}");
+    p.pair_row = 0x5000 as *const i32;
     assert_eq!(unsafe { capi::moek_permute(&p, stream) }, sys::moek_status_MOEK_ERROR_MISALIGNED);
     p.dtype = 9;
     assert_eq!(unsafe { capi::moek_permute(&p, stream) }, sys::moek_status_MOEK_ERROR_INVALID_DTYPE);

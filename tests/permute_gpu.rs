@@ -40,7 +40,8 @@ impl DevicePlan {
             rank_counts: poison(r),
             rank_offsets: poison(r + 1),
             errors: poison(1),
-            workspace: stream.alloc_zeros(cfg.workspace_bytes(t).unwrap().max(4)).unwrap(),
+            // Poisoned too: the plan must not depend on what the workspace held.
+            workspace: stream.clone_htod(&vec![0xA5u8; cfg.workspace_bytes(t).unwrap().max(4)]).unwrap(),
         }
     }
 
@@ -127,8 +128,9 @@ fn plans_match_the_reference_on_odd_shapes() {
     let mut failures = Vec::new();
     let mut cases = 0;
     for &t in &[0usize, 1, 7, 4096, 33000] {
-        for &e in &[1u32, 8, 60, 384] {
-            for &k in &[1u32, 2, 8] {
+        // E = 1024 and 8192: one thread per expert and fewer warps per chunk (cuda/plan.cu).
+        for &e in &[1u32, 8, 60, 384, 1024, 8192] {
+            for &k in &[1u32, 2, 8, 64] {
                 for shape in 0..4 {
                     let variants = [
                         PlanConfig::new(e, k),

@@ -227,6 +227,7 @@ static void gpu_permutation(void) {
   pa.max_rows = max_rows;
   pa.x = d_x;
   pa.row_source = (const int32_t *)d_row_source;
+  pa.pair_row = (const int32_t *)d_pair_row;
   pa.expert_offsets = (const int32_t *)d_offsets;
   pa.out = d_rows;
   CHECK(moek_permute(&pa, NULL) == MOEK_SUCCESS, "permute: %s", moek_last_error_message());

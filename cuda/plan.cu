@@ -1,0 +1,386 @@
+// The permutation plan: a stable counting sort of (token, slot) pairs by expert, in at most two launches.
+//
+// The pairs are cut into `num_chunks` contiguous chunks (src/permute.rs picks the number: few enough that
+// every block can afford to read every chunk's histogram). With more than one chunk, plan_count_kernel
+// writes each chunk's per-expert histogram to the workspace; then plan_place_kernel, one block per chunk,
+// (1) counts its chunk again per warp (each warp owns a contiguous slice of the chunk), (2) sums the
+// chunk histograms into expert totals and into the expert's pairs in earlier chunks, (3) scans the padded
+// totals into offsets (every block computes the same offsets; block 0 writes them out), and (4) places
+// each pair at offset + pairs of its expert in earlier chunks + in earlier warps' slices + earlier in its
+// own warp's slice, which is the pair's rank in pair order: the plan is deterministic. With one chunk
+// the count kernel is skipped and the whole plan is one launch.
+// Arguments were validated by src/permute.rs.
+#include <atomic>
+#include <cstdlib>
+
+#include "chunk_scan.cuh"
+#include "moe_kernels.h"
+
+namespace moek {
+namespace {
+
+constexpr int kCountThreads = 256;
+// Shared memory the place kernel may use (opted in above the default 48 KB; sm_80 allows 163 KB).
+constexpr int kPlaceSmemLimit = 160 * 1024;
+
+// Chunk c of `pairs` pairs cut into num_chunks nearly equal chunks: [begin, end).
+struct Chunk {
+  int64_t begin, end;
+  __device__ Chunk(int64_t pairs, int64_t num_chunks, int64_t c) {
+    const int64_t len = (pairs + num_chunks - 1) / num_chunks;
+    begin = min(c * len, pairs);
+    end = min(begin + len, pairs);
+  }
+};
+
+// Programmatic dependent launch (sm_90): the count kernel lets the place kernel start at once; the place
+// kernel counts its own chunk (which needs only the ids) and then waits for the count kernel's results.
+// Without the launch attribute (or before sm_90) the wait returns at once.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_prerequisite_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ bool valid_expert(int32_t id, int E) { return id >= 0 && id < E; }
+
+// Per chunk: how many pairs go to each expert (hist[chunk * E + e]), and how many ids are out of range
+// (bad[chunk]; MOEK_DROPPED_ID is not an error).
+__global__ void __launch_bounds__(kCountThreads)
+    plan_count_kernel(const int32_t* __restrict__ ids, int64_t pairs, int E, int64_t num_chunks, int32_t* hist,
+                      int32_t* bad) {
+  extern __shared__ int32_t s_hist[];
+  __shared__ int32_t s_bad;
+  allow_dependent_launch();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) s_hist[e] = 0;
+  if (threadIdx.x == 0) s_bad = 0;
+  __syncthreads();
+  const Chunk chunk(pairs, num_chunks, blockIdx.x);
+  int32_t my_bad = 0;
+  for (int64_t p = chunk.begin + threadIdx.x; p < chunk.end; p += blockDim.x) {
+    const int32_t id = __ldg(ids + p);
+    if (valid_expert(id, E)) {
+      atomicAdd(&s_hist[id], 1);
+    } else {
+      my_bad += id != MOEK_DROPPED_ID;
+    }
+  }
+  if (my_bad != 0) atomicAdd(&s_bad, my_bad);
+  __syncthreads();
+  int32_t* out = hist + static_cast<int64_t>(blockIdx.x) * E;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) out[e] = s_hist[e];
+  if (threadIdx.x == 0) bad[blockIdx.x] = s_bad;
+}
+
+struct PlaceArgs {
+  const int32_t* ids;
+  int64_t pairs;
+  int E, capacity, align, ranks;
+  int64_t num_chunks;
+  const int32_t* hist;  // [num_chunks][E] (num_chunks > 1)
+  const int32_t* bad;   // [num_chunks] (num_chunks > 1)
+  int32_t *expert_counts, *expert_offsets, *rank_counts, *rank_offsets, *row_source, *pair_row, *error_count;
+};
+
+// Shared memory of the place kernel, carved from one dynamic array.
+struct PlaceSmem {
+  int32_t* offset;   // [E]: first row of each expert
+  int32_t* slice;    // [warps][E]: pairs of the expert in the warp's slice, then its position base
+  int32_t* scratch;  // [blockDim]: scans and partial sums
+  __device__ PlaceSmem(int32_t* base, int E, int warps)
+      : offset(base), slice(base + E), scratch(base + E + warps * E) {}
+  static size_t bytes(int E, int warps, int threads) {
+    return sizeof(int32_t) * (static_cast<size_t>(E) * (1 + warps) + threads);
+  }
+};
+
+// The warp's slice of the chunk: [begin, end).
+__device__ __forceinline__ void warp_slice(const Chunk& chunk, int warps, int warp, int64_t& begin, int64_t& end) {
+  const int64_t len = (chunk.end - chunk.begin + warps - 1) / warps;
+  begin = min(chunk.begin + warp * len, chunk.end);
+  end = min(begin + len, chunk.end);
+}
+
+// Lanes whose key equals this lane's (keys in 0..max_key): one ballot per bit of the key. (A warp-level
+// multisplit: uniform code, where __match_any_sync is slower on this data.)
+__device__ __forceinline__ unsigned lanes_with_same_key(uint32_t key, int bits) {
+  unsigned same = 0xffffffffu;
+  for (int b = 0; b < bits; ++b) {
+    const bool set = (key >> b) & 1u;
+    const unsigned ballot = __ballot_sync(0xffffffffu, set);
+    same &= set ? ballot : ~ballot;
+  }
+  return same;
+}
+
+// Walks the warp's slice 32 pairs at a time, in pair order. counters[e] counts the expert's pairs seen
+// so far (plus whatever it started at); visit(p, id, position) is called for every pair p of the slice
+// with its expert id (-1 when out of range or dropped) and counters[id] + the pairs of the same expert
+// earlier in this step, i.e. its position in pair order. Ids are loaded kBatch steps ahead, so a warp
+// has kBatch loads in flight instead of one. Returns this lane's count of out-of-range ids.
+constexpr int kBatch = 8;
+template <typename Visit>
+__device__ __forceinline__ int32_t walk_slice(const int32_t* __restrict__ ids, int64_t begin, int64_t end, int E,
+                                              int32_t* counters, Visit visit) {
+  const int lane = threadIdx.x & 31;
+  const int bits = 32 - __clz(E);  // keys are id + 1 in 0..E (0: no expert)
+  int32_t bad = 0;
+  for (int64_t base = begin; base < end; base += 32 * kBatch) {
+    int32_t id[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int64_t p = base + j * 32 + lane;
+      id[j] = p < end ? __ldg(ids + p) : MOEK_DROPPED_ID;
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      if (base + j * 32 >= end) break;  // warp-uniform
+      const int64_t p = base + j * 32 + lane;
+      const bool valid = valid_expert(id[j], E);
+      bad += !valid && id[j] != MOEK_DROPPED_ID;
+      const int32_t key = valid ? id[j] : -1;
+      const unsigned same = lanes_with_same_key(static_cast<uint32_t>(key + 1), bits);
+      const int32_t rank = __popc(same & ((1u << lane) - 1));
+      const int32_t position = key >= 0 ? counters[key] + rank : -1;
+      __syncwarp();  // every lane has read its counter before the group's first lane moves it on
+      if (key >= 0 && rank == 0) counters[key] += __popc(same);
+      __syncwarp();
+      if (p < end) visit(p, key, position);
+    }
+  }
+  return bad;
+}
+
+// Adds the expert's count in chunks first, first + stride, ... to total, and those of chunks before this
+// block's to before. The loads go out kBatch at a time: this is a chain of L2 reads otherwise.
+__device__ __forceinline__ void sum_chunks(const PlaceArgs& a, int e, int64_t first, int stride, int32_t& total,
+                                           int32_t& before) {
+  for (int64_t c0 = first; c0 < a.num_chunks; c0 += kBatch * stride) {
+    int32_t n[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int64_t c = c0 + j * stride;
+      n[j] = c < a.num_chunks ? __ldg(a.hist + c * a.E + e) : 0;
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      total += n[j];
+      before += c0 + j * stride < blockIdx.x ? n[j] : 0;
+    }
+  }
+}
+
+__global__ void plan_place_kernel(PlaceArgs a) {
+  extern __shared__ int32_t smem[];
+  const int warps = blockDim.x / 32;
+  const int warp = threadIdx.x / 32;
+  const int E = a.E;
+  PlaceSmem s(smem, E, warps);
+  const Chunk chunk(a.pairs, a.num_chunks, blockIdx.x);
+  int64_t begin, end;
+  warp_slice(chunk, warps, warp, begin, end);
+  int32_t* my_slice = s.slice + warp * E;
+
+  // (1) Per-warp histogram of the slice.
+  __shared__ int32_t s_bad;  // out-of-range ids of the chunk (used with one chunk)
+  for (int i = threadIdx.x; i < warps * E; i += blockDim.x) s.slice[i] = 0;
+  if (threadIdx.x == 0) s_bad = 0;
+  __syncthreads();
+  const int32_t lane_bad = walk_slice(a.ids, begin, end, E, my_slice, [](int64_t, int32_t, int32_t) {});
+  if (a.num_chunks == 1 && lane_bad != 0) atomicAdd(&s_bad, lane_bad);
+  wait_for_prerequisite_grid();  // the chunk histograms (num_chunks > 1) are complete from here on
+  __syncthreads();
+
+  // (2) Per expert: total pairs and pairs in earlier chunks. With several chunks, `split` threads share
+  // an expert, each summing every split-th chunk histogram; partial sums meet in scratch.
+  const int split = a.num_chunks > 1 && E <= static_cast<int>(blockDim.x) / 2 ? blockDim.x / E : 1;
+  int32_t part_total = 0, part_before = 0;
+  if (a.num_chunks > 1 && split > 1 && static_cast<int>(threadIdx.x) < split * E) {
+    sum_chunks(a, threadIdx.x % E, threadIdx.x / E, split, part_total, part_before);
+  }
+  // The scan below needs the whole block in step; experts are taken blockDim at a time.
+  int32_t carry = 0;
+  for (int base = 0; base < E; base += blockDim.x) {
+    const int e = base + threadIdx.x;
+    int32_t total = 0, before = 0;
+    if (a.num_chunks > 1 && split > 1) {
+      // split > 1 means E <= blockDim / 2: one pass, partials gathered through scratch.
+      s.scratch[threadIdx.x] = part_total;
+      __syncthreads();
+      if (e < E) {
+        for (int j = 0; j < split; ++j) total += s.scratch[j * E + e];
+      }
+      __syncthreads();
+      s.scratch[threadIdx.x] = part_before;
+      __syncthreads();
+      if (e < E) {
+        for (int j = 0; j < split; ++j) before += s.scratch[j * E + e];
+      }
+      __syncthreads();
+    } else if (e < E) {
+      if (a.num_chunks > 1) {
+        sum_chunks(a, e, 0, 1, total, before);
+      } else {
+        for (int w = 0; w < warps; ++w) total += s.slice[w * E + e];
+      }
+    }
+    int32_t kept = 0, padded = 0;
+    if (e < E) {
+      kept = a.capacity > 0 ? min(total, a.capacity) : total;
+      padded = (kept + a.align - 1) / a.align * a.align;
+      // Position of the first pair of each warp's slice among the expert's pairs.
+      int32_t running = before;
+      for (int w = 0; w < warps; ++w) {
+        const int32_t n = s.slice[w * E + e];
+        s.slice[w * E + e] = running;
+        running += n;
+      }
+    }
+    const int32_t offset = block_exclusive_sum(s.scratch, padded, carry);
+    if (e < E) {
+      s.offset[e] = offset;
+      if (blockIdx.x == 0) {
+        a.expert_counts[e] = kept;
+        a.expert_offsets[e] = offset;
+        for (int32_t row = offset + kept; row < offset + padded; ++row) a.row_source[row] = -1;
+      }
+    }
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) a.expert_offsets[E] = carry;
+  __syncthreads();  // offsets, slice bases and (block 0) expert_counts visible to the whole block
+
+  // (3) Block 0: per-rank sums and the error count.
+  if (blockIdx.x == 0) {
+    if (a.ranks > 1) {
+      const int per = E / a.ranks;
+      for (int r = threadIdx.x; r < a.ranks; r += blockDim.x) {
+        int32_t sum = 0;
+        for (int e = r * per; e < (r + 1) * per; ++e) sum += a.expert_counts[e];
+        a.rank_counts[r] = sum;
+        a.rank_offsets[r] = s.offset[r * per];
+      }
+      if (threadIdx.x == 0) a.rank_offsets[a.ranks] = carry;
+    }
+    if (warp == 0) {
+      int32_t bad = 0;
+      if (a.num_chunks > 1) {
+        for (int64_t c = threadIdx.x; c < a.num_chunks; c += 32) bad += a.bad[c];
+      } else if (threadIdx.x == 0) {
+        bad = s_bad;
+      }
+      for (int off = 16; off > 0; off >>= 1) bad += __shfl_xor_sync(0xffffffffu, bad, off);
+      if (threadIdx.x == 0) *a.error_count = bad;
+    }
+  }
+
+  // (4) Place every pair of the slice, in order; pairs without a valid id or past the capacity get -1.
+  walk_slice(a.ids, begin, end, E, my_slice, [&](int64_t p, int32_t id, int32_t position) {
+    if (id < 0 || (a.capacity > 0 && position >= a.capacity)) {
+      a.pair_row[p] = -1;
+    } else {
+      const int32_t row = s.offset[id] + position;
+      a.row_source[row] = static_cast<int32_t>(p);
+      a.pair_row[p] = row;
+    }
+  });
+}
+
+// Whether to overlap the place kernel's start with the count kernel: on sm_90 and later, unless
+// MOEK_PLAN_PDL=0 (a tuning knob, read once).
+bool programmatic_launch() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("MOEK_PLAN_PDL");
+    return v == nullptr || std::atoi(v) != 0;
+  }();
+  if (!enabled) return false;
+  static std::atomic<int> major_of[64];  // per device: 0 unknown, else the compute capability's major + 1
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (device < 0 || device >= 64) return false;
+  int known = major_of[device].load(std::memory_order_relaxed);
+  if (known == 0) {
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+    known = major + 1;
+    major_of[device].store(known, std::memory_order_relaxed);
+  }
+  return known - 1 >= 9;
+}
+
+// Warps per block of the place kernel: 16 by default; MOEK_PLAN_WARPS (1..32) overrides it for tuning.
+int place_max_warps() {
+  static const int warps = [] {
+    const char* v = std::getenv("MOEK_PLAN_WARPS");
+    const int w = v != nullptr ? std::atoi(v) : 0;
+    return w >= 1 && w <= 32 ? w : 16;
+  }();
+  return warps;
+}
+
+// Warps of the place kernel: as many as the shared-memory limit allows, at most place_max_warps().
+int place_warps(int E) {
+  for (int w = place_max_warps(); w > 1; --w) {
+    if (PlaceSmem::bytes(E, w, 32 * w) <= kPlaceSmemLimit) return w;
+  }
+  return 1;
+}
+
+}  // namespace
+}  // namespace moek
+
+// Workspace: hist[num_chunks][E], then bad[num_chunks] (unused with one chunk).
+extern "C" int moek_cuda_plan(const moek_plan_args* a, int64_t num_chunks, cudaStream_t stream) {
+  using namespace moek;
+  const int E = a->num_experts;
+  const int64_t pairs = a->num_tokens * a->k;
+  if (num_chunks < 1) return cudaErrorInvalidValue;
+  int32_t* hist = static_cast<int32_t*>(a->workspace);
+  int32_t* bad = hist + num_chunks * E;
+  if (num_chunks > 1) {
+    plan_count_kernel<<<static_cast<unsigned>(num_chunks), kCountThreads, E * sizeof(int32_t), stream>>>(
+        a->topk_ids, pairs, E, num_chunks, hist, bad);
+  }
+  const int warps = place_warps(E);
+  const size_t smem = PlaceSmem::bytes(E, warps, 32 * warps);
+  if (smem > 48 * 1024) {  // above the default limit: opt in (per device, so on every such call)
+    const cudaError_t err = cudaFuncSetAttribute(plan_place_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  PlaceArgs p;
+  p.ids = a->topk_ids;
+  p.pairs = pairs;
+  p.E = E;
+  p.capacity = a->capacity;
+  p.align = a->row_align;
+  p.ranks = a->num_ranks > 1 ? a->num_ranks : 0;
+  p.num_chunks = num_chunks;
+  p.hist = hist;
+  p.bad = bad;
+  p.expert_counts = a->expert_counts;
+  p.expert_offsets = a->expert_offsets;
+  p.rank_counts = a->rank_counts;
+  p.rank_offsets = a->rank_offsets;
+  p.row_source = a->row_source;
+  p.pair_row = a->pair_row;
+  p.error_count = a->error_count;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(num_chunks));
+  config.blockDim = dim3(32 * warps);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute overlap[1];
+  overlap[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap[0].val.programmaticStreamSerializationAllowed = 1;
+  if (num_chunks > 1 && programmatic_launch()) {
+    config.attrs = overlap;
+    config.numAttrs = 1;
+  }
+  const cudaError_t err = cudaLaunchKernelEx(&config, plan_place_kernel, p);
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
