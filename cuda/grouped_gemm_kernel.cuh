@@ -251,11 +251,11 @@ cudaError_t launch_gemm_tile(const GemmParams& p, cudaStream_t stream) {
   if (m_tiles > kTileSaturation || n_tiles > 65535) return cudaErrorInvalidValue;
   const size_t smem = gemm_smem_bytes<Cfg>(p.experts.num_experts);
   auto kernel = grouped_gemm_kernel<Tin, Tout, Cfg>;
-  if (smem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  // Every launch (a host-side attribute, legal during stream capture): the default allows only 48 KB
+  // less the kernel's static shared memory, which the 48 KB rings would already exceed.
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
   kernel<<<dim3(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles)), Cfg::THREADS, smem, stream>>>(p);
   return cudaGetLastError();
 }

@@ -17,6 +17,10 @@ use std::sync::Arc;
 
 const POISON: f32 = -31337.0;
 
+/// What the tests need of an input type.
+trait Input: GemmInput + Default + cudarc::driver::ValidAsZeroBits {}
+impl<T: GemmInput + Default + cudarc::driver::ValidAsZeroBits> Input for T {}
+
 fn quick() -> bool {
     std::env::var("MOEK_TEST_QUICK").is_ok_and(|v| v == "1")
 }
@@ -28,17 +32,32 @@ struct Problem<T> {
     /// Contiguous: the E + 1 offsets as given to the kernel; masked: the E counts.
     rows_data: Vec<i32>,
     a: Vec<T>,
-    b: Vec<T>,
+    /// B[e] ([N, K]) of every expert that owns rows when the problem is made (or of all of them, for
+    /// replays with other counts); the others are zeros on the device and never read.
+    b: Vec<Option<Vec<T>>>,
     scale: Option<Vec<f32>>,
 }
 
 impl<T: GemmInput> Problem<T> {
     fn new(rng: &mut impl Rng, cfg: GemmConfig, layout: Layout, rows_data: Vec<i32>, scale: bool) -> Self {
+        Self::with_weights(rng, cfg, layout, rows_data, scale, false)
+    }
+
+    fn with_weights(
+        rng: &mut impl Rng,
+        cfg: GemmConfig,
+        layout: Layout,
+        rows_data: Vec<i32>,
+        scale: bool,
+        all_experts: bool,
+    ) -> Self {
         let rows = rows_of(layout, cfg.num_experts as usize);
         let a = random_values(rng, rows * cfg.k);
-        let b = random_values(rng, cfg.num_experts as usize * cfg.n * cfg.k);
         let scale = scale.then(|| (0..rows).map(|_| rng.random_range(0.25f32..1.5)).collect());
-        Problem { cfg, layout, rows_data, a, b, scale }
+        let mut p = Problem { cfg, layout, rows_data, a, b: Vec::new(), scale };
+        let owners: Vec<bool> = p.ranges().iter().map(|(lo, hi)| hi > lo).collect();
+        p.b = owners.iter().map(|&o| (o || all_experts).then(|| random_values(rng, cfg.n * cfg.k))).collect();
+        p
     }
 
     /// Each expert's rows [lo, hi) as the kernel reads them: offsets clamped to [0, max_rows] (backwards
@@ -65,7 +84,8 @@ impl<T: GemmInput> Problem<T> {
         let (n, k, cols, epilogue) = (self.cfg.n, self.cfg.k, self.cfg.output_columns(), self.cfg.epilogue);
         let rows = rows_of(self.layout, self.cfg.num_experts as usize);
         let af: Vec<f32> = self.a.iter().map(|v| v.to_f32()).collect();
-        let bf: Vec<f32> = self.b.iter().map(|v| v.to_f32()).collect();
+        let bf: Vec<Vec<f32>> =
+            self.b.iter().map(|w| w.as_ref().map_or(Vec::new(), |w| w.iter().map(|v| v.to_f32()).collect())).collect();
         let ranges = self.ranges();
         let mut claims = vec![0u8; rows];
         for &(lo, hi) in &ranges {
@@ -85,7 +105,7 @@ impl<T: GemmInput> Problem<T> {
                             .map(|&(x, (lo, hi))| {
                                 let out = reference::grouped_gemm(
                                     &af[lo * k..hi * k],
-                                    &bf[x * n * k..(x + 1) * n * k],
+                                    &bf[x],
                                     &[0, (hi - lo) as i32],
                                     n,
                                     k,
@@ -137,11 +157,20 @@ struct DeviceProblem<T> {
     scale: Option<CudaSlice<f32>>,
 }
 
-impl<T: GemmInput + Default> DeviceProblem<T> {
+impl<T: Input> DeviceProblem<T> {
     fn new(stream: &Arc<CudaStream>, p: &Problem<T>) -> Self {
         DeviceProblem {
             a: upload(stream, &p.a),
-            b: upload(stream, &p.b),
+            b: {
+                let (e, nk) = (p.cfg.num_experts as usize, p.cfg.n * p.cfg.k);
+                let mut b = stream.alloc_zeros::<T>(e * nk).unwrap();
+                for (x, w) in p.b.iter().enumerate() {
+                    if let Some(w) = w {
+                        stream.memcpy_htod(w, &mut b.slice_mut(x * nk..(x + 1) * nk)).unwrap();
+                    }
+                }
+                b
+            },
             rows: upload(stream, &p.rows_data),
             scale: p.scale.as_ref().map(|s| upload(stream, s)),
         }
@@ -207,7 +236,7 @@ fn compare<O: Element>(got: &[O], want: &[f32], claims: &[u8], cols: usize) -> R
 }
 
 /// Runs `p` with every tile shape (and AUTO), each output compared against the reference.
-fn check_all_tiles<T: GemmInput + Default, O: Element + Default>(
+fn check_all_tiles<T: Input, O: Element + Default>(
     stream: &Arc<CudaStream>,
     p: &Problem<T>,
     label: &str,
@@ -230,12 +259,14 @@ fn check_all_tiles<T: GemmInput + Default, O: Element + Default>(
 }
 
 /// Per-expert row counts of a load pattern (0 mixed from {0, 1, 7, 129}, 1 all on one expert, 2 half
-/// the experts empty), at most `max_total` rows in all (the reference's cost).
-fn counts_of(rng: &mut impl Rng, pattern: u32, e: usize, max_total: usize) -> Vec<usize> {
-    let mut total = 0;
+/// the experts empty), at most `max_total` rows in all (the reference's cost) on at most `max_owners`
+/// experts (the host's copy of their weights).
+fn counts_of(rng: &mut impl Rng, pattern: u32, e: usize, max_total: usize, max_owners: usize) -> Vec<usize> {
+    let (mut total, mut owners) = (0, 0);
     let mut take = |c: usize| {
-        let c = c.min(max_total - total);
+        let c = if owners < max_owners { c.min(max_total - total) } else { 0 };
         total += c;
+        owners += usize::from(c > 0);
         c
     };
     let hot = rng.random_range(0..e);
@@ -273,10 +304,14 @@ fn shapes_match_the_reference() {
     for &n in sizes {
         for &k in sizes {
             for &e in experts {
+                // B must fit the device comfortably (8 GB): E = 384 with N and K both large does not.
+                if e * n * k * 2 > 8 << 30 {
+                    continue;
+                }
                 for pattern in 0..3 {
-                    // About 2e9 multiply-adds of reference per case at most.
+                    // About 2e9 multiply-adds of reference per case at most, and 5e8 weights on the host.
                     let max_total = (2_000_000_000 / (n * k)).clamp(1, 60_000);
-                    let counts = counts_of(&mut rng, pattern, e, max_total);
+                    let counts = counts_of(&mut rng, pattern, e, max_total, (500_000_000 / (n * k)).max(1));
                     let offsets = offsets_of(&counts);
                     // Three rows past the experts' end, to see that they stay untouched.
                     let max_rows = *offsets.last().unwrap() as usize + 3;
@@ -292,17 +327,14 @@ fn shapes_match_the_reference() {
     assert!(failures.is_empty(), "{} failures in {cases} shapes x 4 tiles:\n{}", failures.len(), failures.join("\n"));
 }
 
-fn epilogue_cases<T: GemmInput + Default, O: Element + Default>(
-    stream: &Arc<CudaStream>,
-    rng: &mut impl Rng,
-) -> Vec<String> {
+fn epilogue_cases<T: Input, O: Element + Default>(stream: &Arc<CudaStream>, rng: &mut impl Rng) -> Vec<String> {
     let mut failures = Vec::new();
     let shapes: &[(usize, usize, usize)] =
         if quick() { &[(60, 2880, 264)] } else { &[(60, 2880, 264), (3, 7168, 8), (5, 16, 2880)] };
     for &(e, n, k) in shapes {
         for epilogue in [Epilogue::Identity, Epilogue::SwiGlu, Epilogue::Gelu, Epilogue::Relu] {
             for scale in [false, true] {
-                let counts = counts_of(rng, 0, e, 4000);
+                let counts = counts_of(rng, 0, e, 4000, e);
                 let offsets = offsets_of(&counts);
                 let max_rows = *offsets.last().unwrap() as usize + 2;
                 let cfg = GemmConfig { epilogue, ..GemmConfig::new(e as u32, n, k) };
@@ -372,7 +404,7 @@ fn corrupt_offsets_stay_inside_the_buffers() {
 fn two_runs_are_bit_identical() {
     let Some((_ctx, stream)) = common::gpu() else { return };
     let mut rng = common::rng("two_runs_are_bit_identical");
-    let counts = counts_of(&mut rng, 0, 60, 4000);
+    let counts = counts_of(&mut rng, 0, 60, 4000, 60);
     let offsets = offsets_of(&counts);
     let max_rows = *offsets.last().unwrap() as usize;
     let cfg = GemmConfig { epilogue: Epilogue::SwiGlu, ..GemmConfig::new(60, 256, 2880) };
@@ -402,12 +434,12 @@ fn graph_replays_with_new_counts_in_the_same_buffers() {
                 (0..e).map(|_| rng.random_range(0..=capacity as i32)).collect()
             } else {
                 let pattern = rng.random_range(0..3);
-                offsets_of(&counts_of(rng, pattern, e, max_rows))
+                offsets_of(&counts_of(rng, pattern, e, max_rows, e))
             }
         };
         let cfg = GemmConfig { epilogue: Epilogue::SwiGlu, tile: Tile::Auto, ..GemmConfig::new(e as u32, n, k) };
         let first = rows_for(&mut rng);
-        let mut p = Problem::<bf16>::new(&mut rng, cfg, layout, first, true);
+        let mut p = Problem::<bf16>::with_weights(&mut rng, cfg, layout, first, true, true);
         let mut d = DeviceProblem::new(&stream, &p);
         let len = rows_of(layout, e) * cfg.output_columns();
         let mut out = poisoned::<bf16>(&stream, len);
