@@ -105,13 +105,7 @@ fn benches(crit: &mut Criterion) {
             let name = format!("{}_T{t}_gate_up", m.name);
             let bytes = ((touched * 2 * i * h + rows * h + rows * i) * 2) as f64;
             let flop = (2 * rows * 2 * i * h) as f64;
-            crit.bench_function(&name, |b| {
-                b.iter_custom(|n| {
-                    let us = timing::mean_us(&stream, 0, n as usize, &mut run_gate_up).unwrap();
-                    Duration::from_secs_f64(us * 1e-6 * n as f64)
-                })
-            });
-            rows_json.push(row(&name, t, bytes, flop, times(&stream, &mut run_gate_up)));
+            rows_json.push(row(&name, t, bytes, flop, measure(crit, &stream, &name, &mut run_gate_up)));
 
             let mut run_down = || {
                 let s = scale.slice(..);
@@ -128,13 +122,7 @@ fn benches(crit: &mut Criterion) {
             let name = format!("{}_T{t}_down", m.name);
             let bytes = ((touched * h * i + rows * i + rows * h) * 2) as f64;
             let flop = (2 * rows * h * i) as f64;
-            crit.bench_function(&name, |b| {
-                b.iter_custom(|n| {
-                    let us = timing::mean_us(&stream, 0, n as usize, &mut run_down).unwrap();
-                    Duration::from_secs_f64(us * 1e-6 * n as f64)
-                })
-            });
-            rows_json.push(row(&name, t, bytes, flop, times(&stream, &mut run_down)));
+            rows_json.push(row(&name, t, bytes, flop, measure(crit, &stream, &name, &mut run_down)));
         }
     }
     let path = std::env::var("MOEK_BENCH_JSON").unwrap_or_else(|_| "target/bench-grouped-gemm.json".into());
@@ -142,8 +130,19 @@ fn benches(crit: &mut Criterion) {
     eprintln!("wrote {path}");
 }
 
-/// Stream and graph medians of `op`, in microseconds.
-fn times(stream: &Arc<CudaStream>, mut op: impl FnMut() -> moe_kernels::Result<()>) -> (f64, f64) {
+/// Criterion's measurement of `op`, then its stream and graph medians in microseconds.
+fn measure(
+    crit: &mut Criterion,
+    stream: &Arc<CudaStream>,
+    name: &str,
+    mut op: impl FnMut() -> moe_kernels::Result<()>,
+) -> (f64, f64) {
+    crit.bench_function(name, |b| {
+        b.iter_custom(|n| {
+            let us = timing::mean_us(stream, 0, n as usize, &mut op).unwrap();
+            Duration::from_secs_f64(us * 1e-6 * n as f64)
+        })
+    });
     let stream_us = timing::median_us(stream, 11, 10, &mut op).unwrap();
     let graph_us = timing::graph_median_us(stream, GRAPH_CALLS, 7, 3, op).unwrap();
     (stream_us, graph_us)

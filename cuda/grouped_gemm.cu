@@ -2,6 +2,12 @@
 // expert layout, and launches the kernel of the input type (grouped_gemm_bf16.cu, grouped_gemm_f16.cu).
 #include "grouped_gemm_kernel.cuh"
 
+// Built in their own translation units.
+extern template cudaError_t moek::launch_grouped_gemm<__nv_bfloat16>(const moek::GemmParams&, moek_gemm_tile,
+                                                                     moek_dtype, cudaStream_t);
+extern template cudaError_t moek::launch_grouped_gemm<__half>(const moek::GemmParams&, moek_gemm_tile, moek_dtype,
+                                                              cudaStream_t);
+
 namespace moek {
 namespace {
 

@@ -272,14 +272,11 @@ cudaError_t launch_gemm_out(const GemmParams& p, moek_gemm_tile tile, cudaStream
   }
 }
 
-// Launches for A/B of type Tin (one translation unit per input type builds in parallel): output Tin or
-// fp32; `tile` is resolved (not AUTO).
+// Launches for A/B of type Tin: output Tin or fp32; `tile` is resolved (not AUTO). Instantiated once
+// per input type in its own translation unit (grouped_gemm_bf16.cu, grouped_gemm_f16.cu), which build
+// in parallel.
 template <typename Tin>
-cudaError_t launch_grouped_gemm(const GemmParams& p, moek_gemm_tile tile, moek_dtype out_dtype, cudaStream_t stream);
-
-template <typename Tin>
-cudaError_t launch_grouped_gemm_for(const GemmParams& p, moek_gemm_tile tile, moek_dtype out_dtype,
-                                    cudaStream_t stream) {
+cudaError_t launch_grouped_gemm(const GemmParams& p, moek_gemm_tile tile, moek_dtype out_dtype, cudaStream_t stream) {
   if (out_dtype == MOEK_DTYPE_F32) return launch_gemm_out<Tin, float>(p, tile, stream);
   return launch_gemm_out<Tin, Tin>(p, tile, stream);
 }
