@@ -55,7 +55,7 @@ pub enum Layout {
 pub struct GemmConfig {
     /// E, 1..=8192.
     pub num_experts: u32,
-    /// Columns of the product (rows of each B[e]): a multiple of 8, of 16 for SwiGLU, at most 2^21.
+    /// Columns of the product (rows of each `B[e]`): a multiple of 8, of 16 for SwiGLU, at most 2^21.
     pub n: usize,
     /// The reduced dimension, a multiple of 8.
     pub k: usize,
@@ -193,7 +193,7 @@ pub enum ExpertRows<'a> {
     /// [E + 1] offsets (from [`crate::permute::plan`], for instance); A and the output have `max_rows`
     /// rows.
     Contiguous { offsets: CudaView<'a, i32>, max_rows: usize },
-    /// [E] counts; A is [E, capacity, K] and the output [E, capacity, output columns].
+    /// `[E]` counts; A is `[E, capacity, K]` and the output `[E, capacity, output columns]`.
     Masked { counts: CudaView<'a, i32>, capacity: usize },
 }
 
