@@ -7,6 +7,9 @@ bandwidth ceiling, and, given our bench JSON, prints the comparison table. Suite
   capacity with a cumsum;
 - permute (benches/permute.rs): the plan with argsort + bincount + cumsum, permute with index_select,
   combine with a weighted index_add_.
+- gemm, alias grouped_gemm (benches/grouped_gemm.rs): torch._grouped_mm on the same shapes and offsets
+  (SwiGLU after gate|up, the row scale after down, as a user writes them), the bare _grouped_mm, and the
+  per-expert matmul loop a user would write.
 
     python3 benches/compare_torch.py --suite route --ours target/bench-route.json --out torch-route.json
 """
@@ -98,6 +101,79 @@ def permute_cases():
     }
 
 
+GEMM_MODELS = [
+    # name, E, H, I, rows for T tokens (balanced routing)
+    ("mixtral", 8, 4096, 14336, lambda t: t * 2),
+    ("qwen3_30b_a3b", 128, 2048, 768, lambda t: t * 8),
+    ("deepseek_v3_ep8", 32, 7168, 2048, lambda t: t * 8 * 32 // 256),
+]
+GEMM_TOKENS = [1, 16, 64, 256, 4096, 16384]
+
+
+def gemm_cases():
+    """Same names, shapes and balanced offsets as benches/grouped_gemm.rs. Each case: (full op, bare
+    _grouped_mm, per-expert loop)."""
+    bf16 = torch.bfloat16
+    out = {}
+    for name, e, h, i, rows_of in GEMM_MODELS:
+        w_gate_up = torch.randn(e, 2 * i, h, device="cuda", dtype=bf16)
+        w_down = torch.randn(e, h, i, device="cuda", dtype=bf16)
+        for t in GEMM_TOKENS:
+            rows = rows_of(t)
+            counts = [rows // e + (x < rows % e) for x in range(e)]
+            bounds = [0]
+            for c in counts:
+                bounds.append(bounds[-1] + c)
+            # _grouped_mm's offs: the groups' end rows, int32, no leading zero.
+            offs = torch.tensor(bounds[1:], device="cuda", dtype=torch.int32)
+            x = torch.randn(rows, h, device="cuda", dtype=bf16)
+            mid = torch.randn(rows, i, device="cuda", dtype=bf16)
+            scale = torch.rand(rows, 1, device="cuda", dtype=bf16)
+
+            def gu_mm(x=x, w=w_gate_up, offs=offs):
+                return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs, out_dtype=bf16)
+
+            def gu(gu_mm=gu_mm, i=i):
+                y = gu_mm()
+                return F.silu(y[:, :i]) * y[:, i:]
+
+            def gu_loop(x=x, w=w_gate_up, bounds=bounds, i=i):
+                y = torch.cat([x[bounds[g]:bounds[g + 1]] @ w[g].T for g in range(len(bounds) - 1)])
+                return F.silu(y[:, :i]) * y[:, i:]
+
+            def dn_mm(mid=mid, w=w_down, offs=offs):
+                return torch._grouped_mm(mid, w.transpose(-2, -1), offs=offs, out_dtype=bf16)
+
+            def dn(dn_mm=dn_mm, scale=scale):
+                return dn_mm() * scale
+
+            def dn_loop(mid=mid, w=w_down, bounds=bounds, scale=scale):
+                return torch.cat([mid[bounds[g]:bounds[g + 1]] @ w[g].T for g in range(len(bounds) - 1)]) * scale
+
+            out[f"{name}_T{t}_gate_up"] = (gu, gu_mm, gu_loop)
+            out[f"{name}_T{t}_down"] = (dn, dn_mm, dn_loop)
+    return out
+
+
+def gemm_table(ours, results):
+    ceiling = results["copy_gbps"]
+    nan = float("nan")
+    print(f"GPU {results['gpu']}, torch {results['torch']}, measured copy bandwidth {ceiling:.0f} GB/s")
+    print("| case | ours graph us | torch graph us | torch _grouped_mm graph us | torch loop us | speed-up (graph) | "
+          "TFLOP/s | GB/s | fraction of copy bw |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in ours.items():
+        tc = results["cases"].get(name, {})
+        us = r["graph_us"]
+        tflops = r["flop"] / (us * 1e-6) / 1e12
+        gbps = r["bytes"] / (us * 1e-6) / 1e9
+        print(
+            f"| {name} | {us:.1f} | {tc.get('graph_us', nan):.1f} | {tc.get('mm_graph_us', nan):.1f} | "
+            f"{tc.get('loop_us', nan):.1f} | {tc.get('graph_us', nan) / us:.2f}x | {tflops:.1f} | {gbps:.0f} | "
+            f"{gbps / ceiling:.0%} |"
+        )
+
+
 def cases():
     """Same names and shapes as benches/route.rs."""
     return {
@@ -157,7 +233,7 @@ def copy_gbps():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--suite", default="route", choices=["route", "permute"])
+    ap.add_argument("--suite", default="route", choices=["route", "permute", "gemm", "grouped_gemm"])
     ap.add_argument("--ours", help="JSON written by benches/<suite>.rs")
     ap.add_argument("--out", default="torch.json")
     args = ap.parse_args()
@@ -168,15 +244,29 @@ def main():
             x = (torch.rand(t, e, device="cuda") * 8 - 4).to(dtype)
             b = torch.rand(e, device="cuda") * 0.2 - 0.1
             results["cases"][name] = {"eager_us": time_us(lambda: fn(x, b)), "graph_us": graph_us(lambda: fn(x, b))}
-    else:
+    elif args.suite == "permute":
         for name, fn in permute_cases().items():
             results["cases"][name] = {"eager_us": time_us(fn), "graph_us": graph_us(fn)}
+    else:
+        for name, (fn, mm, loop) in gemm_cases().items():
+            try:
+                results["cases"][name] = {
+                    "eager_us": time_us(fn),
+                    "graph_us": graph_us(fn),
+                    "mm_graph_us": graph_us(mm),
+                    "loop_us": time_us(loop),
+                }
+            except RuntimeError as e:  # an older torch without _grouped_mm, or a shape it refuses
+                results["cases"][name] = {"error": str(e)}
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     if not args.ours:
         print(json.dumps(results, indent=1))
         return
     ours = {r["case"]: r for r in json.load(open(args.ours))}
+    if args.suite in ("gemm", "grouped_gemm"):
+        gemm_table(ours, results)
+        return
     ceiling = results["copy_gbps"]
     print(f"GPU {results['gpu']}, torch {results['torch']}, measured copy bandwidth {ceiling:.0f} GB/s")
     print("| case | ours stream us | ours graph us | torch eager us | torch graph us | speed-up eager | speed-up graph | GB/s (graph) | fraction of copy bw |")

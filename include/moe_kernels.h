@@ -234,6 +234,82 @@ typedef struct moek_combine_args {
  * 0..max_rows-1) add nothing. */
 moek_status moek_combine(const moek_combine_args *args, cudaStream_t stream);
 
+/* ------------------------------------------------------------------------------------------------
+ * Grouped GEMM: every expert's matrix product in one launch.
+ *
+ * For every expert e and every row r of e:  out[r] = epilogue(a[r] . b[e]^T) * row_scale[r]
+ * with a [rows, k], b [num_experts, n, k] (the nn.Linear weight layout) and fp32 accumulation. Which rows
+ * belong to which expert lives in device memory only (the host never reads it):
+ *   MOEK_GEMM_CONTIGUOUS  expert e owns rows expert_offsets[e] .. expert_offsets[e+1] of a and out (the
+ *                         layout moek_plan/moek_permute produce). Offsets are clamped to [0, max_rows]
+ *                         and an expert whose offsets go backwards is empty, so corrupt offsets never
+ *                         cause an access outside the buffers (which rows get computed is then
+ *                         unspecified). Rows past expert_offsets[num_experts] (and rows no expert owns)
+ *                         are left untouched.
+ *   MOEK_GEMM_MASKED      a is [num_experts, capacity, k] and out [num_experts, capacity, n_out]: expert e
+ *                         owns rows e*capacity .. e*capacity + expert_counts[e] (counts clamped to
+ *                         [0, capacity]); the rest of each expert's rows is left untouched. The layout of
+ *                         a graph-captured decode step or a multi-GPU receive buffer.
+ * Epilogues (n_out = output columns):
+ *   MOEK_EPILOGUE_IDENTITY  the product, n_out = n.
+ *   MOEK_EPILOGUE_SWIGLU    b holds the gate (rows 0..n/2-1) and up (rows n/2..n-1) projections
+ *                           concatenated; out = silu(gate) * up, n_out = n/2 (n/2 a multiple of 8).
+ *   MOEK_EPILOGUE_GELU      x * (1 + erf(x / sqrt 2)) / 2, n_out = n.
+ *   MOEK_EPILOGUE_RELU      max(x, 0), n_out = n.
+ * row_scale (optional) multiplies each output row after the activation (a routing weight).
+ * The result is bit-identical from run to run (no atomics). moek_grouped_gemm needs no workspace.
+ * ---------------------------------------------------------------------------------------------- */
+
+#define MOEK_GEMM_MAX_EXPERTS 8192
+/* The largest n (columns of the product). */
+#define MOEK_GEMM_MAX_N (1 << 21)
+
+typedef enum moek_gemm_layout {
+  MOEK_GEMM_CONTIGUOUS = 0,
+  MOEK_GEMM_MASKED = 1
+} moek_gemm_layout;
+
+typedef enum moek_gemm_epilogue {
+  MOEK_EPILOGUE_IDENTITY = 0,
+  MOEK_EPILOGUE_SWIGLU = 1,
+  MOEK_EPILOGUE_GELU = 2,
+  MOEK_EPILOGUE_RELU = 3
+} moek_gemm_epilogue;
+
+/* Output rows per CTA of the tensor-core kernel (mma.sync, sm_80 and later). AUTO picks by the average
+ * rows per expert the sizes allow (max_rows / num_experts, or capacity): SMALL (32 x 64 tiles, weights
+ * streamed once per 32 rows of an expert: decode) up to 32, MEDIUM (64 x 128) up to 64, LARGE
+ * (128 x 128) above. The others force a shape (tests, tuning). */
+typedef enum moek_gemm_tile {
+  MOEK_GEMM_TILE_AUTO = 0,
+  MOEK_GEMM_TILE_SMALL = 1,
+  MOEK_GEMM_TILE_MEDIUM = 2,
+  MOEK_GEMM_TILE_LARGE = 3
+} moek_gemm_tile;
+
+typedef struct moek_grouped_gemm_args {
+  moek_gemm_layout layout;
+  moek_dtype dtype;          /* of a and b: MOEK_DTYPE_BF16 or MOEK_DTYPE_F16 */
+  moek_dtype out_dtype;      /* of out: dtype or MOEK_DTYPE_F32 */
+  moek_gemm_epilogue epilogue;
+  moek_gemm_tile tile;       /* MOEK_GEMM_TILE_AUTO unless forcing a shape */
+  int32_t num_experts;       /* E, 1..MOEK_GEMM_MAX_EXPERTS */
+  int64_t n;                 /* columns of the product, a multiple of 8 (of 16 for SWIGLU), <= MOEK_GEMM_MAX_N */
+  int64_t k;                 /* the reduced dimension, a multiple of 8 */
+  int64_t max_rows;          /* CONTIGUOUS: rows of a, out and row_scale (0..2^31-1); ignored when MASKED */
+  int64_t capacity;          /* MASKED: rows per expert (E * capacity <= 2^31-1); ignored when CONTIGUOUS */
+  const void *a;             /* device [max_rows, k] or [E, capacity, k], 16-byte aligned */
+  const void *b;             /* device [E, n, k], 16-byte aligned */
+  const int32_t *expert_offsets; /* CONTIGUOUS: device [E + 1]; ignored when MASKED */
+  const int32_t *expert_counts;  /* MASKED: device [E]; ignored when CONTIGUOUS */
+  const float *row_scale;    /* device, one per row of a (max_rows or E * capacity), or NULL */
+  void *out;                 /* device [max_rows, n_out] or [E, capacity, n_out] of out_dtype, 16-byte aligned */
+} moek_grouped_gemm_args;
+
+/* Enqueues the grouped GEMM. Reads a, b, the offsets or counts and row_scale; writes only the rows of
+ * out that experts own. Needs no workspace. */
+moek_status moek_grouped_gemm(const moek_grouped_gemm_args *args, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -3,7 +3,7 @@
 //! checked against the bindgen declarations in `src/sys.rs` at compile time (see the bottom).
 
 use crate::error::{bail, last_error_ptr, status_text, to_status, Result};
-use crate::{permute, route, sys};
+use crate::{grouped_gemm, permute, route, sys};
 use std::os::raw::c_char;
 
 /// Reads a caller's struct, refusing NULL.
@@ -131,6 +131,18 @@ pub unsafe extern "C" fn moek_combine(
     to_status(unsafe { read_args(args, "args") }.and_then(|a| permute::combine_raw(a, stream)))
 }
 
+/// See `moek_grouped_gemm` in the header.
+///
+/// # Safety
+/// `args` is NULL or valid, and its pointers satisfy the header's contract.
+#[no_mangle]
+pub unsafe extern "C" fn moek_grouped_gemm(
+    args: *const sys::moek_grouped_gemm_args,
+    stream: sys::cudaStream_t,
+) -> sys::moek_status {
+    to_status(unsafe { read_args(args, "args") }.and_then(|a| grouped_gemm::grouped_gemm_raw(a, stream)))
+}
+
 // Compile-time proof that the definitions above have the header's signatures.
 const _: [unsafe extern "C" fn(sys::moek_status) -> *const c_char; 2] = [sys::moek_status_string, moek_status_string];
 const _: [unsafe extern "C" fn() -> *const c_char; 2] = [sys::moek_last_error_message, moek_last_error_message];
@@ -149,3 +161,5 @@ type PermuteFn = unsafe extern "C" fn(*const sys::moek_permute_args, sys::cudaSt
 const _: [PermuteFn; 2] = [sys::moek_permute, moek_permute];
 type CombineFn = unsafe extern "C" fn(*const sys::moek_combine_args, sys::cudaStream_t) -> sys::moek_status;
 const _: [CombineFn; 2] = [sys::moek_combine, moek_combine];
+type GemmFn = unsafe extern "C" fn(*const sys::moek_grouped_gemm_args, sys::cudaStream_t) -> sys::moek_status;
+const _: [GemmFn; 2] = [sys::moek_grouped_gemm, moek_grouped_gemm];

@@ -23,6 +23,7 @@ mod launchers {
         pub fn moek_cuda_plan(args: *const sys::moek_plan_args, num_chunks: i64, stream: sys::cudaStream_t) -> i32;
         pub fn moek_cuda_permute(args: *const sys::moek_permute_args, stream: sys::cudaStream_t) -> i32;
         pub fn moek_cuda_combine(args: *const sys::moek_combine_args, stream: sys::cudaStream_t) -> i32;
+        pub fn moek_cuda_grouped_gemm(args: *const sys::moek_grouped_gemm_args, stream: sys::cudaStream_t) -> i32;
     }
 }
 
@@ -75,6 +76,21 @@ pub(crate) fn combine(args: &sys::moek_combine_args, stream: sys::cudaStream_t) 
     {
         // SAFETY: validated by permute::combine_raw; the buffers are the caller's, sized per the header.
         unsafe { launchers::moek_cuda_combine(args, stream) }
+    }
+    #[cfg(not(moek_cuda))]
+    {
+        let _ = (args, stream);
+        NO_KERNELS
+    }
+}
+
+/// Enqueues a grouped GEMM (arguments already validated).
+pub(crate) fn grouped_gemm(args: &sys::moek_grouped_gemm_args, stream: sys::cudaStream_t) -> LaunchCode {
+    #[cfg(moek_cuda)]
+    {
+        // SAFETY: validated by grouped_gemm::grouped_gemm_raw; the buffers are the caller's, sized per
+        // the header.
+        unsafe { launchers::moek_cuda_grouped_gemm(args, stream) }
     }
     #[cfg(not(moek_cuda))]
     {

@@ -13,6 +13,9 @@
 //!   grouped, Switch top-1 with capacity), with the CPU reference in [`reference::route`].
 //! - [`permute`]: the device-side plan of the expert-grouped layout, permute and the deterministic
 //!   weighted combine, with the CPU reference in [`reference::permute`] (not yet measured on a GPU).
+//! - [`grouped_gemm`]: every expert's matrix product in one launch (contiguous or masked rows, SwiGLU /
+//!   GELU / ReLU and row-scale epilogues; the portable mma.sync path), with the CPU reference in
+//!   [`reference::grouped_gemm`] (not yet run on a GPU).
 //! - [`subbit`]: the sub-1-bit ternary expert format (encoder, validator, CPU decoder); its kernels are
 //!   still to come.
 //!
@@ -24,6 +27,7 @@ mod check;
 mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod grouped_gemm;
 pub mod permute;
 pub mod reference;
 pub mod route;

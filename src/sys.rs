@@ -13,6 +13,8 @@ pub const MOEK_ROUTE_MAX_GROUPS: u32 = 64;
 pub const MOEK_DROPPED_ID: i32 = -1;
 pub const MOEK_PLAN_MAX_EXPERTS: u32 = 8192;
 pub const MOEK_PLAN_MAX_K: u32 = 64;
+pub const MOEK_GEMM_MAX_EXPERTS: u32 = 8192;
+pub const MOEK_GEMM_MAX_N: u32 = 2097152;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct CUstream_st {
@@ -235,4 +237,70 @@ const _: () = {
 };
 unsafe extern "C" {
     pub fn moek_combine(args: *const moek_combine_args, stream: cudaStream_t) -> moek_status;
+}
+pub const moek_gemm_layout_MOEK_GEMM_CONTIGUOUS: moek_gemm_layout = 0;
+pub const moek_gemm_layout_MOEK_GEMM_MASKED: moek_gemm_layout = 1;
+pub type moek_gemm_layout = ::std::os::raw::c_uint;
+pub const moek_gemm_epilogue_MOEK_EPILOGUE_IDENTITY: moek_gemm_epilogue = 0;
+pub const moek_gemm_epilogue_MOEK_EPILOGUE_SWIGLU: moek_gemm_epilogue = 1;
+pub const moek_gemm_epilogue_MOEK_EPILOGUE_GELU: moek_gemm_epilogue = 2;
+pub const moek_gemm_epilogue_MOEK_EPILOGUE_RELU: moek_gemm_epilogue = 3;
+pub type moek_gemm_epilogue = ::std::os::raw::c_uint;
+pub const moek_gemm_tile_MOEK_GEMM_TILE_AUTO: moek_gemm_tile = 0;
+pub const moek_gemm_tile_MOEK_GEMM_TILE_SMALL: moek_gemm_tile = 1;
+pub const moek_gemm_tile_MOEK_GEMM_TILE_MEDIUM: moek_gemm_tile = 2;
+pub const moek_gemm_tile_MOEK_GEMM_TILE_LARGE: moek_gemm_tile = 3;
+pub type moek_gemm_tile = ::std::os::raw::c_uint;
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moek_grouped_gemm_args {
+    pub layout: moek_gemm_layout,
+    pub dtype: moek_dtype,
+    pub out_dtype: moek_dtype,
+    pub epilogue: moek_gemm_epilogue,
+    pub tile: moek_gemm_tile,
+    pub num_experts: i32,
+    pub n: i64,
+    pub k: i64,
+    pub max_rows: i64,
+    pub capacity: i64,
+    pub a: *const ::std::os::raw::c_void,
+    pub b: *const ::std::os::raw::c_void,
+    pub expert_offsets: *const i32,
+    pub expert_counts: *const i32,
+    pub row_scale: *const f32,
+    pub out: *mut ::std::os::raw::c_void,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of moek_grouped_gemm_args"][::std::mem::size_of::<moek_grouped_gemm_args>() - 104usize];
+    ["Alignment of moek_grouped_gemm_args"][::std::mem::align_of::<moek_grouped_gemm_args>() - 8usize];
+    ["Offset of field: moek_grouped_gemm_args::layout"]
+        [::std::mem::offset_of!(moek_grouped_gemm_args, layout) - 0usize];
+    ["Offset of field: moek_grouped_gemm_args::dtype"][::std::mem::offset_of!(moek_grouped_gemm_args, dtype) - 4usize];
+    ["Offset of field: moek_grouped_gemm_args::out_dtype"]
+        [::std::mem::offset_of!(moek_grouped_gemm_args, out_dtype) - 8usize];
+    ["Offset of field: moek_grouped_gemm_args::epilogue"]
+        [::std::mem::offset_of!(moek_grouped_gemm_args, epilogue) - 12usize];
+    ["Offset of field: moek_grouped_gemm_args::tile"][::std::mem::offset_of!(moek_grouped_gemm_args, tile) - 16usize];
+    ["Offset of field: moek_grouped_gemm_args::num_experts"]
+        [::std::mem::offset_of!(moek_grouped_gemm_args, num_experts) - 20usize];
+    ["Offset of field: moek_grouped_gemm_args::n"][::std::mem::offset_of!(moek_grouped_gemm_args, n) - 24usize];
+    ["Offset of field: moek_grouped_gemm_args::k"][::std::mem::offset_of!(moek_grouped_gemm_args, k) - 32usize];
+    ["Offset of field: moek_grouped_gemm_args::max_rows"]
+        [::std::mem::offset_of!(moek_grouped_gemm_args, max_rows) - 40usize];
+    ["Offset of field: moek_grouped_gemm_args::capacity"]
+        [::std::mem::offset_of!(moek_grouped_gemm_args, capacity) - 48usize];
+    ["Offset of field: moek_grouped_gemm_args::a"][::std::mem::offset_of!(moek_grouped_gemm_args, a) - 56usize];
+    ["Offset of field: moek_grouped_gemm_args::b"][::std::mem::offset_of!(moek_grouped_gemm_args, b) - 64usize];
+    ["Offset of field: moek_grouped_gemm_args::expert_offsets"]
+        [::std::mem::offset_of!(moek_grouped_gemm_args, expert_offsets) - 72usize];
+    ["Offset of field: moek_grouped_gemm_args::expert_counts"]
+        [::std::mem::offset_of!(moek_grouped_gemm_args, expert_counts) - 80usize];
+    ["Offset of field: moek_grouped_gemm_args::row_scale"]
+        [::std::mem::offset_of!(moek_grouped_gemm_args, row_scale) - 88usize];
+    ["Offset of field: moek_grouped_gemm_args::out"][::std::mem::offset_of!(moek_grouped_gemm_args, out) - 96usize];
+};
+unsafe extern "C" {
+    pub fn moek_grouped_gemm(args: *const moek_grouped_gemm_args, stream: cudaStream_t) -> moek_status;
 }

@@ -1,0 +1,156 @@
+//! Grouped-GEMM benchmarks on the GPU for the shapes (Mixtral-8x7B, Qwen3-30B-A3B, a DeepSeek-V3
+//! expert-parallel slice; T in {1, 16, 64, 256, 4096, 16384}, balanced routing): the gate|up projection
+//! with SwiGLU and the down projection with the routing weight as row scale, bf16. Timed with CUDA
+//! events (criterion's `iter_custom`) and as one call's share of a CUDA graph of calls, plus a JSON of
+//! medians (MOEK_BENCH_JSON, default target/bench-grouped-gemm.json) with the weight bytes touched and
+//! the FLOP, for benches/RESULTS.md and `compare_torch.py --suite gemm` (same case names).
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use cudarc::driver::{sys, CudaSlice, CudaStream};
+use half::bf16;
+use moe_kernels::grouped_gemm::{grouped_gemm, Epilogue, ExpertRows, GemmConfig};
+use moe_kernels::timing;
+use rand::{Rng, SeedableRng};
+use std::sync::Arc;
+use std::time::Duration;
+
+const GRAPH_CALLS: usize = 10;
+const TOKENS: [usize; 6] = [1, 16, 64, 256, 4096, 16384];
+
+/// An MoE layer's expert shapes: E experts (on this GPU), hidden H, expert width I, and the rows T tokens
+/// give this GPU.
+struct Model {
+    name: &'static str,
+    experts: usize,
+    hidden: usize,
+    inter: usize,
+    rows: fn(usize) -> usize,
+}
+
+const MODELS: [Model; 3] = [
+    Model { name: "mixtral", experts: 8, hidden: 4096, inter: 14336, rows: |t| t * 2 },
+    Model { name: "qwen3_30b_a3b", experts: 128, hidden: 2048, inter: 768, rows: |t| t * 8 },
+    // 32 local experts of 256, 8 per token: T * 8 * 32 / 256 rows.
+    Model { name: "deepseek_v3_ep8", experts: 32, hidden: 7168, inter: 2048, rows: |t| t * 8 * 32 / 256 },
+];
+
+/// A device buffer of `len` random values (a random block repeated: the values do not matter for the
+/// time, and generating gigabytes on the host would).
+fn random_buffer(stream: &Arc<CudaStream>, rng: &mut impl Rng, len: usize) -> CudaSlice<bf16> {
+    let block: Vec<bf16> = (0..len.min(1 << 22)).map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0))).collect();
+    let mut buf = stream.alloc_zeros::<bf16>(len.max(1)).unwrap();
+    let mut start = 0;
+    while start < len {
+        let end = (start + block.len()).min(len);
+        stream.memcpy_htod(&block[..end - start], &mut buf.slice_mut(start..end)).unwrap();
+        start = end;
+    }
+    buf
+}
+
+/// Balanced routing: the first `rows % E` experts get one row more than the others.
+fn balanced_offsets(rows: usize, experts: usize) -> Vec<i32> {
+    let mut offsets = vec![0i32];
+    for e in 0..experts {
+        let count = rows / experts + usize::from(e < rows % experts);
+        offsets.push(offsets[e] + count as i32);
+    }
+    offsets
+}
+
+fn row(name: &str, t: usize, bytes: f64, flop: f64, (stream_us, graph_us): (f64, f64)) -> String {
+    format!(
+        "{{\"case\":\"{name}\",\"tokens\":{t},\"stream_us\":{stream_us:.3},\"graph_us\":{graph_us:.3},\"bytes\":{bytes},\"flop\":{flop}}}"
+    )
+}
+
+fn benches(crit: &mut Criterion) {
+    if !moe_kernels::KERNELS_BUILT || !unsafe { sys::is_culib_present() } {
+        eprintln!("SKIPPED: grouped-GEMM benchmarks need a GPU and a build with CUDA kernels");
+        return;
+    }
+    let ctx = cudarc::driver::CudaContext::new(0).unwrap();
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let mut rows_json = Vec::new();
+    for m in &MODELS {
+        let (e, h, i) = (m.experts, m.hidden, m.inter);
+        let w_gate_up = random_buffer(&stream, &mut rng, e * 2 * i * h);
+        let w_down = random_buffer(&stream, &mut rng, e * h * i);
+        for t in TOKENS {
+            let rows = (m.rows)(t);
+            let touched = rows.min(e);
+            let offsets = stream.clone_htod(&balanced_offsets(rows, e)).unwrap();
+            let x = random_buffer(&stream, &mut rng, rows * h);
+            let mut mid = stream.alloc_zeros::<bf16>((rows * i).max(1)).unwrap();
+            let mut out = stream.alloc_zeros::<bf16>((rows * h).max(1)).unwrap();
+            let scale: Vec<f32> = (0..rows.max(1)).map(|_| rng.random_range(0.0f32..1.0)).collect();
+            let scale = stream.clone_htod(&scale).unwrap();
+            let gate_up = GemmConfig { epilogue: Epilogue::SwiGlu, ..GemmConfig::new(e as u32, 2 * i, h) };
+            let down = GemmConfig::new(e as u32, h, i);
+            let experts = ExpertRows::Contiguous { offsets: offsets.slice(..), max_rows: rows };
+
+            let mut run_gate_up = || {
+                grouped_gemm(
+                    &stream,
+                    &gate_up,
+                    &x.slice(..),
+                    &w_gate_up.slice(..),
+                    &experts,
+                    None,
+                    &mut mid.slice_mut(..),
+                )
+            };
+            let name = format!("{}_T{t}_gate_up", m.name);
+            let bytes = ((touched * 2 * i * h + rows * h + rows * i) * 2) as f64;
+            let flop = (2 * rows * 2 * i * h) as f64;
+            rows_json.push(row(&name, t, bytes, flop, measure(crit, &stream, &name, &mut run_gate_up)));
+
+            let mut run_down = || {
+                let s = scale.slice(..);
+                grouped_gemm(
+                    &stream,
+                    &down,
+                    &mid.slice(..),
+                    &w_down.slice(..),
+                    &experts,
+                    Some(&s),
+                    &mut out.slice_mut(..),
+                )
+            };
+            let name = format!("{}_T{t}_down", m.name);
+            let bytes = ((touched * h * i + rows * i + rows * h) * 2) as f64;
+            let flop = (2 * rows * h * i) as f64;
+            rows_json.push(row(&name, t, bytes, flop, measure(crit, &stream, &name, &mut run_down)));
+        }
+    }
+    let path = std::env::var("MOEK_BENCH_JSON").unwrap_or_else(|_| "target/bench-grouped-gemm.json".into());
+    std::fs::write(&path, format!("[\n{}\n]\n", rows_json.join(",\n"))).unwrap();
+    eprintln!("wrote {path}");
+}
+
+/// Criterion's measurement of `op`, then its stream and graph medians in microseconds.
+fn measure(
+    crit: &mut Criterion,
+    stream: &Arc<CudaStream>,
+    name: &str,
+    mut op: impl FnMut() -> moe_kernels::Result<()>,
+) -> (f64, f64) {
+    crit.bench_function(name, |b| {
+        b.iter_custom(|n| {
+            let us = timing::mean_us(stream, 0, n as usize, &mut op).unwrap();
+            Duration::from_secs_f64(us * 1e-6 * n as f64)
+        })
+    });
+    let stream_us = timing::median_us(stream, 11, 10, &mut op).unwrap();
+    let graph_us = timing::graph_median_us(stream, GRAPH_CALLS, 7, 3, op).unwrap();
+    (stream_us, graph_us)
+}
+
+criterion_group! {
+    name = grouped_gemm_benches;
+    config = Criterion::default().warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_millis(500)).sample_size(10);
+    targets = benches
+}
+criterion_main!(grouped_gemm_benches);
