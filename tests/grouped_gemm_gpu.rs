@@ -371,6 +371,9 @@ fn masked_layout_matches_the_reference() {
         &[(1usize, 129usize, 2880usize, 264usize), (60, 7, 64, 2880), (384, 9, 16, 8), (8, 300, 72, 136)]
     {
         for epilogue in [Epilogue::Identity, Epilogue::SwiGlu] {
+            if epilogue == Epilogue::SwiGlu && n % 16 != 0 {
+                continue; // SwiGLU needs N/2 a multiple of 8; N = 72 covers the identity only
+            }
             // Counts over the capacity and negative ones are clamped.
             let counts: Vec<i32> = (0..e)
                 .map(|_| match rng.random_range(0..8) {
