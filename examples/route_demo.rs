@@ -3,7 +3,7 @@
 //!
 //!     cargo run --release --example route_demo
 
-use cudarc::driver::{CudaContext, CudaSlice};
+use cudarc::driver::CudaSlice;
 use moe_kernels::reference::route as reference;
 use moe_kernels::route::{route, RouteOutput, RoutingConfig};
 use rand::{Rng, SeedableRng};
@@ -22,13 +22,7 @@ fn presets() -> Vec<(&'static str, RoutingConfig, bool)> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
-    let gpu = if !moe_kernels::KERNELS_BUILT {
-        Err("this build has no CUDA kernels (no nvcc at build time)".to_string())
-    } else if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        Err("no CUDA driver on this machine".to_string())
-    } else {
-        CudaContext::new(0).map_err(|e| e.to_string())
-    };
+    let gpu = moe_kernels::device::first_gpu();
     let ctx = match gpu {
         Ok(ctx) => ctx,
         Err(why) => {

@@ -12,10 +12,12 @@
 //! - [`route`]: expert scores and top-k selection (softmax / sigmoid, DeepSeek-V3 group-limited, MoGE
 //!   grouped, Switch top-1 with capacity), with the CPU reference in [`reference::route`].
 //! - [`permute`]: the device-side plan of the expert-grouped layout, permute and the deterministic
-//!   weighted combine, with the CPU reference in [`reference::permute`] (not yet measured on a GPU).
+//!   weighted combine, with the CPU reference in [`reference::permute`].
 //! - [`grouped_gemm`]: every expert's matrix product in one launch (contiguous or masked rows, SwiGLU /
-//!   GELU / ReLU and row-scale epilogues; the portable mma.sync path), with the CPU reference in
-//!   [`reference::grouped_gemm`] (not yet run on a GPU).
+//!   GELU / ReLU and row-scale epilogues; the portable mma.sync path so far), with the CPU reference in
+//!   [`reference::grouped_gemm`].
+//! - [`layer`]: a whole MoE layer composed from the above (route, plan, permute, two grouped GEMMs,
+//!   combine), with the CPU reference in [`reference::layer`] (not yet run on a GPU).
 //! - [`subbit`]: the sub-1-bit ternary expert format (encoder, validator, CPU decoder); its kernels are
 //!   still to come.
 //!
@@ -25,9 +27,11 @@
 pub mod capi;
 mod check;
 mod cuda;
+pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod grouped_gemm;
+pub mod layer;
 pub mod permute;
 pub mod reference;
 pub mod route;

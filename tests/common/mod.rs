@@ -10,18 +10,12 @@ use std::sync::Arc;
 /// was built without kernels. `MOEK_REQUIRE_GPU=1` turns the skip into a failure.
 pub fn gpu() -> Option<(Arc<CudaContext>, Arc<CudaStream>)> {
     let require = std::env::var("MOEK_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    let why = if !moe_kernels::KERNELS_BUILT {
-        "this build has no CUDA kernels".to_string()
-    } else if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        "no CUDA driver (libcuda) on this machine".to_string()
-    } else {
-        match CudaContext::new(0) {
-            Ok(ctx) => {
-                let stream = ctx.new_stream().expect("creating a stream");
-                return Some((ctx, stream));
-            }
-            Err(e) => format!("no usable GPU ({e})"),
+    let why = match moe_kernels::device::first_gpu() {
+        Ok(ctx) => {
+            let stream = ctx.new_stream().expect("creating a stream");
+            return Some((ctx, stream));
         }
+        Err(why) => why,
     };
     assert!(!require, "MOEK_REQUIRE_GPU=1 but {why}");
     // Written to the process's stderr directly, so the notice shows even though libtest captures

@@ -1,0 +1,261 @@
+//! The crate's main job: a whole MoE layer on the GPU, for model presets with random weights. Each preset
+//! is checked against the CPU reference on a few tokens, then timed stage by stage at a decode and a
+//! prefill size, with the weight-streaming floor beside it. Without a GPU it runs the CPU reference on
+//! small versions of the presets and says so.
+//!
+//!     cargo run --release --example moe_layer
+
+use cudarc::driver::{sys::CUevent_flags, CudaSlice, CudaStream};
+use half::bf16;
+use moe_kernels::layer::{moe_layer, moe_layer_staged, LayerBuffers, LayerConfig, STAGES};
+use moe_kernels::reference::grouped_gemm::{relative_frobenius_error, Epilogue};
+use moe_kernels::reference::layer as reference;
+use moe_kernels::route::RoutingConfig;
+use moe_kernels::route::RoutingMode;
+use std::io::Write;
+use std::sync::Arc;
+
+const COPY_GBPS: f64 = 4282.0; // H200 device copy, shared/GPU.md
+const CHECK_TOKENS: usize = 8;
+const TIMED_TOKENS: [usize; 2] = [64, 4096];
+
+struct Preset {
+    name: &'static str,
+    cfg: LayerConfig,
+    with_bias: bool,
+}
+
+fn presets() -> Vec<Preset> {
+    let swiglu =
+        |routing, hidden, intermediate| LayerConfig { routing, hidden, intermediate, activation: Epilogue::SwiGlu };
+    // DeepSeek-V3's routing (sigmoid + bias, best 4 of 8 groups, top-8, scale 2.5) over the 32 experts
+    // one GPU holds in an 8-way expert-parallel slice.
+    let deepseek_slice = RoutingConfig {
+        num_experts: 32,
+        mode: RoutingMode::GroupLimited { num_groups: 8, topk_groups: 4 },
+        ..RoutingConfig::deepseek_v3()
+    };
+    vec![
+        Preset { name: "Mixtral-8x7B", cfg: swiglu(RoutingConfig::mixtral(), 4096, 14336), with_bias: false },
+        Preset { name: "Qwen3-30B-A3B", cfg: swiglu(RoutingConfig::qwen3_moe(), 2048, 768), with_bias: false },
+        Preset { name: "DeepSeek-V3 slice (32 experts)", cfg: swiglu(deepseek_slice, 7168, 2048), with_bias: true },
+        Preset {
+            name: "Switch-style (top-1 of 128, ReLU)",
+            cfg: LayerConfig {
+                routing: RoutingConfig::switch(128, 40), // 1.25 x 4096 tokens / 128 experts
+                hidden: 768,
+                intermediate: 3072,
+                activation: Epilogue::Relu,
+            },
+            with_bias: false,
+        },
+    ]
+}
+
+/// `len` pseudo-random values uniform in [-scale, scale), from `seed`, generated on all cores
+/// (the Mixtral preset has 1.4 billion weights).
+fn random_values(len: usize, scale: f32, seed: u64) -> Vec<f32> {
+    let mut out = vec![0.0f32; len];
+    let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+    let chunk = len.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (i, part) in out.chunks_mut(chunk).enumerate() {
+            s.spawn(move || {
+                let mut x = seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i as u64 + 1)) | 1;
+                for v in part {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    *v = ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale;
+                }
+            });
+        }
+    });
+    out
+}
+
+/// The values as bf16, and back as f32 (what the GPU sees), so the reference uses the same numbers.
+fn as_bf16(values: &mut [f32]) -> Vec<bf16> {
+    values
+        .iter_mut()
+        .map(|v| {
+            let b = bf16::from_f32(*v);
+            *v = b.to_f32();
+            b
+        })
+        .collect()
+}
+
+/// Random inputs and weights of a preset (weights scaled so activations stay near 1).
+struct Model {
+    w_gate_up: Vec<f32>,
+    w_down: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl Model {
+    fn new(cfg: &LayerConfig, seed: u64) -> Self {
+        let e = cfg.routing.num_experts as usize;
+        Model {
+            w_gate_up: random_values(e * cfg.gate_up_rows() * cfg.hidden, 1.7 / (cfg.hidden as f32).sqrt(), seed),
+            w_down: random_values(e * cfg.hidden * cfg.intermediate, 1.7 / (cfg.intermediate as f32).sqrt(), seed + 1),
+            bias: random_values(e, 0.1, seed + 2),
+        }
+    }
+}
+
+fn progress(name: &str) -> impl FnMut(usize, usize) + '_ {
+    move |done, total| {
+        print!("\r  CPU reference for {name}: expert {done} / {total}   ");
+        let _ = std::io::stdout().flush();
+        if done == total {
+            print!("\r{:70}\r", "");
+        }
+    }
+}
+
+fn cpu_only(why: &str) {
+    println!("No GPU found ({why}).");
+    println!("Running the CPU reference on small versions of the presets (H = 256, I = 128, T = 16):");
+    for p in presets() {
+        let cfg = LayerConfig { hidden: 256, intermediate: 128, ..p.cfg };
+        let t = 16;
+        let mut m = Model::new(&cfg, 1);
+        let mut x = random_values(t * cfg.hidden, 1.0, 7);
+        as_bf16(&mut x);
+        as_bf16(&mut m.w_gate_up);
+        as_bf16(&mut m.w_down);
+        let logits = random_values(t * cfg.routing.num_experts as usize, 3.0, 9);
+        let out = reference::moe_layer(
+            &cfg,
+            t,
+            &x,
+            &logits,
+            p.with_bias.then_some(&m.bias[..]),
+            &m.w_gate_up,
+            &m.w_down,
+            |_, _| {},
+        );
+        let norm = out.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt();
+        println!("  {}: output [{t}, {}], Frobenius norm {norm:.4}", p.name, cfg.hidden);
+    }
+}
+
+/// Runs the layer on the GPU: a check against the reference on a few tokens, then the timing table.
+fn run_preset(stream: &Arc<CudaStream>, p: &Preset) -> Result<(), Box<dyn std::error::Error>> {
+    let cfg = &p.cfg;
+    let (e, h) = (cfg.routing.num_experts as usize, cfg.hidden);
+    let max_t = *TIMED_TOKENS.iter().max().unwrap();
+    let mut m = Model::new(cfg, 11);
+    let w_gate_up = stream.clone_htod(&as_bf16(&mut m.w_gate_up))?;
+    let w_down = stream.clone_htod(&as_bf16(&mut m.w_down))?;
+    let bias = stream.clone_htod(&m.bias)?;
+    let mut x_host = random_values(max_t * h, 1.0, 21);
+    let x = stream.clone_htod(&as_bf16(&mut x_host))?;
+    let logits_host = random_values(max_t * e, 3.0, 23);
+    let logits = stream.clone_htod(&logits_host)?;
+    let mut out: CudaSlice<bf16> = stream.alloc_zeros(max_t * h)?;
+    let mut buffers = LayerBuffers::new(stream, cfg, max_t)?;
+    let bias_view = bias.slice(..);
+    let bias_opt = p.with_bias.then_some(&bias_view);
+
+    // Correctness on the first CHECK_TOKENS tokens.
+    let t = CHECK_TOKENS;
+    moe_layer(
+        stream,
+        cfg,
+        t,
+        &x.slice(..t * h),
+        &logits.slice(..t * e),
+        bias_opt,
+        &w_gate_up.slice(..),
+        &w_down.slice(..),
+        &mut buffers,
+        &mut out.slice_mut(..t * h),
+    )?;
+    let got: Vec<f32> = stream.clone_dtoh(&out.slice(..t * h))?.iter().map(|v| v.to_f32()).collect();
+    let want = reference::moe_layer(
+        cfg,
+        t,
+        &x_host[..t * h],
+        &logits_host[..t * e],
+        p.with_bias.then_some(&m.bias[..]),
+        &m.w_gate_up,
+        &m.w_down,
+        progress(p.name),
+    );
+    let err = relative_frobenius_error(&got, &want);
+    println!(
+        "{}: {t} tokens against the CPU reference, relative error {err:.2e} ({})",
+        p.name,
+        if err < 1e-2 { "ok" } else { "TOO LARGE" }
+    );
+
+    // Stage times, averaged over repeated calls.
+    let ctx = stream.context();
+    for &t in &TIMED_TOKENS {
+        const REPS: usize = 10;
+        let events: Vec<_> = (0..=STAGES.len())
+            .map(|_| ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)))
+            .collect::<Result<_, _>>()?;
+        let mut stage_ms = vec![0.0f64; STAGES.len()];
+        for rep in 0..=REPS {
+            events[0].record(stream)?;
+            let mut next = 1;
+            moe_layer_staged(
+                stream,
+                cfg,
+                t,
+                &x.slice(..t * h),
+                &logits.slice(..t * e),
+                bias_opt,
+                &w_gate_up.slice(..),
+                &w_down.slice(..),
+                &mut buffers,
+                &mut out.slice_mut(..t * h),
+                |_| {
+                    events[next].record(stream)?;
+                    next += 1;
+                    Ok(())
+                },
+            )?;
+            if rep > 0 {
+                // the first call warms up
+                for (i, ms) in stage_ms.iter_mut().enumerate() {
+                    *ms += f64::from(events[i].elapsed_ms(&events[i + 1])?) / REPS as f64;
+                }
+            }
+        }
+        // Experts the tokens touched: their weights must be read at least once.
+        let counts = stream.clone_dtoh(&buffers.expert_counts())?;
+        let touched = counts.iter().filter(|&&c| c > 0).count();
+        let floor_us =
+            touched as f64 * ((cfg.gate_up_rows() * h + h * cfg.intermediate) * 2) as f64 / (COPY_GBPS * 1e3);
+        let total_us: f64 = stage_ms.iter().sum::<f64>() * 1e3;
+        let stages: Vec<String> = STAGES.iter().zip(&stage_ms).map(|(s, ms)| format!("{s} {:.1}", ms * 1e3)).collect();
+        println!(
+            "  T={t:5}: {total_us:8.1} us ({}); {touched} experts touched, weight floor {floor_us:.1} us = {:.0}% of the time",
+            stages.join(", "),
+            100.0 * floor_us / total_us
+        );
+    }
+    Ok(())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let ctx = match moe_kernels::device::first_gpu() {
+        Ok(ctx) => ctx,
+        Err(why) => {
+            cpu_only(&why);
+            return Ok(());
+        }
+    };
+    let stream = ctx.new_stream()?;
+    println!("One MoE layer per preset on the GPU (bf16 weights and activations, fp32 accumulation).");
+    println!("Stage times are device time between events; the weight floor is the bytes of the touched");
+    println!("experts' weights over {COPY_GBPS} GB/s (the H200's copy bandwidth).");
+    for p in presets() {
+        run_preset(&stream, &p)?;
+    }
+    Ok(())
+}

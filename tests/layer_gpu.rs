@@ -1,0 +1,181 @@
+//! The composed MoE layer on the GPU against the CPU reference: every routing mode, T = 0, 1, 7 and 300,
+//! H = 2880 for one preset, run-to-run bit identity, and a CUDA graph replayed on new inputs in the
+//! same buffers. Skips (with a notice) where there is no GPU.
+
+mod common;
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaSlice, CudaStream};
+use half::bf16;
+use moe_kernels::layer::{moe_layer, LayerBuffers, LayerConfig};
+use moe_kernels::reference::grouped_gemm::{relative_frobenius_error, Epilogue};
+use moe_kernels::reference::layer as reference;
+use moe_kernels::route::{RoutingConfig, RoutingMode};
+use rand::Rng;
+use std::sync::Arc;
+
+fn configs() -> Vec<(LayerConfig, bool)> {
+    let layer = |routing, hidden, intermediate, activation| LayerConfig { routing, hidden, intermediate, activation };
+    let deepseek_small = RoutingConfig {
+        num_experts: 32,
+        mode: RoutingMode::GroupLimited { num_groups: 8, topk_groups: 4 },
+        ..RoutingConfig::deepseek_v3()
+    };
+    vec![
+        (layer(RoutingConfig::mixtral(), 256, 512, Epilogue::SwiGlu), false),
+        (layer(RoutingConfig::qwen3_moe(), 2880, 64, Epilogue::SwiGlu), false),
+        (layer(deepseek_small, 128, 96, Epilogue::SwiGlu), true),
+        (layer(RoutingConfig::moge(60, 6, 6), 64, 40, Epilogue::Gelu), false),
+        (layer(RoutingConfig::switch(60, 4), 136, 48, Epilogue::Relu), false),
+    ]
+}
+
+/// Inputs and weights on the host (values exactly representable in bf16) and on the device.
+struct Problem {
+    x: Vec<f32>,
+    logits: Vec<f32>,
+    bias: Vec<f32>,
+    w1: Vec<f32>,
+    w2: Vec<f32>,
+    d_x: CudaSlice<bf16>,
+    d_logits: CudaSlice<f32>,
+    d_bias: CudaSlice<f32>,
+    d_w1: CudaSlice<bf16>,
+    d_w2: CudaSlice<bf16>,
+}
+
+fn bf16_values(rng: &mut impl Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| bf16::from_f32(rng.random_range(-scale..scale)).to_f32()).collect()
+}
+
+impl Problem {
+    fn new(stream: &Arc<CudaStream>, rng: &mut impl Rng, cfg: &LayerConfig, t: usize) -> Self {
+        let (e, h, i) = (cfg.routing.num_experts as usize, cfg.hidden, cfg.intermediate);
+        let x = bf16_values(rng, t * h, 1.0);
+        let logits: Vec<f32> = (0..t * e).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+        let bias: Vec<f32> = (0..e).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+        let w1 = bf16_values(rng, e * cfg.gate_up_rows() * h, 1.7 / (h as f32).sqrt());
+        let w2 = bf16_values(rng, e * h * i, 1.7 / (i as f32).sqrt());
+        let up = |v: &[f32]| {
+            let b: Vec<bf16> = v.iter().map(|&f| bf16::from_f32(f)).collect();
+            stream.clone_htod(if b.is_empty() { &[bf16::ZERO][..] } else { &b[..] }).unwrap()
+        };
+        let up32 = |v: &[f32]| stream.clone_htod(if v.is_empty() { &[0.0f32][..] } else { v }).unwrap();
+        Problem {
+            d_x: up(&x),
+            d_logits: up32(&logits),
+            d_bias: up32(&bias),
+            d_w1: up(&w1),
+            d_w2: up(&w2),
+            x,
+            logits,
+            bias,
+            w1,
+            w2,
+        }
+    }
+
+    fn run(
+        &self,
+        stream: &Arc<CudaStream>,
+        cfg: &LayerConfig,
+        t: usize,
+        bias: bool,
+        b: &mut LayerBuffers,
+        out: &mut CudaSlice<bf16>,
+    ) {
+        let bias_view = self.d_bias.slice(..);
+        moe_layer(
+            stream,
+            cfg,
+            t,
+            &self.d_x.slice(..),
+            &self.d_logits.slice(..),
+            bias.then_some(&bias_view),
+            &self.d_w1.slice(..),
+            &self.d_w2.slice(..),
+            b,
+            &mut out.slice_mut(..),
+        )
+        .unwrap();
+    }
+
+    fn expected(&self, cfg: &LayerConfig, t: usize, bias: bool) -> Vec<f32> {
+        reference::moe_layer(
+            cfg,
+            t,
+            &self.x,
+            &self.logits,
+            bias.then_some(&self.bias[..]),
+            &self.w1,
+            &self.w2,
+            |_, _| {},
+        )
+    }
+}
+
+fn download(stream: &Arc<CudaStream>, out: &CudaSlice<bf16>) -> Vec<f32> {
+    stream.clone_dtoh(out).unwrap().iter().map(|v| v.to_f32()).collect()
+}
+
+#[test]
+fn layer_matches_the_reference_and_repeats_bit_for_bit() {
+    let Some((_ctx, stream)) = common::gpu() else { return };
+    let mut rng = common::rng("layer_matches_the_reference_and_repeats_bit_for_bit");
+    let mut failures = Vec::new();
+    for (cfg, bias) in configs() {
+        for t in [0usize, 1, 7, 300] {
+            let p = Problem::new(&stream, &mut rng, &cfg, t);
+            let mut buffers = LayerBuffers::new(&stream, &cfg, t).unwrap();
+            let poison = bf16::from_f32(12345.0);
+            let mut out = stream.clone_htod(&vec![poison; (t * cfg.hidden).max(1)]).unwrap();
+            p.run(&stream, &cfg, t, bias, &mut buffers, &mut out);
+            let first = download(&stream, &out);
+            let want = p.expected(&cfg, t, bias);
+            let label = format!("{:?} H={} I={} T={t}", cfg.routing.mode, cfg.hidden, cfg.intermediate);
+            if t == 0 {
+                if first[0] != 12345.0 {
+                    failures.push(format!("{label}: T=0 wrote the output"));
+                }
+                continue;
+            }
+            let err = relative_frobenius_error(&first, &want);
+            if err.is_nan() || err >= 1e-2 {
+                failures.push(format!("{label}: relative error {err}"));
+            }
+            p.run(&stream, &cfg, t, bias, &mut buffers, &mut out);
+            if download(&stream, &out) != first {
+                failures.push(format!("{label}: two runs differ"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn layer_replays_from_a_cuda_graph_on_new_inputs() {
+    let Some((ctx, stream)) = common::gpu() else { return };
+    // SAFETY: this test's buffers are used on this one stream only; nothing may record events in a capture.
+    unsafe { ctx.disable_event_tracking() };
+    let mut rng = common::rng("layer_replays_from_a_cuda_graph_on_new_inputs");
+    let (cfg, bias) = configs()[2];
+    let t = 129;
+    let mut p = Problem::new(&stream, &mut rng, &cfg, t);
+    let mut buffers = LayerBuffers::new(&stream, &cfg, t).unwrap();
+    let mut out: CudaSlice<bf16> = stream.alloc_zeros(t * cfg.hidden).unwrap();
+    stream.synchronize().unwrap();
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+    p.run(&stream, &cfg, t, bias, &mut buffers, &mut out);
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0)).unwrap().expect("a graph");
+    for round in 0..2 {
+        // New tokens and logits written into the captured buffers, then a replay.
+        p.x = bf16_values(&mut rng, t * cfg.hidden, 1.0);
+        p.logits = (0..p.logits.len()).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+        let xs: Vec<bf16> = p.x.iter().map(|&f| bf16::from_f32(f)).collect();
+        stream.memcpy_htod(&xs, &mut p.d_x).unwrap();
+        stream.memcpy_htod(&p.logits, &mut p.d_logits).unwrap();
+        graph.launch().unwrap();
+        let err = relative_frobenius_error(&download(&stream, &out), &p.expected(&cfg, t, bias));
+        assert!(err < 1e-2, "replay {round}: relative error {err}");
+    }
+}
