@@ -227,8 +227,16 @@ fn run_preset(stream: &Arc<CudaStream>, p: &Preset) -> Result<(), Box<dyn std::e
             }
         }
         // Experts the tokens touched: their weights must be read at least once.
-        let counts = stream.clone_dtoh(&buffers.expert_counts())?;
-        let touched = counts.iter().filter(|&&c| c > 0).count();
+        let routed = moe_kernels::reference::route::route(
+            &cfg.routing,
+            t,
+            &logits_host[..t * e],
+            p.with_bias.then_some(&m.bias[..]),
+        );
+        let mut touched_experts: Vec<i32> = routed.ids.iter().copied().filter(|&id| id >= 0).collect();
+        touched_experts.sort_unstable();
+        touched_experts.dedup();
+        let touched = touched_experts.len();
         let floor_us =
             touched as f64 * ((cfg.gate_up_rows() * h + h * cfg.intermediate) * 2) as f64 / (COPY_GBPS * 1e3);
         let total_us: f64 = stage_ms.iter().sum::<f64>() * 1e3;

@@ -310,6 +310,42 @@ typedef struct moek_grouped_gemm_args {
  * out that experts own. Needs no workspace. */
 moek_status moek_grouped_gemm(const moek_grouped_gemm_args *args, cudaStream_t stream);
 
+/* ------------------------------------------------------------------------------------------------
+ * A whole MoE layer, composed: route the logits, plan, permute the token rows, gate|up projection with
+ * the activation, down projection, and the fixed-order combine weighted by the routing weights:
+ *   out[t] = sum over token t's experts e of weight(t, e) * W_down[e] . act(W_gate_up[e] . x[t])
+ * Seven launches on `stream`, no allocation, no host synchronisation: capturable in a CUDA graph.
+ * Activations and weights are bf16 (fp32 accumulation); the activation and the down projection's rows
+ * are stored in bf16 between the stages. Not yet: shared experts, precomputed ids, the fused kernel.
+ * ---------------------------------------------------------------------------------------------- */
+
+typedef struct moek_layer_args {
+  moek_route_args routing;   /* mode, score_function, logits_dtype, num_experts, k, num_groups,
+                                topk_groups, capacity, renormalize, scale; its num_tokens, pointers and
+                                workspace fields are ignored (the layer fills them) */
+  int64_t num_tokens;        /* T >= 0 */
+  int64_t hidden;            /* H, a multiple of 8 */
+  int64_t intermediate;      /* I, a multiple of 8 */
+  moek_gemm_epilogue activation; /* SWIGLU (w_gate_up [E, 2I, H], gate rows first), GELU or RELU
+                                    (w_gate_up [E, I, H]) */
+  const void *x;             /* device [T, H] bf16, 16-byte aligned */
+  const void *logits;        /* device [T, E] of routing.logits_dtype */
+  const float *bias;         /* device [E] or NULL: added to the scores for selection only */
+  const void *w_gate_up;     /* device [E, 2I or I, H] bf16, 16-byte aligned */
+  const void *w_down;        /* device [E, H, I] bf16, 16-byte aligned */
+  void *out;                 /* device [T, H] bf16, 16-byte aligned, written */
+  void *workspace;           /* device, workspace_bytes long, 256-byte aligned */
+  size_t workspace_bytes;
+} moek_layer_args;
+
+/* Bytes of device workspace moek_layer needs (routing results, the plan, the permuted, intermediate
+ * and expert-output rows). Grows with num_tokens: a workspace sized for T serves every call of at most
+ * T tokens. Reads only the shape fields. */
+moek_status moek_layer_workspace_size(const moek_layer_args *args, size_t *bytes);
+
+/* Enqueues the layer. Reads x, logits, bias and the weights; writes out and the workspace. */
+moek_status moek_layer(const moek_layer_args *args, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

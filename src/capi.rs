@@ -3,7 +3,7 @@
 //! checked against the bindgen declarations in `src/sys.rs` at compile time (see the bottom).
 
 use crate::error::{bail, last_error_ptr, status_text, to_status, Result};
-use crate::{grouped_gemm, permute, route, sys};
+use crate::{grouped_gemm, layer, permute, route, sys};
 use std::os::raw::c_char;
 
 /// Reads a caller's struct, refusing NULL.
@@ -143,6 +143,27 @@ pub unsafe extern "C" fn moek_grouped_gemm(
     to_status(unsafe { read_args(args, "args") }.and_then(|a| grouped_gemm::grouped_gemm_raw(a, stream)))
 }
 
+/// See `moek_layer_workspace_size` in the header.
+///
+/// # Safety
+/// `args` and `bytes` are NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn moek_layer_workspace_size(
+    args: *const sys::moek_layer_args,
+    bytes: *mut usize,
+) -> sys::moek_status {
+    unsafe { query(args, bytes, "bytes", layer::layer_workspace_bytes) }
+}
+
+/// See `moek_layer` in the header.
+///
+/// # Safety
+/// `args` is NULL or valid, and its pointers satisfy the header's contract.
+#[no_mangle]
+pub unsafe extern "C" fn moek_layer(args: *const sys::moek_layer_args, stream: sys::cudaStream_t) -> sys::moek_status {
+    to_status(unsafe { read_args(args, "args") }.and_then(|a| layer::layer_raw(a, stream, &mut |_| Ok(()))))
+}
+
 // Compile-time proof that the definitions above have the header's signatures.
 const _: [unsafe extern "C" fn(sys::moek_status) -> *const c_char; 2] = [sys::moek_status_string, moek_status_string];
 const _: [unsafe extern "C" fn() -> *const c_char; 2] = [sys::moek_last_error_message, moek_last_error_message];
@@ -163,3 +184,7 @@ type CombineFn = unsafe extern "C" fn(*const sys::moek_combine_args, sys::cudaSt
 const _: [CombineFn; 2] = [sys::moek_combine, moek_combine];
 type GemmFn = unsafe extern "C" fn(*const sys::moek_grouped_gemm_args, sys::cudaStream_t) -> sys::moek_status;
 const _: [GemmFn; 2] = [sys::moek_grouped_gemm, moek_grouped_gemm];
+type LayerSizeFn = unsafe extern "C" fn(*const sys::moek_layer_args, *mut usize) -> sys::moek_status;
+const _: [LayerSizeFn; 2] = [sys::moek_layer_workspace_size, moek_layer_workspace_size];
+type LayerFn = unsafe extern "C" fn(*const sys::moek_layer_args, sys::cudaStream_t) -> sys::moek_status;
+const _: [LayerFn; 2] = [sys::moek_layer, moek_layer];

@@ -304,3 +304,46 @@ const _: () = {
 unsafe extern "C" {
     pub fn moek_grouped_gemm(args: *const moek_grouped_gemm_args, stream: cudaStream_t) -> moek_status;
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moek_layer_args {
+    pub routing: moek_route_args,
+    pub num_tokens: i64,
+    pub hidden: i64,
+    pub intermediate: i64,
+    pub activation: moek_gemm_epilogue,
+    pub x: *const ::std::os::raw::c_void,
+    pub logits: *const ::std::os::raw::c_void,
+    pub bias: *const f32,
+    pub w_gate_up: *const ::std::os::raw::c_void,
+    pub w_down: *const ::std::os::raw::c_void,
+    pub out: *mut ::std::os::raw::c_void,
+    pub workspace: *mut ::std::os::raw::c_void,
+    pub workspace_bytes: usize,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of moek_layer_args"][::std::mem::size_of::<moek_layer_args>() - 208usize];
+    ["Alignment of moek_layer_args"][::std::mem::align_of::<moek_layer_args>() - 8usize];
+    ["Offset of field: moek_layer_args::routing"][::std::mem::offset_of!(moek_layer_args, routing) - 0usize];
+    ["Offset of field: moek_layer_args::num_tokens"][::std::mem::offset_of!(moek_layer_args, num_tokens) - 112usize];
+    ["Offset of field: moek_layer_args::hidden"][::std::mem::offset_of!(moek_layer_args, hidden) - 120usize];
+    ["Offset of field: moek_layer_args::intermediate"]
+        [::std::mem::offset_of!(moek_layer_args, intermediate) - 128usize];
+    ["Offset of field: moek_layer_args::activation"][::std::mem::offset_of!(moek_layer_args, activation) - 136usize];
+    ["Offset of field: moek_layer_args::x"][::std::mem::offset_of!(moek_layer_args, x) - 144usize];
+    ["Offset of field: moek_layer_args::logits"][::std::mem::offset_of!(moek_layer_args, logits) - 152usize];
+    ["Offset of field: moek_layer_args::bias"][::std::mem::offset_of!(moek_layer_args, bias) - 160usize];
+    ["Offset of field: moek_layer_args::w_gate_up"][::std::mem::offset_of!(moek_layer_args, w_gate_up) - 168usize];
+    ["Offset of field: moek_layer_args::w_down"][::std::mem::offset_of!(moek_layer_args, w_down) - 176usize];
+    ["Offset of field: moek_layer_args::out"][::std::mem::offset_of!(moek_layer_args, out) - 184usize];
+    ["Offset of field: moek_layer_args::workspace"][::std::mem::offset_of!(moek_layer_args, workspace) - 192usize];
+    ["Offset of field: moek_layer_args::workspace_bytes"]
+        [::std::mem::offset_of!(moek_layer_args, workspace_bytes) - 200usize];
+};
+unsafe extern "C" {
+    pub fn moek_layer_workspace_size(args: *const moek_layer_args, bytes: *mut usize) -> moek_status;
+}
+unsafe extern "C" {
+    pub fn moek_layer(args: *const moek_layer_args, stream: cudaStream_t) -> moek_status;
+}

@@ -90,3 +90,48 @@ fn layer_configuration_is_checked() {
         assert_eq!(err.status, status, "{cfg:?}: {err}");
     }
 }
+
+#[test]
+fn c_interface_checks_layer_arguments() {
+    use moe_kernels::{capi, sys};
+    let cfg =
+        LayerConfig { routing: RoutingConfig::qwen3_moe(), hidden: 64, intermediate: 32, activation: Epilogue::SwiGlu };
+    let mut a = cfg.to_args(16, sys::moek_dtype_MOEK_DTYPE_F32);
+    let mut bytes = 0usize;
+    assert_eq!(unsafe { capi::moek_layer_workspace_size(&a, &mut bytes) }, sys::moek_status_MOEK_SUCCESS);
+    // Routing results, the plan and three row buffers, each rounded up to 256 bytes: at least the rows.
+    assert!(bytes >= 16 * 8 * (64 + 32 + 64) * 2, "{bytes}");
+    let mut more = 0usize;
+    a.num_tokens = 17;
+    assert_eq!(unsafe { capi::moek_layer_workspace_size(&a, &mut more) }, sys::moek_status_MOEK_SUCCESS);
+    assert!(more >= bytes, "the workspace must grow with T: {more} < {bytes}");
+    a.num_tokens = 16;
+    let stream = std::ptr::null_mut();
+    let message =
+        || unsafe { std::ffi::CStr::from_ptr(capi::moek_last_error_message()) }.to_string_lossy().into_owned();
+    assert_eq!(unsafe { capi::moek_layer(&a, stream) }, sys::moek_status_MOEK_ERROR_NULL_POINTER);
+    assert!(message().contains('x'), "{}", message());
+    a.x = 0x1000 as *const _;
+    a.logits = 0x2000 as *const _;
+    a.w_gate_up = 0x3000 as *const _;
+    a.w_down = 0x4008 as *const _;
+    a.out = 0x5000 as *mut _;
+    a.workspace = 0x10000 as *mut _;
+    a.workspace_bytes = bytes;
+    assert_eq!(unsafe { capi::moek_layer(&a, stream) }, sys::moek_status_MOEK_ERROR_MISALIGNED);
+    assert!(message().contains("w_down"), "{}", message());
+    a.w_down = 0x4000 as *const _;
+    a.workspace_bytes = bytes - 1;
+    assert_eq!(unsafe { capi::moek_layer(&a, stream) }, sys::moek_status_MOEK_ERROR_WORKSPACE_TOO_SMALL);
+    a.activation = sys::moek_gemm_epilogue_MOEK_EPILOGUE_IDENTITY;
+    assert_eq!(unsafe { capi::moek_layer(&a, stream) }, sys::moek_status_MOEK_ERROR_INVALID_VALUE);
+    assert!(message().contains("activation"), "{}", message());
+    a.activation = sys::moek_gemm_epilogue_MOEK_EPILOGUE_SWIGLU;
+    a.routing.k = 0;
+    assert_eq!(unsafe { capi::moek_layer(&a, stream) }, sys::moek_status_MOEK_ERROR_INVALID_K);
+    a.routing.k = 8;
+    a.hidden = 12;
+    assert_eq!(unsafe { capi::moek_layer(&a, stream) }, sys::moek_status_MOEK_ERROR_INVALID_VALUE);
+    assert!(message().contains("hidden"), "{}", message());
+    assert_eq!(unsafe { capi::moek_layer(std::ptr::null(), stream) }, sys::moek_status_MOEK_ERROR_NULL_POINTER);
+}
