@@ -91,6 +91,21 @@ static void cpu_side(void) {
   CHECK(moek_route_workspace_size(&a, &bytes) == MOEK_SUCCESS && bytes == 0, "no capacity, no workspace");
   a.capacity = 4;
   CHECK(moek_route_workspace_size(&a, &bytes) == MOEK_SUCCESS && bytes > 0, "capacity workspace %zu", bytes);
+
+  /* The whole layer: a workspace query, then the checks before anything is enqueued. */
+  moek_layer_args layer;
+  memset(&layer, 0, sizeof layer);
+  layer.routing = topk_args(32, 128, 8);
+  layer.num_tokens = 32;
+  layer.hidden = 2048;
+  layer.intermediate = 768;
+  layer.activation = MOEK_EPILOGUE_SWIGLU;
+  CHECK(moek_layer_workspace_size(&layer, &bytes) == MOEK_SUCCESS && bytes >= 32 * 8 * (2048 * 2 + 768) * 2,
+        "layer workspace %zu", bytes);
+  CHECK(moek_layer(&layer, NULL) == MOEK_ERROR_NULL_POINTER, "layer without buffers");
+  CHECK(strstr(moek_last_error_message(), "x") != NULL, "message names x: %s", moek_last_error_message());
+  layer.activation = MOEK_EPILOGUE_IDENTITY;
+  CHECK(moek_layer_workspace_size(&layer, &bytes) == MOEK_ERROR_INVALID_VALUE, "identity activation");
 }
 
 /* Routes real data on the GPU: top-2 of 4 with a known answer, then Switch with capacity. */
