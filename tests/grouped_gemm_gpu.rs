@@ -176,8 +176,23 @@ impl<T: Input> DeviceProblem<T> {
         }
     }
 
-    /// Runs the kernel into `out` (not synchronised).
+    /// Runs the kernel into `out` (not synchronised), with a workspace of the size the configuration
+    /// asks for (so that split-K runs wherever it is chosen or forced).
     fn run<O: Element>(&self, stream: &Arc<CudaStream>, cfg: &GemmConfig, layout: Layout, out: &mut CudaSlice<O>) {
+        let bytes = cfg.workspace_bytes(layout).unwrap();
+        let mut workspace = stream.alloc_zeros::<u8>(bytes.max(16)).unwrap();
+        self.run_with(stream, cfg, layout, out, Some(&mut workspace));
+    }
+
+    /// Runs the kernel into `out` with `workspace` (not synchronised).
+    fn run_with<O: Element>(
+        &self,
+        stream: &Arc<CudaStream>,
+        cfg: &GemmConfig,
+        layout: Layout,
+        out: &mut CudaSlice<O>,
+        workspace: Option<&mut CudaSlice<u8>>,
+    ) {
         let experts = match layout {
             Layout::Contiguous { max_rows } => ExpertRows::Contiguous { offsets: self.rows.slice(..), max_rows },
             Layout::Masked { capacity } => ExpertRows::Masked { counts: self.rows.slice(..), capacity },
@@ -191,6 +206,7 @@ impl<T: Input> DeviceProblem<T> {
             &experts,
             scale.as_ref(),
             &mut out.slice_mut(..),
+            workspace.map(|w| w.slice_mut(..)).as_mut(),
         )
         .unwrap();
     }
