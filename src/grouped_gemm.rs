@@ -9,7 +9,8 @@
 //! workspace of [`GemmConfig::workspace_bytes`] bytes (see "Split-K" in the header).
 //!
 //! Tuning overrides, read once per process (for sweeps): `MOEK_GEMM_TILE=small|medium|large` replaces
-//! [`Tile::Auto`], `MOEK_GEMM_SPLIT_K=n` (1..=64) replaces `split_k = 0`.
+//! [`Tile::Auto`], `MOEK_GEMM_SPLIT_K=n` (1..=64) replaces `split_k = 0`, and
+//! `MOEK_GEMM_SPLIT_TARGET=ctas` replaces the CTA count the automatic split aims at (768).
 
 use crate::check;
 use crate::dtype::{self, Element};
@@ -198,6 +199,7 @@ pub(crate) fn check_shape(a: &sys::moek_grouped_gemm_args) -> Result<i64> {
 struct Overrides {
     tile: Option<sys::moek_gemm_tile>,
     split_k: Option<i32>,
+    split_target: Option<u64>,
 }
 
 fn overrides() -> &'static Overrides {
@@ -221,13 +223,21 @@ fn overrides() -> &'static Overrides {
                 None
             }
         });
-        Overrides { tile, split_k }
+        let split_target = var("MOEK_GEMM_SPLIT_TARGET").and_then(|v| match v.parse::<u64>() {
+            Ok(t) if t >= 1 => Some(t),
+            _ => {
+                ignored("MOEK_GEMM_SPLIT_TARGET", &v);
+                None
+            }
+        });
+        Overrides { tile, split_k, split_target }
     })
 }
 
-/// The automatic split aims at this many CTAs (an upper bound of them, from the sizes): about two
-/// waves of the SMALL tile on a 132-SM H100/H200 (4 CTAs of 48 KB per SM).
-const SPLIT_TARGET_CTAS: u64 = 1024;
+/// The automatic split aims at this many CTAs (an upper bound of them, from the sizes): about 1.5
+/// waves of the SMALL tile on a 132-SM H100/H200 (4 CTAs of 48 KB per SM). Measured there before
+/// split-K: Mixtral's T = 1 gate|up (896 CTAs) streamed at the floor, its down projection (128) at 51%.
+const SPLIT_TARGET_CTAS: u64 = 768;
 /// At most this many slices automatically.
 const SPLIT_MAX_AUTO: u64 = 16;
 /// Each slice gets at least this many k-tiles (automatic choice).
@@ -282,10 +292,11 @@ fn auto_splits(a: &sys::moek_grouped_gemm_args, rows: u64) -> u64 {
     };
     // SwiGLU: a tile covers bn / 2 outputs of n / 2, the same count.
     let ctas = m_tiles.saturating_mul(n.div_ceil(bn));
-    if ctas >= SPLIT_TARGET_CTAS {
+    let target = overrides().split_target.unwrap_or(SPLIT_TARGET_CTAS);
+    if ctas >= target {
         return 1;
     }
-    let by_ctas = SPLIT_TARGET_CTAS.div_ceil(ctas.max(1));
+    let by_ctas = target.div_ceil(ctas.max(1));
     let by_k = k.div_ceil(bk) / SPLIT_MIN_K_TILES;
     // Weight bytes streamed (at most one [n, k] matrix per row) against 8 bytes per row and column a slice.
     let by_traffic = (e.min(rows) * k * 2) / (rows * 8 * SPLIT_TRAFFIC_RATIO);
