@@ -274,6 +274,14 @@ namespace moek {
 using TileSmall = GemmTile<32, 64, 64, 1, 4, 4>;    // decode: few rows per expert, weights streamed
 using TileMedium = GemmTile<64, 128, 32, 2, 2, 4>;  // tens of rows per expert
 using TileLarge = GemmTile<128, 128, 32, 2, 4, 4>;  // prefill
+// Candidates for the decode tiles, reachable only through MOEK_GEMM_TILE (src/grouped_gemm.rs passes
+// these codes in place of a moek_gemm_tile) until the H200 sweep says which to keep:
+// more bytes in flight per SM (6 stages, 72 KB: 3 CTAs an SM, 5 tiles of B in flight each), and
+// MEDIUM with 128-byte rows of B per stage (BK = 64; BK = 32 fetches 64-byte pieces of 128 rows).
+using TileSmallDeep = GemmTile<32, 64, 64, 1, 4, 6>;
+using TileMediumK64 = GemmTile<64, 128, 64, 2, 4, 3>;
+constexpr int kTileSmallDeep = 101;
+constexpr int kTileMediumK64 = 102;
 
 // Dynamic shared memory of a launch: the pipeline ring, which first holds the scheduler's E + 1 prefix.
 template <typename Cfg>
@@ -305,11 +313,15 @@ cudaError_t launch_gemm_tile(const GemmParams& p, cudaStream_t stream) {
 
 template <typename Tin, typename Tout>
 cudaError_t launch_gemm_out(const GemmParams& p, moek_gemm_tile tile, cudaStream_t stream) {
-  switch (tile) {
+  switch (static_cast<int>(tile)) {
     case MOEK_GEMM_TILE_SMALL:
       return launch_gemm_tile<Tin, Tout, TileSmall>(p, stream);
     case MOEK_GEMM_TILE_MEDIUM:
       return launch_gemm_tile<Tin, Tout, TileMedium>(p, stream);
+    case kTileSmallDeep:
+      return launch_gemm_tile<Tin, Tout, TileSmallDeep>(p, stream);
+    case kTileMediumK64:
+      return launch_gemm_tile<Tin, Tout, TileMediumK64>(p, stream);
     default:
       return launch_gemm_tile<Tin, Tout, TileLarge>(p, stream);
   }

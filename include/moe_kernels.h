@@ -272,7 +272,8 @@ moek_status moek_combine(const moek_combine_args *args, cudaStream_t stream);
  *
  * Tuning overrides, read once per process from the environment (for sweeps; they change results only
  * within the tolerance of a different summation order): MOEK_GEMM_TILE=small|medium|large replaces
- * MOEK_GEMM_TILE_AUTO, MOEK_GEMM_SPLIT_K=n (1..MOEK_GEMM_MAX_SPLIT_K) replaces split_k = 0 (it still
+ * MOEK_GEMM_TILE_AUTO (so do two candidate decode tiles: small6, SMALL with 6 pipeline stages, and
+ * medium64, 64 x 128 with 64-wide K steps), MOEK_GEMM_SPLIT_K=n (1..MOEK_GEMM_MAX_SPLIT_K) replaces split_k = 0 (it still
  * needs the workspace the size query then reports), MOEK_GEMM_SPLIT_TARGET=ctas replaces the number of
  * CTAs the automatic choice aims at (768).
  * ---------------------------------------------------------------------------------------------- */

@@ -9,7 +9,8 @@
 //! workspace of [`GemmConfig::workspace_bytes`] bytes (see "Split-K" in the header).
 //!
 //! Tuning overrides, read once per process (for sweeps): `MOEK_GEMM_TILE=small|medium|large` replaces
-//! [`Tile::Auto`], `MOEK_GEMM_SPLIT_K=n` (1..=64) replaces `split_k = 0`, and
+//! [`Tile::Auto`] (as do two candidate decode tiles, `small6`: SMALL with 6 stages, and `medium64`:
+//! 64 × 128 with BK = 64), `MOEK_GEMM_SPLIT_K=n` (1..=64) replaces `split_k = 0`, and
 //! `MOEK_GEMM_SPLIT_TARGET=ctas` replaces the CTA count the automatic split aims at (768).
 
 use crate::check;
@@ -211,6 +212,8 @@ fn overrides() -> &'static Overrides {
             "small" => Some(sys::moek_gemm_tile_MOEK_GEMM_TILE_SMALL),
             "medium" => Some(sys::moek_gemm_tile_MOEK_GEMM_TILE_MEDIUM),
             "large" => Some(sys::moek_gemm_tile_MOEK_GEMM_TILE_LARGE),
+            "small6" => Some(TILE_SMALL_DEEP),
+            "medium64" => Some(TILE_MEDIUM_K64),
             _ => {
                 ignored("MOEK_GEMM_TILE", &v);
                 None
@@ -233,6 +236,12 @@ fn overrides() -> &'static Overrides {
         Overrides { tile, split_k, split_target }
     })
 }
+
+/// Candidate decode tiles reachable only through `MOEK_GEMM_TILE` (codes beyond moek_gemm_tile, as
+/// cuda/grouped_gemm_kernel.cuh's kTileSmallDeep and kTileMediumK64): SMALL with 6 stages, and
+/// 64 × 128 with BK = 64 (3 stages, 8 warps).
+const TILE_SMALL_DEEP: sys::moek_gemm_tile = 101;
+const TILE_MEDIUM_K64: sys::moek_gemm_tile = 102;
 
 /// The automatic split aims at this many CTAs (an upper bound of them, from the sizes): about 1.5
 /// waves of the SMALL tile on a 132-SM H100/H200 (4 CTAs of 48 KB per SM). Measured there before
@@ -269,8 +278,9 @@ fn resolved_tile(a: &sys::moek_grouped_gemm_args) -> sys::moek_gemm_tile {
 /// BM, BN, BK of a tile (cuda/grouped_gemm_kernel.cuh: TileSmall, TileMedium, TileLarge).
 fn tile_shape(tile: sys::moek_gemm_tile) -> (u64, u64, u64) {
     match tile {
-        sys::moek_gemm_tile_MOEK_GEMM_TILE_SMALL => (32, 64, 64),
+        sys::moek_gemm_tile_MOEK_GEMM_TILE_SMALL | TILE_SMALL_DEEP => (32, 64, 64),
         sys::moek_gemm_tile_MOEK_GEMM_TILE_MEDIUM => (64, 128, 32),
+        TILE_MEDIUM_K64 => (64, 128, 64),
         _ => (128, 128, 32),
     }
 }
