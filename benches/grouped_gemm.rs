@@ -90,6 +90,10 @@ fn benches(crit: &mut Criterion) {
             let gate_up = GemmConfig { epilogue: Epilogue::SwiGlu, ..GemmConfig::new(e as u32, 2 * i, h) };
             let down = GemmConfig::new(e as u32, h, i);
             let experts = ExpertRows::Contiguous { offsets: offsets.slice(..), max_rows: rows };
+            // Split-K's workspace, as an engine would size it (the larger of the two projections' needs).
+            let layout = experts.layout();
+            let ws_bytes = gate_up.workspace_bytes(layout).unwrap().max(down.workspace_bytes(layout).unwrap());
+            let mut workspace = stream.alloc_zeros::<u8>(ws_bytes.max(16)).unwrap();
 
             let mut run_gate_up = || {
                 grouped_gemm(
@@ -100,6 +104,7 @@ fn benches(crit: &mut Criterion) {
                     &experts,
                     None,
                     &mut mid.slice_mut(..),
+                    Some(&mut workspace.slice_mut(..)),
                 )
             };
             let name = format!("{}_T{t}_gate_up", m.name);
@@ -117,6 +122,7 @@ fn benches(crit: &mut Criterion) {
                     &experts,
                     Some(&s),
                     &mut out.slice_mut(..),
+                    Some(&mut workspace.slice_mut(..)),
                 )
             };
             let name = format!("{}_T{t}_down", m.name);

@@ -23,7 +23,9 @@ moek_gemm_tile resolve_tile(const moek_grouped_gemm_args& a) {
 }  // namespace
 }  // namespace moek
 
-extern "C" int moek_cuda_grouped_gemm(const moek_grouped_gemm_args* a, cudaStream_t stream) {
+// `splits`: K slices, chosen by src/grouped_gemm.rs (split_plan) for these arguments and a workspace of
+// at least splits * rows * n floats; 1 does not touch the workspace.
+extern "C" int moek_cuda_grouped_gemm(const moek_grouped_gemm_args* a, int32_t splits, cudaStream_t stream) {
   using namespace moek;
   const bool masked = a->layout == MOEK_GEMM_MASKED;
   GemmParams p;
@@ -40,6 +42,9 @@ extern "C" int moek_cuda_grouped_gemm(const moek_grouped_gemm_args* a, cudaStrea
   p.k = a->k;
   p.n_out = a->epilogue == MOEK_EPILOGUE_SWIGLU ? a->n / 2 : a->n;
   p.epilogue = a->epilogue;
+  p.splits = splits;
+  p.partial = splits > 1 ? static_cast<float*>(a->workspace) : nullptr;
+  p.rows_total = masked ? a->capacity * a->num_experts : a->max_rows;
   const moek_gemm_tile tile = resolve_tile(*a);
   if (a->dtype == MOEK_DTYPE_BF16) return launch_grouped_gemm<__nv_bfloat16>(p, tile, a->out_dtype, stream);
   return launch_grouped_gemm<__half>(p, tile, a->out_dtype, stream);

@@ -9,6 +9,11 @@
 // applies the activation and the row scale in registers and stores the tile directly; no atomics, so
 // the result is bit-identical from run to run.
 //
+// Split-K (splits > 1, blockIdx.z the slice): slice s multiplies k-tiles [s * kt / S, (s + 1) * kt / S)
+// (empty when there are fewer k-tiles than slices: it stores zeros) and stores its raw fp32 products
+// to the workspace; grouped_gemm_reduce.cuh then sums the slices in order 0..S-1 and applies the
+// epilogue, so the result is still bit-identical from run to run (for a given number of slices).
+//
 // SwiGLU: the CTA's B tile interleaves 8-row blocks of the gate (rows j..j+7) and the matching up rows
 // (N/2 + j..), so each thread holds gate and up accumulators of the same output element.
 #pragma once
@@ -31,6 +36,9 @@ struct GemmParams {
   int64_t k;               // K
   int64_t n_out;           // output columns: N, or N/2 for SwiGLU
   int32_t epilogue;        // moek_gemm_epilogue
+  int32_t splits;          // K slices (gridDim.z); 1: no split, the epilogue stores `out`
+  float* partial;          // splits > 1: [splits, rows_total, n] fp32 slice products (the workspace)
+  int64_t rows_total;      // rows of A and the output (max_rows, or E * capacity)
 };
 
 // A tile shape: BM x BN outputs per CTA, BK of K per pipeline stage, WARPS_M x WARPS_N warps.
@@ -93,7 +101,10 @@ __global__ void __launch_bounds__(Cfg::THREADS) grouped_gemm_kernel(const GemmPa
   }
   const bool swiglu = p.epilogue == MOEK_EPILOGUE_SWIGLU;
   const int64_t K = p.k;
-  const int k_tiles = static_cast<int>((K + BK - 1) / BK);
+  const int k_tiles_all = static_cast<int>((K + BK - 1) / BK);
+  // This CTA's k-tiles (all of them without a split).
+  const int kt_begin = static_cast<int>(static_cast<int64_t>(k_tiles_all) * blockIdx.z / p.splits);
+  const int k_tiles = static_cast<int>(static_cast<int64_t>(k_tiles_all) * (blockIdx.z + 1) / p.splits) - kt_begin;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32;
   const int warp_m = warp / Cfg::WARPS_N, warp_n = warp % Cfg::WARPS_N;
 
@@ -157,7 +168,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) grouped_gemm_kernel(const GemmPa
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < k_tiles) load_stage(s, s);
+    if (s < k_tiles) load_stage(s, kt_begin + s);
     cp_async_commit();
   }
 
@@ -165,7 +176,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) grouped_gemm_kernel(const GemmPa
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // stage kt is in shared memory for everyone; stage kt-1 is no longer read
     const int next = kt + STAGES - 1;
-    if (next < k_tiles) load_stage(next % STAGES, next);
+    if (next < k_tiles) load_stage(next % STAGES, kt_begin + next);
     cp_async_commit();
 
     const uint32_t sa = smem_base + (kt % STAGES) * Cfg::STAGE_BYTES;
@@ -204,6 +215,28 @@ __global__ void __launch_bounds__(Cfg::THREADS) grouped_gemm_kernel(const GemmPa
       const int r = warp_m * Cfg::WTM + mi * 16 + g + h * 8;
       if (r >= tile.rows) continue;
       const int64_t row = tile.row0 + r;
+      if (p.splits > 1) {
+        // This slice's raw products, in B's row numbering (SwiGLU: gate columns j, up columns n_out + j).
+        float* part = p.partial + (static_cast<int64_t>(blockIdx.z) * p.rows_total + row) * p.n;
+        if (swiglu) {
+#pragma unroll
+          for (int ni = 0; ni < NI; ni += 2) {
+            const int block = warp_n * (Cfg::WTN / 8) + ni;
+            const int64_t j = static_cast<int64_t>(blockIdx.y) * (BN / 2) + (block / 2) * 8 + q * 2;
+            if (j >= p.n_out) continue;
+            store_pair(part + j, acc[mi][ni][h * 2], acc[mi][ni][h * 2 + 1]);
+            store_pair(part + p.n_out + j, acc[mi][ni + 1][h * 2], acc[mi][ni + 1][h * 2 + 1]);
+          }
+        } else {
+#pragma unroll
+          for (int ni = 0; ni < NI; ++ni) {
+            const int64_t col = static_cast<int64_t>(blockIdx.y) * BN + warp_n * Cfg::WTN + ni * 8 + q * 2;
+            if (col >= p.n) continue;
+            store_pair(part + col, acc[mi][ni][h * 2], acc[mi][ni][h * 2 + 1]);
+          }
+        }
+        continue;
+      }
       const float scale = p.row_scale != nullptr ? __ldg(p.row_scale + row) : 1.f;
       Tout* out_row = out + row * p.n_out;
       if (swiglu) {
@@ -230,10 +263,25 @@ __global__ void __launch_bounds__(Cfg::THREADS) grouped_gemm_kernel(const GemmPa
   }
 }
 
+}  // namespace moek
+
+// The split-K reduction (it uses GemmParams and the epilogue helpers above).
+#include "grouped_gemm_reduce.cuh"
+
+namespace moek {
+
 // The tile shapes, by moek_gemm_tile.
 using TileSmall = GemmTile<32, 64, 64, 1, 4, 4>;    // decode: few rows per expert, weights streamed
 using TileMedium = GemmTile<64, 128, 32, 2, 2, 4>;  // tens of rows per expert
 using TileLarge = GemmTile<128, 128, 32, 2, 4, 4>;  // prefill
+// Candidates for the decode tiles, reachable only through MOEK_GEMM_TILE (src/grouped_gemm.rs passes
+// these codes in place of a moek_gemm_tile) until the H200 sweep says which to keep:
+// more bytes in flight per SM (6 stages, 72 KB: 3 CTAs an SM, 5 tiles of B in flight each), and
+// MEDIUM with 128-byte rows of B per stage (BK = 64; BK = 32 fetches 64-byte pieces of 128 rows).
+using TileSmallDeep = GemmTile<32, 64, 64, 1, 4, 6>;
+using TileMediumK64 = GemmTile<64, 128, 64, 2, 4, 3>;
+constexpr int kTileSmallDeep = 101;
+constexpr int kTileMediumK64 = 102;
 
 // Dynamic shared memory of a launch: the pipeline ring, which first holds the scheduler's E + 1 prefix.
 template <typename Cfg>
@@ -248,7 +296,7 @@ cudaError_t launch_gemm_tile(const GemmParams& p, cudaStream_t stream) {
   const int64_t n_tiles = p.epilogue == MOEK_EPILOGUE_SWIGLU ? (p.n_out + Cfg::BN / 2 - 1) / (Cfg::BN / 2)
                                                              : (p.n_out + Cfg::BN - 1) / Cfg::BN;
   if (m_tiles == 0 || n_tiles == 0) return cudaSuccess;
-  if (m_tiles > kTileSaturation || n_tiles > 65535) return cudaErrorInvalidValue;
+  if (m_tiles > kTileSaturation || n_tiles > 65535 || p.splits < 1 || p.splits > 65535) return cudaErrorInvalidValue;
   const size_t smem = gemm_smem_bytes<Cfg>(p.experts.num_experts);
   auto kernel = grouped_gemm_kernel<Tin, Tout, Cfg>;
   // Every launch (a host-side attribute, legal during stream capture): the default allows only 48 KB
@@ -256,17 +304,24 @@ cudaError_t launch_gemm_tile(const GemmParams& p, cudaStream_t stream) {
   const cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles)), Cfg::THREADS, smem, stream>>>(p);
-  return cudaGetLastError();
+  const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles), static_cast<unsigned>(p.splits));
+  kernel<<<grid, Cfg::THREADS, smem, stream>>>(p);
+  const cudaError_t launched = cudaGetLastError();
+  if (launched != cudaSuccess || p.splits == 1) return launched;
+  return launch_gemm_reduce<Tout>(p, stream);
 }
 
 template <typename Tin, typename Tout>
 cudaError_t launch_gemm_out(const GemmParams& p, moek_gemm_tile tile, cudaStream_t stream) {
-  switch (tile) {
+  switch (static_cast<int>(tile)) {
     case MOEK_GEMM_TILE_SMALL:
       return launch_gemm_tile<Tin, Tout, TileSmall>(p, stream);
     case MOEK_GEMM_TILE_MEDIUM:
       return launch_gemm_tile<Tin, Tout, TileMedium>(p, stream);
+    case kTileSmallDeep:
+      return launch_gemm_tile<Tin, Tout, TileSmallDeep>(p, stream);
+    case kTileMediumK64:
+      return launch_gemm_tile<Tin, Tout, TileMediumK64>(p, stream);
     default:
       return launch_gemm_tile<Tin, Tout, TileLarge>(p, stream);
   }

@@ -257,12 +257,32 @@ moek_status moek_combine(const moek_combine_args *args, cudaStream_t stream);
  *   MOEK_EPILOGUE_GELU      x * (1 + erf(x / sqrt 2)) / 2, n_out = n.
  *   MOEK_EPILOGUE_RELU      max(x, 0), n_out = n.
  * row_scale (optional) multiplies each output row after the activation (a routing weight).
- * The result is bit-identical from run to run (no atomics). moek_grouped_gemm needs no workspace.
+ * The result is bit-identical from run to run (no atomics).
+ *
+ * Split-K. With few output tiles (decode: a few rows on a few experts), too few CTAs would stream the
+ * weights to reach the memory bandwidth, so the K dimension is cut into S slices computed by different
+ * CTAs; each writes fp32 partial products to the workspace ([S, rows, n] floats, rows = max_rows or
+ * num_experts * capacity) and a second kernel sums them in slice order 0..S-1, then applies the
+ * epilogue. S comes from the sizes only (never from the counts on the device; not from the GPU model):
+ * split_k = 0 lets the library choose (S = 1 when the tiles are many), and the size query says how
+ * many bytes that choice needs. Without enough workspace (workspace_bytes below the query's answer) the
+ * automatic choice falls back to no split. The result is bit-identical from run to run for the same
+ * arguments and workspace size; a different S (another workspace size or split_k) sums in another order
+ * and may differ in the last bits. The workspace needs no initialisation and holds nothing afterwards.
+ *
+ * Tuning overrides, read once per process from the environment (for sweeps; they change results only
+ * within the tolerance of a different summation order): MOEK_GEMM_TILE=small|medium|large replaces
+ * MOEK_GEMM_TILE_AUTO (so do two candidate decode tiles: small6, SMALL with 6 pipeline stages, and
+ * medium64, 64 x 128 with 64-wide K steps), MOEK_GEMM_SPLIT_K=n (1..MOEK_GEMM_MAX_SPLIT_K) replaces split_k = 0 (it still
+ * needs the workspace the size query then reports), MOEK_GEMM_SPLIT_TARGET=ctas replaces the number of
+ * CTAs the automatic choice aims at (768).
  * ---------------------------------------------------------------------------------------------- */
 
 #define MOEK_GEMM_MAX_EXPERTS 8192
 /* The largest n (columns of the product). */
 #define MOEK_GEMM_MAX_N (1 << 21)
+/* The most K slices split_k may ask for. */
+#define MOEK_GEMM_MAX_SPLIT_K 64
 
 typedef enum moek_gemm_layout {
   MOEK_GEMM_CONTIGUOUS = 0,
@@ -304,10 +324,20 @@ typedef struct moek_grouped_gemm_args {
   const int32_t *expert_counts;  /* MASKED: device [E]; ignored when CONTIGUOUS */
   const float *row_scale;    /* device, one per row of a (max_rows or E * capacity), or NULL */
   void *out;                 /* device [max_rows, n_out] or [E, capacity, n_out] of out_dtype, 16-byte aligned */
+  int32_t split_k;           /* K slices: 0 = automatic (split only with workspace, see above), 1 = never,
+                                2..MOEK_GEMM_MAX_SPLIT_K = that many (workspace required) */
+  void *workspace;           /* device, workspace_bytes long, 16-byte aligned; may be NULL when workspace_bytes = 0 */
+  size_t workspace_bytes;
 } moek_grouped_gemm_args;
 
+/* Bytes of device workspace that split-K needs for these arguments (0: no split). Reads only the shape
+ * fields (layout, dtypes, epilogue, tile, num_experts, n, k, max_rows or capacity, split_k) and the
+ * MOEK_GEMM_* environment overrides; pointers may be NULL. Passing less to moek_grouped_gemm is allowed
+ * with split_k = 0 (no split then) and an error (MOEK_ERROR_WORKSPACE_TOO_SMALL) with split_k >= 2. */
+moek_status moek_grouped_gemm_workspace_size(const moek_grouped_gemm_args *args, size_t *bytes);
+
 /* Enqueues the grouped GEMM. Reads a, b, the offsets or counts and row_scale; writes only the rows of
- * out that experts own. Needs no workspace. */
+ * out that experts own, and the workspace when it splits K. */
 moek_status moek_grouped_gemm(const moek_grouped_gemm_args *args, cudaStream_t stream);
 
 /* ------------------------------------------------------------------------------------------------

@@ -131,6 +131,18 @@ pub unsafe extern "C" fn moek_combine(
     to_status(unsafe { read_args(args, "args") }.and_then(|a| permute::combine_raw(a, stream)))
 }
 
+/// See `moek_grouped_gemm_workspace_size` in the header.
+///
+/// # Safety
+/// `args` is NULL or valid; `bytes` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn moek_grouped_gemm_workspace_size(
+    args: *const sys::moek_grouped_gemm_args,
+    bytes: *mut usize,
+) -> sys::moek_status {
+    unsafe { query(args, bytes, "bytes", grouped_gemm::workspace_bytes) }
+}
+
 /// See `moek_grouped_gemm` in the header.
 ///
 /// # Safety
@@ -182,6 +194,8 @@ type PermuteFn = unsafe extern "C" fn(*const sys::moek_permute_args, sys::cudaSt
 const _: [PermuteFn; 2] = [sys::moek_permute, moek_permute];
 type CombineFn = unsafe extern "C" fn(*const sys::moek_combine_args, sys::cudaStream_t) -> sys::moek_status;
 const _: [CombineFn; 2] = [sys::moek_combine, moek_combine];
+type GemmSizeFn = unsafe extern "C" fn(*const sys::moek_grouped_gemm_args, *mut usize) -> sys::moek_status;
+const _: [GemmSizeFn; 2] = [sys::moek_grouped_gemm_workspace_size, moek_grouped_gemm_workspace_size];
 type GemmFn = unsafe extern "C" fn(*const sys::moek_grouped_gemm_args, sys::cudaStream_t) -> sys::moek_status;
 const _: [GemmFn; 2] = [sys::moek_grouped_gemm, moek_grouped_gemm];
 type LayerSizeFn = unsafe extern "C" fn(*const sys::moek_layer_args, *mut usize) -> sys::moek_status;

@@ -23,7 +23,11 @@ mod launchers {
         pub fn moek_cuda_plan(args: *const sys::moek_plan_args, num_chunks: i64, stream: sys::cudaStream_t) -> i32;
         pub fn moek_cuda_permute(args: *const sys::moek_permute_args, stream: sys::cudaStream_t) -> i32;
         pub fn moek_cuda_combine(args: *const sys::moek_combine_args, stream: sys::cudaStream_t) -> i32;
-        pub fn moek_cuda_grouped_gemm(args: *const sys::moek_grouped_gemm_args, stream: sys::cudaStream_t) -> i32;
+        pub fn moek_cuda_grouped_gemm(
+            args: *const sys::moek_grouped_gemm_args,
+            splits: i32,
+            stream: sys::cudaStream_t,
+        ) -> i32;
     }
 }
 
@@ -84,17 +88,18 @@ pub(crate) fn combine(args: &sys::moek_combine_args, stream: sys::cudaStream_t) 
     }
 }
 
-/// Enqueues a grouped GEMM (arguments already validated).
-pub(crate) fn grouped_gemm(args: &sys::moek_grouped_gemm_args, stream: sys::cudaStream_t) -> LaunchCode {
+/// Enqueues a grouped GEMM in `splits` K slices (arguments already validated; with `splits` > 1 the
+/// workspace holds `splits` × rows × n floats).
+pub(crate) fn grouped_gemm(args: &sys::moek_grouped_gemm_args, splits: i32, stream: sys::cudaStream_t) -> LaunchCode {
     #[cfg(moek_cuda)]
     {
         // SAFETY: validated by grouped_gemm::grouped_gemm_raw; the buffers are the caller's, sized per
         // the header.
-        unsafe { launchers::moek_cuda_grouped_gemm(args, stream) }
+        unsafe { launchers::moek_cuda_grouped_gemm(args, splits, stream) }
     }
     #[cfg(not(moek_cuda))]
     {
-        let _ = (args, stream);
+        let _ = (args, splits, stream);
         NO_KERNELS
     }
 }

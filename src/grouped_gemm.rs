@@ -3,16 +3,22 @@
 //! memory only. Semantics: `moek_grouped_gemm` in `include/moe_kernels.h`;
 //! [`crate::reference::grouped_gemm`] is the CPU oracle.
 //!
-//! The kernel is the portable tensor-core path (mma.sync, cp.async; sm_80 and later). It needs no
-//! workspace, allocates nothing and never synchronises, so it can be captured into a CUDA graph and
-//! replayed with different counts in the same buffers.
+//! The kernel is the portable tensor-core path (mma.sync, cp.async; sm_80 and later). It allocates
+//! nothing and never synchronises, so it can be captured into a CUDA graph and replayed with different
+//! counts in the same buffers. With few output tiles (decode) it splits K over more CTAs when given a
+//! workspace of [`GemmConfig::workspace_bytes`] bytes (see "Split-K" in the header).
+//!
+//! Tuning overrides, read once per process (for sweeps): `MOEK_GEMM_TILE=small|medium|large` replaces
+//! [`Tile::Auto`] (as do two candidate decode tiles, `small6`: SMALL with 6 stages, and `medium64`:
+//! 64 × 128 with BK = 64), `MOEK_GEMM_SPLIT_K=n` (1..=64) replaces `split_k = 0`, and
+//! `MOEK_GEMM_SPLIT_TARGET=ctas` replaces the CTA count the automatic split aims at (768).
 
 use crate::check;
 use crate::dtype::{self, Element};
 use crate::error::{bail, Result};
 use crate::sys;
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 pub use crate::reference::grouped_gemm::Epilogue;
 
@@ -61,12 +67,15 @@ pub struct GemmConfig {
     pub k: usize,
     pub epilogue: Epilogue,
     pub tile: Tile,
+    /// K slices: 0 chooses (a split only with a workspace), 1 never splits, 2..=64 force that many
+    /// (then the workspace is required).
+    pub split_k: u32,
 }
 
 impl GemmConfig {
     /// The plain product (identity epilogue, automatic tile) of E experts' [n, k] weights.
     pub fn new(num_experts: u32, n: usize, k: usize) -> Self {
-        GemmConfig { num_experts, n, k, epilogue: Epilogue::Identity, tile: Tile::Auto }
+        GemmConfig { num_experts, n, k, epilogue: Epilogue::Identity, tile: Tile::Auto, split_k: 0 }
     }
 
     /// Columns of the output: n, or n / 2 with SwiGLU.
@@ -113,7 +122,17 @@ impl GemmConfig {
             expert_counts: std::ptr::null(),
             row_scale: std::ptr::null(),
             out: std::ptr::null_mut(),
+            split_k: i32::try_from(self.split_k).unwrap_or(i32::MAX),
+            workspace: std::ptr::null_mut(),
+            workspace_bytes: 0,
         }
+    }
+
+    /// Bytes of workspace that split-K needs with `layout` (0: no split); less is allowed with
+    /// `split_k = 0` (no split then). Depends on the shape, not on the dtypes.
+    pub fn workspace_bytes(&self, layout: Layout) -> Result<usize> {
+        let bf16 = sys::moek_dtype_MOEK_DTYPE_BF16;
+        workspace_bytes(&self.to_args(layout, bf16, bf16))
     }
 
     /// Checks the configuration for inputs of type `T`, output `O` and `layout`, naming the bad field.
@@ -152,6 +171,9 @@ pub(crate) fn check_shape(a: &sys::moek_grouped_gemm_args) -> Result<i64> {
     if a.k < 8 || a.k % 8 != 0 || a.k > i64::from(i32::MAX) {
         bail!(InvalidValue, "k = {} must be a positive multiple of 8 below 2^31", a.k);
     }
+    if !(0..=sys::MOEK_GEMM_MAX_SPLIT_K as i32).contains(&a.split_k) {
+        bail!(InvalidValue, "split_k = {} is outside 0..={}", a.split_k, sys::MOEK_GEMM_MAX_SPLIT_K);
+    }
     let limit = i64::from(i32::MAX);
     match a.layout {
         sys::moek_gemm_layout_MOEK_GEMM_CONTIGUOUS => {
@@ -174,10 +196,170 @@ pub(crate) fn check_shape(a: &sys::moek_grouped_gemm_args) -> Result<i64> {
     }
 }
 
+/// The tuning overrides of the environment, read once (see the module documentation).
+struct Overrides {
+    tile: Option<sys::moek_gemm_tile>,
+    split_k: Option<i32>,
+    split_target: Option<u64>,
+}
+
+fn overrides() -> &'static Overrides {
+    static OVERRIDES: OnceLock<Overrides> = OnceLock::new();
+    OVERRIDES.get_or_init(|| {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let ignored = |name: &str, v: &str| eprintln!("moe-kernels: ignoring {name}={v} (see the grouped_gemm docs)");
+        let tile = var("MOEK_GEMM_TILE").and_then(|v| match v.to_ascii_lowercase().as_str() {
+            "small" => Some(sys::moek_gemm_tile_MOEK_GEMM_TILE_SMALL),
+            "medium" => Some(sys::moek_gemm_tile_MOEK_GEMM_TILE_MEDIUM),
+            "large" => Some(sys::moek_gemm_tile_MOEK_GEMM_TILE_LARGE),
+            "small6" => Some(TILE_SMALL_DEEP),
+            "medium64" => Some(TILE_MEDIUM_K64),
+            _ => {
+                ignored("MOEK_GEMM_TILE", &v);
+                None
+            }
+        });
+        let split_k = var("MOEK_GEMM_SPLIT_K").and_then(|v| match v.parse::<i32>() {
+            Ok(s) if (1..=sys::MOEK_GEMM_MAX_SPLIT_K as i32).contains(&s) => Some(s),
+            _ => {
+                ignored("MOEK_GEMM_SPLIT_K", &v);
+                None
+            }
+        });
+        let split_target = var("MOEK_GEMM_SPLIT_TARGET").and_then(|v| match v.parse::<u64>() {
+            Ok(t) if t >= 1 => Some(t),
+            _ => {
+                ignored("MOEK_GEMM_SPLIT_TARGET", &v);
+                None
+            }
+        });
+        Overrides { tile, split_k, split_target }
+    })
+}
+
+/// Candidate decode tiles reachable only through `MOEK_GEMM_TILE` (codes beyond moek_gemm_tile, as
+/// cuda/grouped_gemm_kernel.cuh's kTileSmallDeep and kTileMediumK64): SMALL with 6 stages, and
+/// 64 × 128 with BK = 64 (3 stages, 8 warps).
+const TILE_SMALL_DEEP: sys::moek_gemm_tile = 101;
+const TILE_MEDIUM_K64: sys::moek_gemm_tile = 102;
+
+/// The automatic split aims at this many CTAs (an upper bound of them, from the sizes): about 1.5
+/// waves of the SMALL tile on a 132-SM H100/H200 (4 CTAs of 48 KB per SM). Measured there before
+/// split-K: Mixtral's T = 1 gate|up (896 CTAs) streamed at the floor, its down projection (128) at 51%.
+const SPLIT_TARGET_CTAS: u64 = 768;
+/// At most this many slices automatically.
+const SPLIT_MAX_AUTO: u64 = 16;
+/// Each slice gets at least this many k-tiles (automatic choice).
+const SPLIT_MIN_K_TILES: u64 = 4;
+/// The slices' fp32 traffic (written once, read once) stays below the weights' bytes over this.
+const SPLIT_TRAFFIC_RATIO: u64 = 16;
+
+/// The tile `a` runs with: its own, the environment's for AUTO, else AUTO resolved as the launcher
+/// (cuda/grouped_gemm.cu, resolve_tile) does.
+fn resolved_tile(a: &sys::moek_grouped_gemm_args) -> sys::moek_gemm_tile {
+    if a.tile != sys::moek_gemm_tile_MOEK_GEMM_TILE_AUTO {
+        return a.tile;
+    }
+    if let Some(t) = overrides().tile {
+        return t;
+    }
+    let per_expert = if a.layout == sys::moek_gemm_layout_MOEK_GEMM_MASKED {
+        a.capacity
+    } else {
+        a.max_rows / i64::from(a.num_experts)
+    };
+    match per_expert {
+        ..=32 => sys::moek_gemm_tile_MOEK_GEMM_TILE_SMALL,
+        33..=64 => sys::moek_gemm_tile_MOEK_GEMM_TILE_MEDIUM,
+        _ => sys::moek_gemm_tile_MOEK_GEMM_TILE_LARGE,
+    }
+}
+
+/// BM, BN, BK of a tile (cuda/grouped_gemm_kernel.cuh: TileSmall, TileMedium, TileLarge).
+fn tile_shape(tile: sys::moek_gemm_tile) -> (u64, u64, u64) {
+    match tile {
+        sys::moek_gemm_tile_MOEK_GEMM_TILE_SMALL | TILE_SMALL_DEEP => (32, 64, 64),
+        sys::moek_gemm_tile_MOEK_GEMM_TILE_MEDIUM => (64, 128, 32),
+        TILE_MEDIUM_K64 => (64, 128, 64),
+        _ => (128, 128, 32),
+    }
+}
+
+/// The automatic number of K slices for a shape with `rows` rows (> 0): 1 unless an upper bound of the
+/// CTAs falls short of [`SPLIT_TARGET_CTAS`]; never for the LARGE tile (prefill).
+fn auto_splits(a: &sys::moek_grouped_gemm_args, rows: u64) -> u64 {
+    let tile = resolved_tile(a);
+    if tile == sys::moek_gemm_tile_MOEK_GEMM_TILE_LARGE {
+        return 1;
+    }
+    let (bm, bn, bk) = tile_shape(tile);
+    let (e, n, k) = (a.num_experts as u64, a.n as u64, a.k as u64);
+    // Each real m-tile holds at least one row; each expert's rows start a new tile.
+    let m_tiles = if a.layout == sys::moek_gemm_layout_MOEK_GEMM_MASKED {
+        e * (a.capacity as u64).div_ceil(bm)
+    } else {
+        ((rows + e * (bm - 1)) / bm).min(rows)
+    };
+    // SwiGLU: a tile covers bn / 2 outputs of n / 2, the same count.
+    let ctas = m_tiles.saturating_mul(n.div_ceil(bn));
+    let target = overrides().split_target.unwrap_or(SPLIT_TARGET_CTAS);
+    if ctas >= target {
+        return 1;
+    }
+    let by_ctas = target.div_ceil(ctas.max(1));
+    let by_k = k.div_ceil(bk) / SPLIT_MIN_K_TILES;
+    // Weight bytes streamed (at most one [n, k] matrix per row) against 8 bytes per row and column a slice.
+    let by_traffic = (e.min(rows) * k * 2) / (rows * 8 * SPLIT_TRAFFIC_RATIO);
+    by_ctas.min(SPLIT_MAX_AUTO).min(by_k).min(by_traffic).max(1)
+}
+
+/// The K slices `a` asks for (split_k, the environment or the automatic choice) and the workspace
+/// bytes they need (0 for one slice).
+fn split_plan(a: &sys::moek_grouped_gemm_args) -> Result<(i32, usize)> {
+    let rows = check_shape(a)? as u64;
+    if rows == 0 {
+        return Ok((1, 0));
+    }
+    let splits = match a.split_k {
+        0 => match overrides().split_k {
+            Some(s) => s as u64,
+            None => auto_splits(a, rows),
+        },
+        s => s as u64,
+    };
+    if splits <= 1 {
+        return Ok((1, 0));
+    }
+    let bytes = splits * rows * a.n as u64 * 4; // < 2^6 * 2^31 * 2^21 * 4: no overflow
+    match usize::try_from(bytes) {
+        Ok(b) => Ok((splits as i32, b)),
+        Err(_) => bail!(InvalidValue, "split_k = {splits} needs {bytes} bytes of workspace, beyond this platform"),
+    }
+}
+
+/// See `moek_grouped_gemm_workspace_size` in the header.
+pub(crate) fn workspace_bytes(a: &sys::moek_grouped_gemm_args) -> Result<usize> {
+    split_plan(a).map(|(_, bytes)| bytes)
+}
+
 /// Validates a grouped GEMM's arguments in full, then enqueues it. Shared by the C entry point and
 /// [`grouped_gemm`].
 pub(crate) fn grouped_gemm_raw(a: &sys::moek_grouped_gemm_args, stream: sys::cudaStream_t) -> Result<()> {
     let rows = check_shape(a)? > 0;
+    let (wanted, need) = split_plan(a)?;
+    let splits = if a.workspace_bytes >= need {
+        wanted
+    } else if a.split_k >= 2 {
+        bail!(
+            WorkspaceTooSmall,
+            "workspace_bytes = {} is below the {need} bytes split_k = {} needs",
+            a.workspace_bytes,
+            a.split_k
+        );
+    } else {
+        1
+    };
+    check::pointer("workspace", a.workspace, splits > 1, 16)?;
     let masked = a.layout == sys::moek_gemm_layout_MOEK_GEMM_MASKED;
     check::pointer("a", a.a, rows, 16)?;
     check::pointer("b", a.b, true, 16)?;
@@ -185,7 +367,11 @@ pub(crate) fn grouped_gemm_raw(a: &sys::moek_grouped_gemm_args, stream: sys::cud
     check::pointer("expert_counts", a.expert_counts, masked, 4)?;
     check::pointer("row_scale", a.row_scale, false, 4)?;
     check::pointer("out", a.out, rows, 16)?;
-    crate::cuda::status(crate::cuda::grouped_gemm(a, stream))
+    let mut a = *a;
+    if a.tile == sys::moek_gemm_tile_MOEK_GEMM_TILE_AUTO {
+        a.tile = overrides().tile.unwrap_or(a.tile); // AUTO itself is resolved by the launcher
+    }
+    crate::cuda::status(crate::cuda::grouped_gemm(&a, splits, stream))
 }
 
 /// The device-side description of which rows each expert owns.
@@ -210,7 +396,9 @@ impl ExpertRows<'_> {
 /// Enqueues `out[r] = epilogue(a[r] · b[e]^T) · row_scale[r]` for the rows r each expert e owns, on
 /// `stream`: no allocation, no host synchronisation. `a` is [rows, K], `b` [E, N, K], `out` [rows,
 /// output columns] with rows = `max_rows` or E · capacity; the output is T or f32. Rows no expert owns
-/// are left untouched.
+/// are left untouched. `workspace` (at least [`GemmConfig::workspace_bytes`] bytes, or `None`) lets it
+/// split K when the output tiles are few (see the module documentation).
+#[allow(clippy::too_many_arguments)]
 pub fn grouped_gemm<T: GemmInput, O: Element>(
     stream: &Arc<CudaStream>,
     cfg: &GemmConfig,
@@ -219,6 +407,7 @@ pub fn grouped_gemm<T: GemmInput, O: Element>(
     experts: &ExpertRows<'_>,
     row_scale: Option<&CudaView<'_, f32>>,
     out: &mut CudaViewMut<'_, O>,
+    workspace: Option<&mut CudaViewMut<'_, u8>>,
 ) -> Result<()> {
     let mut args = cfg.to_args(experts.layout(), T::DTYPE, O::DTYPE);
     let rows = check_shape(&args)? as usize;
@@ -242,6 +431,8 @@ pub fn grouped_gemm<T: GemmInput, O: Element>(
     };
     let scale = row_scale.map(|s| s.device_ptr(stream));
     let (out_ptr, _g3) = out.device_ptr_mut(stream);
+    let workspace_len = workspace.as_ref().map_or(0, |w| w.len());
+    let ws = workspace.map(|w| w.device_ptr_mut(stream));
     args.a = a_ptr as *const _;
     args.b = b_ptr as *const _;
     match experts {
@@ -250,5 +441,9 @@ pub fn grouped_gemm<T: GemmInput, O: Element>(
     }
     args.row_scale = scale.as_ref().map_or(std::ptr::null(), |(p, _)| *p as *const f32);
     args.out = out_ptr as *mut _;
+    if let Some((p, _)) = &ws {
+        args.workspace = *p as *mut _;
+        args.workspace_bytes = workspace_len;
+    }
     grouped_gemm_raw(&args, stream.cu_stream() as sys::cudaStream_t)
 }

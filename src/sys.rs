@@ -15,6 +15,7 @@ pub const MOEK_PLAN_MAX_EXPERTS: u32 = 8192;
 pub const MOEK_PLAN_MAX_K: u32 = 64;
 pub const MOEK_GEMM_MAX_EXPERTS: u32 = 8192;
 pub const MOEK_GEMM_MAX_N: u32 = 2097152;
+pub const MOEK_GEMM_MAX_SPLIT_K: u32 = 64;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct CUstream_st {
@@ -270,10 +271,13 @@ pub struct moek_grouped_gemm_args {
     pub expert_counts: *const i32,
     pub row_scale: *const f32,
     pub out: *mut ::std::os::raw::c_void,
+    pub split_k: i32,
+    pub workspace: *mut ::std::os::raw::c_void,
+    pub workspace_bytes: usize,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of moek_grouped_gemm_args"][::std::mem::size_of::<moek_grouped_gemm_args>() - 104usize];
+    ["Size of moek_grouped_gemm_args"][::std::mem::size_of::<moek_grouped_gemm_args>() - 128usize];
     ["Alignment of moek_grouped_gemm_args"][::std::mem::align_of::<moek_grouped_gemm_args>() - 8usize];
     ["Offset of field: moek_grouped_gemm_args::layout"]
         [::std::mem::offset_of!(moek_grouped_gemm_args, layout) - 0usize];
@@ -300,7 +304,16 @@ const _: () = {
     ["Offset of field: moek_grouped_gemm_args::row_scale"]
         [::std::mem::offset_of!(moek_grouped_gemm_args, row_scale) - 88usize];
     ["Offset of field: moek_grouped_gemm_args::out"][::std::mem::offset_of!(moek_grouped_gemm_args, out) - 96usize];
+    ["Offset of field: moek_grouped_gemm_args::split_k"]
+        [::std::mem::offset_of!(moek_grouped_gemm_args, split_k) - 104usize];
+    ["Offset of field: moek_grouped_gemm_args::workspace"]
+        [::std::mem::offset_of!(moek_grouped_gemm_args, workspace) - 112usize];
+    ["Offset of field: moek_grouped_gemm_args::workspace_bytes"]
+        [::std::mem::offset_of!(moek_grouped_gemm_args, workspace_bytes) - 120usize];
 };
+unsafe extern "C" {
+    pub fn moek_grouped_gemm_workspace_size(args: *const moek_grouped_gemm_args, bytes: *mut usize) -> moek_status;
+}
 unsafe extern "C" {
     pub fn moek_grouped_gemm(args: *const moek_grouped_gemm_args, stream: cudaStream_t) -> moek_status;
 }

@@ -95,3 +95,92 @@ fn c_interface_checks_grouped_gemm_arguments() {
     a.b = 0x2001 as *const _;
     assert_eq!(call(&a), sys::moek_status_MOEK_ERROR_MISALIGNED, "b is still checked");
 }
+
+#[test]
+fn workspace_query_follows_the_split() {
+    let rows = |max_rows| Layout::Contiguous { max_rows };
+    // Forced slices: split_k floats per row and column of the product (SwiGLU: both halves).
+    let forced = GemmConfig { split_k: 3, ..GemmConfig::new(16, 128, 256) };
+    assert_eq!(forced.workspace_bytes(rows(64)).unwrap(), 3 * 64 * 128 * 4);
+    let swiglu = GemmConfig { epilogue: Epilogue::SwiGlu, ..forced };
+    assert_eq!(swiglu.workspace_bytes(Layout::Masked { capacity: 5 }).unwrap(), 3 * 16 * 5 * 128 * 4);
+    // No rows, or one slice: nothing.
+    assert_eq!(forced.workspace_bytes(rows(0)).unwrap(), 0);
+    assert_eq!(GemmConfig { split_k: 1, ..forced }.workspace_bytes(rows(64)).unwrap(), 0);
+    if std::env::var_os("MOEK_GEMM_SPLIT_K").is_none() && std::env::var_os("MOEK_GEMM_TILE").is_none() {
+        // Automatic: Mixtral's down projection at T = 1 (2 rows, 64 output tiles) splits; prefill and
+        // the wide gate|up projection (896 tiles) do not.
+        let down = GemmConfig::new(8, 4096, 14336);
+        let bytes = down.workspace_bytes(rows(2)).unwrap();
+        assert!(bytes > 0 && bytes % (2 * 4096 * 4) == 0, "{bytes}");
+        assert_eq!(down.workspace_bytes(rows(65536)).unwrap(), 0);
+        let gate_up = GemmConfig { epilogue: Epilogue::SwiGlu, ..GemmConfig::new(8, 28672, 4096) };
+        assert_eq!(gate_up.workspace_bytes(rows(2)).unwrap(), 0);
+        // K = 8 is one k-tile: nothing to split automatically.
+        assert_eq!(GemmConfig::new(1, 64, 8).workspace_bytes(rows(1)).unwrap(), 0);
+    }
+    // The query checks the shape like the call.
+    let err = GemmConfig { split_k: 65, ..forced }.workspace_bytes(rows(64)).expect_err("split_k = 65 accepted");
+    assert_eq!(err.status, Status::InvalidValue);
+    assert!(err.message.contains("split_k"), "{}", err.message);
+    let err = GemmConfig::new(0, 64, 64).workspace_bytes(rows(64)).expect_err("E = 0 accepted");
+    assert_eq!(err.status, Status::InvalidNumExperts);
+}
+
+#[test]
+fn c_interface_checks_the_workspace() {
+    let mut bytes = 0usize;
+    let size = |a: &sys::moek_grouped_gemm_args, b: *mut usize| unsafe { capi::moek_grouped_gemm_workspace_size(a, b) };
+    let message =
+        || unsafe { std::ffi::CStr::from_ptr(capi::moek_last_error_message()) }.to_string_lossy().into_owned();
+    assert_eq!(
+        unsafe { capi::moek_grouped_gemm_workspace_size(std::ptr::null(), &mut bytes) },
+        sys::moek_status_MOEK_ERROR_NULL_POINTER
+    );
+    let mut a = valid_args();
+    a.split_k = 2;
+    assert_eq!(size(&a, std::ptr::null_mut()), sys::moek_status_MOEK_ERROR_NULL_POINTER);
+    assert!(message().contains("bytes"), "{}", message());
+    // Pointers do not matter to the query.
+    a.a = std::ptr::null();
+    assert_eq!(size(&a, &mut bytes), sys::moek_status_MOEK_SUCCESS);
+    assert_eq!(bytes, 2 * 64 * 128 * 4);
+    a.split_k = -1;
+    assert_eq!(size(&a, &mut bytes), sys::moek_status_MOEK_ERROR_INVALID_VALUE);
+    assert!(message().contains("split_k"), "{}", message());
+
+    // A forced split needs the workspace: too few bytes, NULL, misaligned, each named.
+    let stream = std::ptr::null_mut();
+    let call = |a: &sys::moek_grouped_gemm_args| unsafe { capi::moek_grouped_gemm(a, stream) };
+    type Edit = fn(&mut sys::moek_grouped_gemm_args);
+    let cases: [(Edit, sys::moek_status, &str); 4] = [
+        (
+            |a| a.workspace_bytes = 2 * 64 * 128 * 4 - 1,
+            sys::moek_status_MOEK_ERROR_WORKSPACE_TOO_SMALL,
+            "workspace_bytes",
+        ),
+        (|a| a.workspace = std::ptr::null_mut(), sys::moek_status_MOEK_ERROR_NULL_POINTER, "workspace is NULL"),
+        (|a| a.workspace = 0x6008 as *mut _, sys::moek_status_MOEK_ERROR_MISALIGNED, "workspace = "),
+        (|a| a.split_k = 65, sys::moek_status_MOEK_ERROR_INVALID_VALUE, "split_k"),
+    ];
+    for (edit, status, name) in cases {
+        let mut a = valid_args();
+        a.split_k = 2;
+        a.workspace = 0x6000 as *mut _;
+        a.workspace_bytes = 2 * 64 * 128 * 4;
+        edit(&mut a);
+        assert_eq!(call(&a), status, "{}", message());
+        assert!(message().contains(name), "'{}' does not name {name}", message());
+    }
+    // Unused, a workspace may be NULL whatever workspace_bytes says, but a given one must be aligned.
+    let mut a = valid_args();
+    a.split_k = 1;
+    a.workspace_bytes = 1 << 20;
+    a.workspace = 0x6004 as *mut _;
+    assert_eq!(call(&a), sys::moek_status_MOEK_ERROR_MISALIGNED);
+    assert!(message().contains("workspace = "), "{}", message());
+    a.workspace = std::ptr::null_mut();
+    a.b = 0x2001 as *const _;
+    assert_eq!(call(&a), sys::moek_status_MOEK_ERROR_MISALIGNED);
+    assert!(message().contains("b = "), "{}", message());
+}

@@ -2,7 +2,9 @@
 //! in {0, 1, 7, 129}, all rows on one expert, half the experts empty, N and K in {8, 2880, 7168}, every
 //! tile shape, every epilogue with and without a row scale, bf16 and fp16 inputs with their own or f32
 //! output, the masked layout, corrupt offsets, run-to-run bit identity and a CUDA-graph replay with new
-//! counts in the same buffers. Outputs are poisoned first; rows no expert owns must stay poisoned.
+//! counts in the same buffers; split-K forced to 2, 3 and 7 slices (and chosen automatically, with and
+//! without a workspace) on the same matrix. Outputs are poisoned first; rows no expert owns must stay
+//! poisoned.
 //! Skips (with a notice) where there is no GPU. MOEK_TEST_QUICK=1 trims the shape matrix.
 
 mod common;
@@ -176,8 +178,23 @@ impl<T: Input> DeviceProblem<T> {
         }
     }
 
-    /// Runs the kernel into `out` (not synchronised).
+    /// Runs the kernel into `out` (not synchronised), with a workspace of the size the configuration
+    /// asks for (so that split-K runs wherever it is chosen or forced).
     fn run<O: Element>(&self, stream: &Arc<CudaStream>, cfg: &GemmConfig, layout: Layout, out: &mut CudaSlice<O>) {
+        let bytes = cfg.workspace_bytes(layout).unwrap();
+        let mut workspace = stream.alloc_zeros::<u8>(bytes.max(16)).unwrap();
+        self.run_with(stream, cfg, layout, out, Some(&mut workspace));
+    }
+
+    /// Runs the kernel into `out` with `workspace` (not synchronised).
+    fn run_with<O: Element>(
+        &self,
+        stream: &Arc<CudaStream>,
+        cfg: &GemmConfig,
+        layout: Layout,
+        out: &mut CudaSlice<O>,
+        workspace: Option<&mut CudaSlice<u8>>,
+    ) {
         let experts = match layout {
             Layout::Contiguous { max_rows } => ExpertRows::Contiguous { offsets: self.rows.slice(..), max_rows },
             Layout::Masked { capacity } => ExpertRows::Masked { counts: self.rows.slice(..), capacity },
@@ -191,6 +208,7 @@ impl<T: Input> DeviceProblem<T> {
             &experts,
             scale.as_ref(),
             &mut out.slice_mut(..),
+            workspace.map(|w| w.slice_mut(..)).as_mut(),
         )
         .unwrap();
     }
@@ -440,25 +458,109 @@ fn graph_replays_with_new_counts_in_the_same_buffers() {
                 offsets_of(&counts_of(rng, pattern, e, max_rows, e))
             }
         };
-        let cfg = GemmConfig { epilogue: Epilogue::SwiGlu, tile: Tile::Auto, ..GemmConfig::new(e as u32, n, k) };
-        let first = rows_for(&mut rng);
-        let mut p = Problem::<bf16>::with_weights(&mut rng, cfg, layout, first, true, true);
-        let mut d = DeviceProblem::new(&stream, &p);
-        let len = rows_of(layout, e) * cfg.output_columns();
-        let mut out = poisoned::<bf16>(&stream, len);
-        stream.synchronize().unwrap();
-        stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
-        d.run(&stream, &cfg, layout, &mut out);
-        let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).unwrap().expect("a graph");
-        for replay in 0..4 {
-            p.rows_data = rows_for(&mut rng);
-            stream.memcpy_htod(&p.rows_data, &mut d.rows).unwrap();
-            stream.memcpy_htod(&vec![bf16::from_f32(POISON); len], &mut out).unwrap();
-            graph.launch().unwrap();
-            let got = stream.clone_dtoh(&out).unwrap();
-            let (want, claims) = p.expected();
-            compare(&got, &want, &claims, cfg.output_columns())
-                .unwrap_or_else(|m| panic!("masked={masked} replay {replay} ({:?}): {m}", p.rows_data));
+        for split_k in [0, 3] {
+            let cfg =
+                GemmConfig { epilogue: Epilogue::SwiGlu, tile: Tile::Auto, split_k, ..GemmConfig::new(e as u32, n, k) };
+            let first = rows_for(&mut rng);
+            let mut p = Problem::<bf16>::with_weights(&mut rng, cfg, layout, first, true, true);
+            let mut d = DeviceProblem::new(&stream, &p);
+            let len = rows_of(layout, e) * cfg.output_columns();
+            let mut out = poisoned::<bf16>(&stream, len);
+            // Allocated before the capture: the graph holds its address.
+            let mut workspace = stream.alloc_zeros::<u8>(cfg.workspace_bytes(layout).unwrap().max(16)).unwrap();
+            stream.synchronize().unwrap();
+            stream
+                .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .unwrap();
+            d.run_with(&stream, &cfg, layout, &mut out, Some(&mut workspace));
+            let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).unwrap().expect("a graph");
+            for replay in 0..4 {
+                p.rows_data = rows_for(&mut rng);
+                stream.memcpy_htod(&p.rows_data, &mut d.rows).unwrap();
+                stream.memcpy_htod(&vec![bf16::from_f32(POISON); len], &mut out).unwrap();
+                graph.launch().unwrap();
+                let got = stream.clone_dtoh(&out).unwrap();
+                let (want, claims) = p.expected();
+                compare(&got, &want, &claims, cfg.output_columns()).unwrap_or_else(|m| {
+                    panic!("masked={masked} split_k={split_k} replay {replay} ({:?}): {m}", p.rows_data)
+                });
+            }
         }
     }
+}
+
+/// One problem with split-K forced to 2, 3 and 7 slices into output O (7 twice: bit-identical), then
+/// chosen automatically with and without a workspace.
+fn split_runs<O: Element + Default>(
+    stream: &Arc<CudaStream>,
+    p: &Problem<bf16>,
+    d: &DeviceProblem<bf16>,
+    expected: &(Vec<f32>, Vec<u8>),
+    label: &str,
+) -> Vec<String> {
+    let (want, claims) = expected;
+    let cols = p.cfg.output_columns();
+    let len = rows_of(p.layout, p.cfg.num_experts as usize) * cols;
+    let mut failures = Vec::new();
+    let mut run = |cfg: &GemmConfig, workspace: bool, what: &str| -> Vec<O> {
+        let mut out = poisoned::<O>(stream, len);
+        if workspace {
+            assert!(cfg.split_k < 2 || cfg.workspace_bytes(p.layout).unwrap() > 0, "{label}: no workspace asked");
+            d.run(stream, cfg, p.layout, &mut out);
+        } else {
+            d.run_with(stream, cfg, p.layout, &mut out, None);
+        }
+        let got = stream.clone_dtoh(&out).unwrap();
+        if let Err(m) = compare(&got, want, claims, cols) {
+            failures.push(format!("{label} -> {} {what}: {m}", std::any::type_name::<O>()));
+        }
+        got
+    };
+    for split_k in [2, 3, 7] {
+        run(&GemmConfig { split_k, ..p.cfg }, true, &format!("split_k={split_k}"));
+    }
+    let first = run(&GemmConfig { split_k: 7, ..p.cfg }, true, "split_k=7 again");
+    let again = run(&GemmConfig { split_k: 7, ..p.cfg }, true, "split_k=7 a third time");
+    run(&GemmConfig { split_k: 0, ..p.cfg }, true, "automatic");
+    run(&GemmConfig { split_k: 0, ..p.cfg }, false, "automatic without workspace");
+    if first.iter().zip(&again).any(|(a, b)| a.to_f32().to_bits() != b.to_f32().to_bits()) {
+        failures.push(format!("{label} -> {}: two split_k=7 runs differ", std::any::type_name::<O>()));
+    }
+    failures
+}
+
+#[test]
+fn split_k_matches_the_reference() {
+    let Some((_ctx, stream)) = common::gpu() else { return };
+    let mut rng = common::rng("split_k_matches_the_reference");
+    // (E, N, K): K = 8 has a single k-tile, fewer than the slices (the empty ones store zeros).
+    let shapes: &[(usize, usize, usize)] = if quick() {
+        &[(60, 64, 2880), (1, 48, 8)]
+    } else {
+        &[(1, 128, 2880), (60, 64, 2880), (60, 2880, 8), (1, 48, 8)]
+    };
+    let mut failures = Vec::new();
+    for &(e, n, k) in shapes {
+        for epilogue in [Epilogue::Identity, Epilogue::SwiGlu, Epilogue::Gelu, Epilogue::Relu] {
+            for (scale, masked) in [(false, false), (true, false), (true, true), (false, true)] {
+                let cfg = GemmConfig { epilogue, ..GemmConfig::new(e as u32, n, k) };
+                let (layout, rows_data) = if masked {
+                    let capacity = 129;
+                    let counts = (0..e).map(|_| [0, 1, 7, 129, 200][rng.random_range(0..5)]).collect();
+                    (Layout::Masked { capacity }, counts)
+                } else {
+                    // Rows {0, 1, 7, 129} per expert, three rows past the end.
+                    let offsets = offsets_of(&counts_of(&mut rng, 0, e, 4000, e));
+                    (Layout::Contiguous { max_rows: *offsets.last().unwrap() as usize + 3 }, offsets)
+                };
+                let p = Problem::<bf16>::new(&mut rng, cfg, layout, rows_data, scale);
+                let expected = p.expected();
+                let d = DeviceProblem::new(&stream, &p);
+                let label = format!("E={e} N={n} K={k} {epilogue:?} scale={scale} {layout:?}");
+                failures.extend(split_runs::<bf16>(&stream, &p, &d, &expected, &label));
+                failures.extend(split_runs::<f32>(&stream, &p, &d, &expected, &label));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 }
