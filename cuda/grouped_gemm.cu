@@ -9,7 +9,15 @@ extern template cudaError_t moek::launch_grouped_gemm<__half>(const moek::GemmPa
                                                               cudaStream_t);
 
 namespace moek {
+
+// The sm_90a path (grouped_gemm_hopper.cu).
+bool grouped_gemm_hopper_available(int num_experts);
+cudaError_t launch_grouped_gemm_hopper(const GemmParams& p, bool f16, moek_dtype out_dtype, cudaStream_t stream);
+
 namespace {
+
+// Rows per expert from which AUTO takes the sm_90a kernel where it is available.
+constexpr int64_t kHopperMinRowsPerExpert = 128;
 
 // The tile shape for AUTO: by the average rows per expert the sizes allow.
 moek_gemm_tile resolve_tile(const moek_grouped_gemm_args& a) {
@@ -17,6 +25,9 @@ moek_gemm_tile resolve_tile(const moek_grouped_gemm_args& a) {
   const int64_t per_expert = a.layout == MOEK_GEMM_MASKED ? a.capacity : a.max_rows / a.num_experts;
   if (per_expert <= TileSmall::BM) return MOEK_GEMM_TILE_SMALL;
   if (per_expert <= TileMedium::BM) return MOEK_GEMM_TILE_MEDIUM;
+  if (per_expert >= kHopperMinRowsPerExpert && grouped_gemm_hopper_available(a.num_experts)) {
+    return MOEK_GEMM_TILE_HOPPER;
+  }
   return MOEK_GEMM_TILE_LARGE;
 }
 
@@ -41,6 +52,9 @@ extern "C" int moek_cuda_grouped_gemm(const moek_grouped_gemm_args* a, cudaStrea
   p.n_out = a->epilogue == MOEK_EPILOGUE_SWIGLU ? a->n / 2 : a->n;
   p.epilogue = a->epilogue;
   const moek_gemm_tile tile = resolve_tile(*a);
+  if (tile == MOEK_GEMM_TILE_HOPPER) {
+    return launch_grouped_gemm_hopper(p, a->dtype == MOEK_DTYPE_F16, a->out_dtype, stream);
+  }
   if (a->dtype == MOEK_DTYPE_BF16) return launch_grouped_gemm<__nv_bfloat16>(p, tile, a->out_dtype, stream);
   return launch_grouped_gemm<__half>(p, tile, a->out_dtype, stream);
 }

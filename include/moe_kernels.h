@@ -279,12 +279,16 @@ typedef enum moek_gemm_epilogue {
 /* Output rows per CTA of the tensor-core kernel (mma.sync, sm_80 and later). AUTO picks by the average
  * rows per expert the sizes allow (max_rows / num_experts, or capacity): SMALL (32 x 64 tiles, weights
  * streamed once per 32 rows of an expert: decode) up to 32, MEDIUM (64 x 128) up to 64, LARGE
- * (128 x 128) above. The others force a shape (tests, tuning). */
+ * (128 x 128) above, and HOPPER from 128 where it is available. The others force a shape (tests,
+ * tuning). HOPPER is the sm_90a kernel (TMA, wgmma; 128 x 256 tiles, persistent): it runs only on a
+ * compute capability 9.0 device with a build that holds sm_90a code (see
+ * moek_grouped_gemm_hopper_available); forced elsewhere, moek_grouped_gemm returns MOEK_ERROR_CUDA. */
 typedef enum moek_gemm_tile {
   MOEK_GEMM_TILE_AUTO = 0,
   MOEK_GEMM_TILE_SMALL = 1,
   MOEK_GEMM_TILE_MEDIUM = 2,
-  MOEK_GEMM_TILE_LARGE = 3
+  MOEK_GEMM_TILE_LARGE = 3,
+  MOEK_GEMM_TILE_HOPPER = 4
 } moek_gemm_tile;
 
 typedef struct moek_grouped_gemm_args {
@@ -309,6 +313,10 @@ typedef struct moek_grouped_gemm_args {
 /* Enqueues the grouped GEMM. Reads a, b, the offsets or counts and row_scale; writes only the rows of
  * out that experts own. Needs no workspace. */
 moek_status moek_grouped_gemm(const moek_grouped_gemm_args *args, cudaStream_t stream);
+
+/* 1 when MOEK_GEMM_TILE_HOPPER can run num_experts experts on the current device (compute capability
+ * 9.0, sm_90a code in this build, shared memory for the expert table), else 0 (also without CUDA). */
+int moek_grouped_gemm_hopper_available(int32_t num_experts);
 
 #ifdef __cplusplus
 }

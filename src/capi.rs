@@ -143,6 +143,12 @@ pub unsafe extern "C" fn moek_grouped_gemm(
     to_status(unsafe { read_args(args, "args") }.and_then(|a| grouped_gemm::grouped_gemm_raw(a, stream)))
 }
 
+/// See `moek_grouped_gemm_hopper_available` in the header.
+#[no_mangle]
+pub extern "C" fn moek_grouped_gemm_hopper_available(num_experts: i32) -> i32 {
+    i32::from(grouped_gemm::hopper_available_raw(num_experts))
+}
+
 // Compile-time proof that the definitions above have the header's signatures.
 const _: [unsafe extern "C" fn(sys::moek_status) -> *const c_char; 2] = [sys::moek_status_string, moek_status_string];
 const _: [unsafe extern "C" fn() -> *const c_char; 2] = [sys::moek_last_error_message, moek_last_error_message];
@@ -163,3 +169,5 @@ type CombineFn = unsafe extern "C" fn(*const sys::moek_combine_args, sys::cudaSt
 const _: [CombineFn; 2] = [sys::moek_combine, moek_combine];
 type GemmFn = unsafe extern "C" fn(*const sys::moek_grouped_gemm_args, sys::cudaStream_t) -> sys::moek_status;
 const _: [GemmFn; 2] = [sys::moek_grouped_gemm, moek_grouped_gemm];
+const _: [unsafe extern "C" fn(i32) -> i32; 2] =
+    [sys::moek_grouped_gemm_hopper_available, moek_grouped_gemm_hopper_available];

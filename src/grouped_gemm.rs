@@ -3,9 +3,11 @@
 //! memory only. Semantics: `moek_grouped_gemm` in `include/moe_kernels.h`;
 //! [`crate::reference::grouped_gemm`] is the CPU oracle.
 //!
-//! The kernel is the portable tensor-core path (mma.sync, cp.async; sm_80 and later). It needs no
-//! workspace, allocates nothing and never synchronises, so it can be captured into a CUDA graph and
-//! replayed with different counts in the same buffers.
+//! The kernels are the portable tensor-core path (mma.sync, cp.async; sm_80 and later) and, for
+//! prefill sizes on a compute capability 9.0 device, an sm_90a path (TMA, wgmma, a persistent grid;
+//! [`Tile::Hopper`], which [`Tile::Auto`] picks from 128 rows per expert where
+//! [`hopper_available`] says it runs). Neither needs a workspace, allocates or synchronises, so a call
+//! can be captured into a CUDA graph and replayed with different counts in the same buffers.
 
 use crate::check;
 use crate::dtype::{self, Element};
@@ -33,6 +35,9 @@ pub enum Tile {
     Medium,
     /// 128 × 128: prefill.
     Large,
+    /// The sm_90a kernel (128 × 256 tiles, TMA and wgmma): prefill on a compute capability 9.0 device.
+    /// Forced where [`hopper_available`] is false, the call fails with a CUDA error.
+    Hopper,
 }
 
 /// Which rows of A and the output each expert owns (the sizes only; the counts live on the device).
@@ -101,6 +106,7 @@ impl GemmConfig {
                 Tile::Small => sys::moek_gemm_tile_MOEK_GEMM_TILE_SMALL,
                 Tile::Medium => sys::moek_gemm_tile_MOEK_GEMM_TILE_MEDIUM,
                 Tile::Large => sys::moek_gemm_tile_MOEK_GEMM_TILE_LARGE,
+                Tile::Hopper => sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER,
             },
             num_experts: i32::try_from(self.num_experts).unwrap_or(i32::MAX),
             n: wide(self.n),
@@ -136,7 +142,7 @@ pub(crate) fn check_shape(a: &sys::moek_grouped_gemm_args) -> Result<i64> {
     if a.epilogue > sys::moek_gemm_epilogue_MOEK_EPILOGUE_RELU {
         bail!(InvalidEnum, "epilogue = {} is not a moek_gemm_epilogue", a.epilogue);
     }
-    if a.tile > sys::moek_gemm_tile_MOEK_GEMM_TILE_LARGE {
+    if a.tile > sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER {
         bail!(InvalidEnum, "tile = {} is not a moek_gemm_tile", a.tile);
     }
     let e = a.num_experts;
@@ -186,6 +192,20 @@ pub(crate) fn grouped_gemm_raw(a: &sys::moek_grouped_gemm_args, stream: sys::cud
     check::pointer("row_scale", a.row_scale, false, 4)?;
     check::pointer("out", a.out, rows, 16)?;
     crate::cuda::status(crate::cuda::grouped_gemm(a, stream))
+}
+
+/// Whether [`Tile::Hopper`] can run `num_experts` experts on the current CUDA device (false without
+/// the CUDA kernels). Shared by the C entry point and [`hopper_available`].
+pub(crate) fn hopper_available_raw(num_experts: i32) -> bool {
+    (1..=sys::MOEK_GEMM_MAX_EXPERTS as i32).contains(&num_experts) && crate::cuda::gemm_hopper_available(num_experts)
+}
+
+/// Whether [`Tile::Hopper`] can run `num_experts` experts on `stream`'s device: compute capability
+/// 9.0, a build with sm_90a code (`MOEK_CUDA_ARCHS` holds `90a`), enough shared memory for the
+/// experts' tile table.
+pub fn hopper_available(stream: &Arc<CudaStream>, num_experts: u32) -> Result<bool> {
+    stream.context().bind_to_thread()?;
+    Ok(hopper_available_raw(i32::try_from(num_experts).unwrap_or(i32::MAX)))
 }
 
 /// The device-side description of which rows each expert owns.
