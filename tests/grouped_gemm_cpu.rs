@@ -95,3 +95,13 @@ fn c_interface_checks_grouped_gemm_arguments() {
     a.b = 0x2001 as *const _;
     assert_eq!(call(&a), sys::moek_status_MOEK_ERROR_MISALIGNED, "b is still checked");
 }
+
+#[test]
+fn hopper_tile_validates_and_reports_availability() {
+    GemmConfig { tile: Tile::Hopper, ..GemmConfig::new(8, 2880, 7168) }.validate::<bf16, bf16>(ROWS).unwrap();
+    // Out-of-range expert counts are never available; without a GPU (or kernels) nothing is.
+    assert_eq!(capi::moek_grouped_gemm_hopper_available(0), 0);
+    assert_eq!(capi::moek_grouped_gemm_hopper_available(8193), 0);
+    let available = capi::moek_grouped_gemm_hopper_available(8);
+    assert!(available == 0 || available == 1);
+}

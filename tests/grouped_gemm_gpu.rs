@@ -3,14 +3,18 @@
 //! tile shape, every epilogue with and without a row scale, bf16 and fp16 inputs with their own or f32
 //! output, the masked layout, corrupt offsets, run-to-run bit identity and a CUDA-graph replay with new
 //! counts in the same buffers. Outputs are poisoned first; rows no expert owns must stay poisoned.
-//! Skips (with a notice) where there is no GPU. MOEK_TEST_QUICK=1 trims the shape matrix.
+//! Skips (with a notice) where there is no GPU. MOEK_TEST_QUICK=1 trims the shape matrix. The sm_90a
+//! kernel (`Tile::Hopper`) runs in every case where `hopper_available` says it can (a compute capability
+//! 9.0 device and a build with sm_90a code); elsewhere it is skipped with a notice.
 
 mod common;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::{bf16, f16};
 use moe_kernels::dtype::Element;
-use moe_kernels::grouped_gemm::{grouped_gemm, Epilogue, ExpertRows, GemmConfig, GemmInput, Layout, Tile};
+use moe_kernels::grouped_gemm::{
+    grouped_gemm, hopper_available, Epilogue, ExpertRows, GemmConfig, GemmInput, Layout, Tile,
+};
 use moe_kernels::reference::grouped_gemm as reference;
 use rand::Rng;
 use std::sync::Arc;
@@ -235,6 +239,19 @@ fn compare<O: Element>(got: &[O], want: &[f32], claims: &[u8], cols: usize) -> R
     Ok(())
 }
 
+/// The tile shapes to test on `stream`'s device for E experts: every portable one, AUTO, and HOPPER
+/// where it runs (noted once per process where it does not).
+fn tiles(stream: &Arc<CudaStream>, num_experts: u32) -> Vec<Tile> {
+    static NOTED: std::sync::Once = std::sync::Once::new();
+    let mut tiles = vec![Tile::Auto, Tile::Small, Tile::Medium, Tile::Large];
+    if hopper_available(stream, num_experts).unwrap() {
+        tiles.push(Tile::Hopper);
+    } else {
+        NOTED.call_once(|| eprintln!("NOTE: Tile::Hopper not available here (needs sm_90 and sm_90a code): skipped"));
+    }
+    tiles
+}
+
 /// Runs `p` with every tile shape (and AUTO), each output compared against the reference.
 fn check_all_tiles<T: Input, O: Element + Default>(
     stream: &Arc<CudaStream>,
@@ -246,7 +263,7 @@ fn check_all_tiles<T: Input, O: Element + Default>(
     let cols = p.cfg.output_columns();
     let len = rows_of(p.layout, p.cfg.num_experts as usize) * cols;
     let mut failures = Vec::new();
-    for tile in [Tile::Auto, Tile::Small, Tile::Medium, Tile::Large] {
+    for tile in tiles(stream, p.cfg.num_experts) {
         let cfg = GemmConfig { tile, ..p.cfg };
         let mut out = poisoned::<O>(stream, len);
         d.run(stream, &cfg, p.layout, &mut out);
@@ -324,7 +341,7 @@ fn shapes_match_the_reference() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} failures in {cases} shapes x 4 tiles:\n{}", failures.len(), failures.join("\n"));
+    assert!(failures.is_empty(), "{} failures in {cases} shapes:\n{}", failures.len(), failures.join("\n"));
 }
 
 fn epilogue_cases<T: Input, O: Element + Default>(stream: &Arc<CudaStream>, rng: &mut impl Rng) -> Vec<String> {
@@ -414,14 +431,41 @@ fn two_runs_are_bit_identical() {
     let p = Problem::<bf16>::new(&mut rng, cfg, Layout::Contiguous { max_rows }, offsets, true);
     let d = DeviceProblem::new(&stream, &p);
     let len = max_rows * cfg.output_columns();
-    let runs: Vec<Vec<f32>> = (0..2)
-        .map(|_| {
-            let mut out = poisoned::<f32>(&stream, len);
-            d.run(&stream, &cfg, p.layout, &mut out);
-            stream.clone_dtoh(&out).unwrap()
-        })
-        .collect();
-    assert!(runs[0].iter().zip(&runs[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "two runs differ");
+    for tile in tiles(&stream, 60) {
+        let cfg = GemmConfig { tile, ..cfg };
+        let runs: Vec<Vec<f32>> = (0..2)
+            .map(|_| {
+                let mut out = poisoned::<f32>(&stream, len);
+                d.run(&stream, &cfg, p.layout, &mut out);
+                stream.clone_dtoh(&out).unwrap()
+            })
+            .collect();
+        assert!(runs[0].iter().zip(&runs[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "two runs differ ({tile:?})");
+    }
+}
+
+/// Prefill-sized experts (whole and partial 128-row tiles, many tiles per CTA of the persistent sm_90a
+/// grid, K and N tails, 100+ K steps through its pipeline ring), every epilogue with a row scale, every
+/// tile shape.
+#[test]
+fn prefill_sizes_match_the_reference() {
+    let Some((_ctx, stream)) = common::gpu() else { return };
+    let mut rng = common::rng("prefill_sizes_match_the_reference");
+    let counts = [0usize, 128, 255, 256, 600, 1, 129, 384];
+    let offsets = offsets_of(&counts);
+    let max_rows = *offsets.last().unwrap() as usize + 5;
+    let mut failures = Vec::new();
+    let shapes: &[(usize, usize)] = if quick() { &[(1040, 1040)] } else { &[(1040, 1040), (264, 7168)] };
+    for &(n, k) in shapes {
+        for epilogue in [Epilogue::Identity, Epilogue::SwiGlu, Epilogue::Gelu, Epilogue::Relu] {
+            let cfg = GemmConfig { epilogue, ..GemmConfig::new(counts.len() as u32, n, k) };
+            let layout = Layout::Contiguous { max_rows };
+            let p = Problem::<bf16>::new(&mut rng, cfg, layout, offsets.clone(), true);
+            let label = format!("prefill N={n} K={k} {epilogue:?}");
+            failures.extend(check_all_tiles::<bf16, bf16>(&stream, &p, &label));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]
@@ -440,25 +484,33 @@ fn graph_replays_with_new_counts_in_the_same_buffers() {
                 offsets_of(&counts_of(rng, pattern, e, max_rows, e))
             }
         };
-        let cfg = GemmConfig { epilogue: Epilogue::SwiGlu, tile: Tile::Auto, ..GemmConfig::new(e as u32, n, k) };
-        let first = rows_for(&mut rng);
-        let mut p = Problem::<bf16>::with_weights(&mut rng, cfg, layout, first, true, true);
-        let mut d = DeviceProblem::new(&stream, &p);
-        let len = rows_of(layout, e) * cfg.output_columns();
-        let mut out = poisoned::<bf16>(&stream, len);
-        stream.synchronize().unwrap();
-        stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
-        d.run(&stream, &cfg, layout, &mut out);
-        let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).unwrap().expect("a graph");
-        for replay in 0..4 {
-            p.rows_data = rows_for(&mut rng);
-            stream.memcpy_htod(&p.rows_data, &mut d.rows).unwrap();
-            stream.memcpy_htod(&vec![bf16::from_f32(POISON); len], &mut out).unwrap();
-            graph.launch().unwrap();
-            let got = stream.clone_dtoh(&out).unwrap();
-            let (want, claims) = p.expected();
-            compare(&got, &want, &claims, cfg.output_columns())
-                .unwrap_or_else(|m| panic!("masked={masked} replay {replay} ({:?}): {m}", p.rows_data));
+        let mut graph_tiles = vec![Tile::Auto];
+        if hopper_available(&stream, e as u32).unwrap() {
+            graph_tiles.push(Tile::Hopper);
+        }
+        for tile in graph_tiles {
+            let cfg = GemmConfig { epilogue: Epilogue::SwiGlu, tile, ..GemmConfig::new(e as u32, n, k) };
+            let first = rows_for(&mut rng);
+            let mut p = Problem::<bf16>::with_weights(&mut rng, cfg, layout, first, true, true);
+            let mut d = DeviceProblem::new(&stream, &p);
+            let len = rows_of(layout, e) * cfg.output_columns();
+            let mut out = poisoned::<bf16>(&stream, len);
+            stream.synchronize().unwrap();
+            stream
+                .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .unwrap();
+            d.run(&stream, &cfg, layout, &mut out);
+            let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).unwrap().expect("a graph");
+            for replay in 0..4 {
+                p.rows_data = rows_for(&mut rng);
+                stream.memcpy_htod(&p.rows_data, &mut d.rows).unwrap();
+                stream.memcpy_htod(&vec![bf16::from_f32(POISON); len], &mut out).unwrap();
+                graph.launch().unwrap();
+                let got = stream.clone_dtoh(&out).unwrap();
+                let (want, claims) = p.expected();
+                compare(&got, &want, &claims, cfg.output_columns())
+                    .unwrap_or_else(|m| panic!("masked={masked} {tile:?} replay {replay} ({:?}): {m}", p.rows_data));
+            }
         }
     }
 }
