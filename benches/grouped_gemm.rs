@@ -4,11 +4,12 @@
 //! events (criterion's `iter_custom`) and as one call's share of a CUDA graph of calls, plus a JSON of
 //! medians (MOEK_BENCH_JSON, default target/bench-grouped-gemm.json) with the weight bytes touched and
 //! the FLOP, for benches/RESULTS.md and `compare_torch.py --suite gemm` (same case names).
+//! `MOEK_GEMM_TILE=auto|small|medium|large|hopper` forces a tile shape (A/B comparisons; default auto).
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use cudarc::driver::{sys, CudaSlice, CudaStream};
 use half::bf16;
-use moe_kernels::grouped_gemm::{grouped_gemm, Epilogue, ExpertRows, GemmConfig};
+use moe_kernels::grouped_gemm::{grouped_gemm, Epilogue, ExpertRows, GemmConfig, Tile};
 use moe_kernels::timing;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
@@ -64,6 +65,18 @@ fn row(name: &str, t: usize, bytes: f64, flop: f64, (stream_us, graph_us): (f64,
     )
 }
 
+/// The tile shape from `MOEK_GEMM_TILE` (AUTO when unset).
+fn tile_from_env() -> Tile {
+    match std::env::var("MOEK_GEMM_TILE").unwrap_or_default().to_ascii_lowercase().as_str() {
+        "" | "auto" => Tile::Auto,
+        "small" => Tile::Small,
+        "medium" => Tile::Medium,
+        "large" => Tile::Large,
+        "hopper" => Tile::Hopper,
+        other => panic!("MOEK_GEMM_TILE={other}: expected auto, small, medium, large or hopper"),
+    }
+}
+
 fn benches(crit: &mut Criterion) {
     if !moe_kernels::KERNELS_BUILT || !unsafe { sys::is_culib_present() } {
         eprintln!("SKIPPED: grouped-GEMM benchmarks need a GPU and a build with CUDA kernels");
@@ -74,6 +87,7 @@ fn benches(crit: &mut Criterion) {
     let stream = ctx.new_stream().unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
     let mut rows_json = Vec::new();
+    let tile = tile_from_env();
     for m in &MODELS {
         let (e, h, i) = (m.experts, m.hidden, m.inter);
         let w_gate_up = random_buffer(&stream, &mut rng, e * 2 * i * h);
@@ -87,8 +101,8 @@ fn benches(crit: &mut Criterion) {
             let mut out = stream.alloc_zeros::<bf16>((rows * h).max(1)).unwrap();
             let scale: Vec<f32> = (0..rows.max(1)).map(|_| rng.random_range(0.0f32..1.0)).collect();
             let scale = stream.clone_htod(&scale).unwrap();
-            let gate_up = GemmConfig { epilogue: Epilogue::SwiGlu, ..GemmConfig::new(e as u32, 2 * i, h) };
-            let down = GemmConfig::new(e as u32, h, i);
+            let gate_up = GemmConfig { epilogue: Epilogue::SwiGlu, tile, ..GemmConfig::new(e as u32, 2 * i, h) };
+            let down = GemmConfig { tile, ..GemmConfig::new(e as u32, h, i) };
             let experts = ExpertRows::Contiguous { offsets: offsets.slice(..), max_rows: rows };
 
             let mut run_gate_up = || {
