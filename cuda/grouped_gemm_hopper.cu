@@ -202,6 +202,10 @@ __global__ void __launch_bounds__(THREADS, 1)
         const Tile tile = decode_tile(p.experts, prefix, t, n_tiles);
         const int32_t n0 = swiglu ? tile.n_block * (BN / 2) : tile.n_block * BN;
         const int32_t n1 = swiglu ? static_cast<int32_t>(p.n_out) + n0 : n0 + BOX_ROWS;
+        // The second B box lies wholly past N only for the last plain n-block: then it is not loaded
+        // (its product columns are never stored, so whatever that half of the stage holds is harmless).
+        const bool second = n1 < p.n;
+        const uint32_t stage_bytes = second ? STAGE_BYTES : STAGE_BYTES - BOX_ROWS * BK * 2;
         for (int kt = 0; kt < k_tiles; ++kt, ++it) {
           const uint32_t s = it % STAGES;
           const uint32_t round = it / STAGES;
@@ -209,11 +213,11 @@ __global__ void __launch_bounds__(THREADS, 1)
           const uint32_t bar = full_bar + 8 * s;
           const uint32_t sa = ring + s * STAGE_BYTES;
           const uint32_t sb = sa + A_BYTES;
-          sm90::mbar_arrive_expect_tx(bar, STAGE_BYTES);
+          sm90::mbar_arrive_expect_tx(bar, stage_bytes);
           const int32_t k0 = kt * BK;
           sm90::tma_load_2d(sa, &map_a, bar, k0, tile.row0);
           sm90::tma_load_3d(sb, &map_b, bar, k0, n0, tile.expert);
-          sm90::tma_load_3d(sb + BOX_ROWS * BK * 2, &map_b, bar, k0, n1, tile.expert);
+          if (second) sm90::tma_load_3d(sb + BOX_ROWS * BK * 2, &map_b, bar, k0, n1, tile.expert);
         }
       }
     }
