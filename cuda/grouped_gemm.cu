@@ -10,8 +10,9 @@ extern template cudaError_t moek::launch_grouped_gemm<__half>(const moek::GemmPa
 
 namespace moek {
 
-// The sm_90a path (grouped_gemm_hopper.cu).
-bool grouped_gemm_hopper_available(int num_experts);
+// The sm_90a path (grouped_gemm_hopper.cu). AUTO asks grouped_gemm_hopper_auto (available, and not
+// turned off by MOEK_GEMM_HOPPER=0).
+bool grouped_gemm_hopper_auto(int num_experts);
 cudaError_t launch_grouped_gemm_hopper(const GemmParams& p, bool f16, moek_dtype out_dtype, cudaStream_t stream);
 
 namespace {
@@ -25,7 +26,7 @@ moek_gemm_tile resolve_tile(const moek_grouped_gemm_args& a) {
   const int64_t per_expert = a.layout == MOEK_GEMM_MASKED ? a.capacity : a.max_rows / a.num_experts;
   if (per_expert <= TileSmall::BM) return MOEK_GEMM_TILE_SMALL;
   if (per_expert <= TileMedium::BM) return MOEK_GEMM_TILE_MEDIUM;
-  if (per_expert >= kHopperMinRowsPerExpert && grouped_gemm_hopper_available(a.num_experts)) {
+  if (per_expert >= kHopperMinRowsPerExpert && grouped_gemm_hopper_auto(a.num_experts)) {
     return MOEK_GEMM_TILE_HOPPER;
   }
   return MOEK_GEMM_TILE_LARGE;

@@ -24,6 +24,7 @@
 #include "wgmma_sm90.cuh"
 
 #include <atomic>
+#include <cstdlib>
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
 namespace moek {
@@ -366,6 +367,16 @@ bool available(int num_experts) {
 }  // namespace hopper
 
 bool grouped_gemm_hopper_available(int num_experts) { return hopper::available(num_experts); }
+
+// AUTO's question: available, unless the environment says MOEK_GEMM_HOPPER=0 (read once; a switch to
+// compare against or fall back to the portable path without rebuilding; forcing HOPPER still works).
+bool grouped_gemm_hopper_auto(int num_experts) {
+  static const bool off = [] {
+    const char* v = std::getenv("MOEK_GEMM_HOPPER");
+    return v != nullptr && v[0] == '0' && v[1] == '\0';
+  }();
+  return !off && hopper::available(num_experts);
+}
 
 cudaError_t launch_grouped_gemm_hopper(const GemmParams& p, bool f16, moek_dtype out_dtype, cudaStream_t stream) {
   if (!hopper::available(p.experts.num_experts)) return cudaErrorNotSupported;

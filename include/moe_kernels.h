@@ -282,7 +282,8 @@ typedef enum moek_gemm_epilogue {
  * (128 x 128) above, and HOPPER from 128 where it is available. The others force a shape (tests,
  * tuning). HOPPER is the sm_90a kernel (TMA, wgmma; 128 x 256 tiles, persistent): it runs only on a
  * compute capability 9.0 device with a build that holds sm_90a code (see
- * moek_grouped_gemm_hopper_available); forced elsewhere, moek_grouped_gemm returns MOEK_ERROR_CUDA. */
+ * moek_grouped_gemm_hopper_available); forced elsewhere, moek_grouped_gemm returns MOEK_ERROR_CUDA.
+ * The environment variable MOEK_GEMM_HOPPER=0 keeps AUTO off it. */
 typedef enum moek_gemm_tile {
   MOEK_GEMM_TILE_AUTO = 0,
   MOEK_GEMM_TILE_SMALL = 1,
