@@ -237,6 +237,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         sm90::mbar_wait(full_bar + 8 * s, (it / STAGES) & 1);
         const uint32_t sa = ring + s * STAGE_BYTES + consumer * 64 * BK * 2;
         const uint32_t sb = ring + s * STAGE_BYTES + A_BYTES;
+        sm90::fence_regs(acc);  // the zeroing (or the last tile's epilogue) stays before the fence
         sm90::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
