@@ -514,3 +514,50 @@ fn graph_replays_with_new_counts_in_the_same_buffers() {
         }
     }
 }
+
+/// The sm_90a kernel on a ladder of growing problems, simplest first (one tile and one K step, then
+/// more K steps than pipeline stages, two B boxes, two consumer warpgroups' rows, several tiles per
+/// CTA): the first failure names the smallest broken case and its first bad (row, column).
+#[test]
+fn hopper_ladder_matches_the_reference() {
+    let Some((_ctx, stream)) = common::gpu() else { return };
+    if !hopper_available(&stream, 8).unwrap() {
+        eprintln!("NOTE: Tile::Hopper not available here (needs sm_90 and sm_90a code): ladder skipped");
+        return;
+    }
+    let mut rng = common::rng("hopper_ladder_matches_the_reference");
+    // (rows per expert, E, N, K, epilogue)
+    let ladder: &[(usize, usize, usize, usize, Epilogue)] = &[
+        (64, 1, 128, 64, Epilogue::Identity),
+        (128, 1, 256, 64, Epilogue::Identity),
+        (128, 1, 256, 128, Epilogue::Identity),
+        (128, 1, 256, 640, Epilogue::Identity),
+        (128, 1, 512, 640, Epilogue::Identity),
+        (256, 1, 512, 640, Epilogue::Identity),
+        (128, 1, 512, 640, Epilogue::SwiGlu),
+        (200, 3, 1000, 1000, Epilogue::Identity),
+        (300, 8, 2048, 1024, Epilogue::SwiGlu),
+    ];
+    for &(rows, e, n, k, epilogue) in ladder {
+        let offsets = offsets_of(&vec![rows; e]);
+        let max_rows = rows * e;
+        let cfg = GemmConfig { epilogue, tile: Tile::Hopper, ..GemmConfig::new(e as u32, n, k) };
+        let p = Problem::<bf16>::new(&mut rng, cfg, Layout::Contiguous { max_rows }, offsets, false);
+        let (want, _) = p.expected();
+        let d = DeviceProblem::new(&stream, &p);
+        let cols = cfg.output_columns();
+        let mut out = poisoned::<f32>(&stream, max_rows * cols);
+        d.run(&stream, &cfg, p.layout, &mut out);
+        let got = stream.clone_dtoh(&out).unwrap();
+        let bad = got.iter().zip(&want).position(|(g, w)| g.is_nan() || (g - w).abs() > 1e-2 * w.abs().max(1.0));
+        if let Some(i) = bad {
+            panic!(
+                "Hopper: rows={rows} E={e} N={n} K={k} {epilogue:?}: first bad element at row {} col {}: {} vs {}",
+                i / cols,
+                i % cols,
+                got[i],
+                want[i]
+            );
+        }
+    }
+}
