@@ -1,4 +1,4 @@
-// Grouped-GEMM entry point: validates nothing (src/grouped_gemm.rs did), resolves the tile shape and the
+// Grouped-GEMM entry point: validates nothing and chooses nothing (src/grouped_gemm.rs did), maps the
 // expert layout, and launches the kernel of the input type (grouped_gemm_bf16.cu, grouped_gemm_f16.cu).
 #include "grouped_gemm_kernel.cuh"
 
@@ -9,22 +9,16 @@ extern template cudaError_t moek::launch_grouped_gemm<__half>(const moek::GemmPa
                                                               cudaStream_t);
 
 namespace moek {
-namespace {
 
-// The tile shape for AUTO: by the average rows per expert the sizes allow.
-moek_gemm_tile resolve_tile(const moek_grouped_gemm_args& a) {
-  if (a.tile != MOEK_GEMM_TILE_AUTO) return a.tile;
-  const int64_t per_expert = a.layout == MOEK_GEMM_MASKED ? a.capacity : a.max_rows / a.num_experts;
-  if (per_expert <= TileSmall::BM) return MOEK_GEMM_TILE_SMALL;
-  if (per_expert <= TileMedium::BM) return MOEK_GEMM_TILE_MEDIUM;
-  return MOEK_GEMM_TILE_LARGE;
-}
+// The sm_90a path (grouped_gemm_hopper.cu).
+cudaError_t launch_grouped_gemm_hopper(const GemmParams& p, bool f16, moek_dtype out_dtype, cudaStream_t stream);
 
-}  // namespace
 }  // namespace moek
 
-// `splits`: K slices, chosen by src/grouped_gemm.rs (split_plan) for these arguments and a workspace of
-// at least splits * rows * n floats; 1 does not touch the workspace.
+// `a->tile` is resolved (never AUTO): src/grouped_gemm.rs (resolved_tile) chooses it, the sm_90a
+// kernel included, and reads the environment overrides. `splits`: K slices, chosen there too
+// (split_plan) for these arguments and a workspace of at least splits * rows * n floats; 1 does not
+// touch the workspace. The sm_90a kernel never splits.
 extern "C" int moek_cuda_grouped_gemm(const moek_grouped_gemm_args* a, int32_t splits, cudaStream_t stream) {
   using namespace moek;
   const bool masked = a->layout == MOEK_GEMM_MASKED;
@@ -45,7 +39,12 @@ extern "C" int moek_cuda_grouped_gemm(const moek_grouped_gemm_args* a, int32_t s
   p.splits = splits;
   p.partial = splits > 1 ? static_cast<float*>(a->workspace) : nullptr;
   p.rows_total = masked ? a->capacity * a->num_experts : a->max_rows;
-  const moek_gemm_tile tile = resolve_tile(*a);
+  const moek_gemm_tile tile = a->tile;
+  if (tile == MOEK_GEMM_TILE_HOPPER) {
+    p.splits = 1;
+    p.partial = nullptr;
+    return launch_grouped_gemm_hopper(p, a->dtype == MOEK_DTYPE_F16, a->out_dtype, stream);
+  }
   if (a->dtype == MOEK_DTYPE_BF16) return launch_grouped_gemm<__nv_bfloat16>(p, tile, a->out_dtype, stream);
   return launch_grouped_gemm<__half>(p, tile, a->out_dtype, stream);
 }

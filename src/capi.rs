@@ -155,6 +155,12 @@ pub unsafe extern "C" fn moek_grouped_gemm(
     to_status(unsafe { read_args(args, "args") }.and_then(|a| grouped_gemm::grouped_gemm_raw(a, stream)))
 }
 
+/// See `moek_grouped_gemm_hopper_available` in the header.
+#[no_mangle]
+pub extern "C" fn moek_grouped_gemm_hopper_available(num_experts: i32) -> i32 {
+    i32::from(grouped_gemm::hopper_available_raw(num_experts))
+}
+
 /// See `moek_layer_workspace_size` in the header.
 ///
 /// # Safety
@@ -198,6 +204,8 @@ type GemmSizeFn = unsafe extern "C" fn(*const sys::moek_grouped_gemm_args, *mut 
 const _: [GemmSizeFn; 2] = [sys::moek_grouped_gemm_workspace_size, moek_grouped_gemm_workspace_size];
 type GemmFn = unsafe extern "C" fn(*const sys::moek_grouped_gemm_args, sys::cudaStream_t) -> sys::moek_status;
 const _: [GemmFn; 2] = [sys::moek_grouped_gemm, moek_grouped_gemm];
+const _: [unsafe extern "C" fn(i32) -> i32; 2] =
+    [sys::moek_grouped_gemm_hopper_available, moek_grouped_gemm_hopper_available];
 type LayerSizeFn = unsafe extern "C" fn(*const sys::moek_layer_args, *mut usize) -> sys::moek_status;
 const _: [LayerSizeFn; 2] = [sys::moek_layer_workspace_size, moek_layer_workspace_size];
 type LayerFn = unsafe extern "C" fn(*const sys::moek_layer_args, sys::cudaStream_t) -> sys::moek_status;

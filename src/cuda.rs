@@ -28,6 +28,7 @@ mod launchers {
             splits: i32,
             stream: sys::cudaStream_t,
         ) -> i32;
+        pub fn moek_cuda_gemm_hopper_available(num_experts: i32) -> i32;
     }
 }
 
@@ -101,6 +102,20 @@ pub(crate) fn grouped_gemm(args: &sys::moek_grouped_gemm_args, splits: i32, stre
     {
         let _ = (args, splits, stream);
         NO_KERNELS
+    }
+}
+
+/// Whether the grouped GEMM's sm_90a kernel runs `num_experts` experts on the current device.
+pub(crate) fn gemm_hopper_available(num_experts: i32) -> bool {
+    #[cfg(moek_cuda)]
+    {
+        // SAFETY: only queries the current device and the loaded kernel's attributes.
+        unsafe { launchers::moek_cuda_gemm_hopper_available(num_experts) != 0 }
+    }
+    #[cfg(not(moek_cuda))]
+    {
+        let _ = num_experts;
+        false
     }
 }
 

@@ -3,15 +3,19 @@
 //! memory only. Semantics: `moek_grouped_gemm` in `include/moe_kernels.h`;
 //! [`crate::reference::grouped_gemm`] is the CPU oracle.
 //!
-//! The kernel is the portable tensor-core path (mma.sync, cp.async; sm_80 and later). It allocates
-//! nothing and never synchronises, so it can be captured into a CUDA graph and replayed with different
-//! counts in the same buffers. With few output tiles (decode) it splits K over more CTAs when given a
-//! workspace of [`GemmConfig::workspace_bytes`] bytes (see "Split-K" in the header).
+//! The kernels are the portable tensor-core path (mma.sync, cp.async; sm_80 and later) and, for
+//! prefill sizes on a compute capability 9.0 device, an sm_90a path (TMA, wgmma, a persistent grid;
+//! [`Tile::Hopper`], which [`Tile::Auto`] picks from 128 rows per expert where [`hopper_available`]
+//! says it runs). Neither allocates or synchronises, so a call can be captured into a CUDA graph and
+//! replayed with different counts in the same buffers. With few output tiles (decode) the portable
+//! path splits K over more CTAs when given a workspace of [`GemmConfig::workspace_bytes`] bytes (see
+//! "Split-K" in the header); the sm_90a path never splits K and needs no workspace.
 //!
-//! Tuning overrides, read once per process (for sweeps): `MOEK_GEMM_TILE=small|medium|large` replaces
-//! [`Tile::Auto`] (as do two candidate decode tiles, `small6`: SMALL with 6 stages, and `medium64`:
-//! 64 × 128 with BK = 64), `MOEK_GEMM_SPLIT_K=n` (1..=64) replaces `split_k = 0`, and
-//! `MOEK_GEMM_SPLIT_TARGET=ctas` replaces the CTA count the automatic split aims at (768).
+//! Tuning overrides, read once per process (for sweeps): `MOEK_GEMM_TILE=small|medium|large|hopper`
+//! replaces [`Tile::Auto`] (as do two candidate decode tiles, `small6`: SMALL with 6 stages, and
+//! `medium64`: 64 × 128 with BK = 64; `auto` keeps the automatic choice), `MOEK_GEMM_HOPPER=0` keeps
+//! the automatic choice on the portable path, `MOEK_GEMM_SPLIT_K=n` (1..=64) replaces `split_k = 0`,
+//! and `MOEK_GEMM_SPLIT_TARGET=ctas` replaces the CTA count the automatic split aims at (768).
 
 use crate::check;
 use crate::dtype::{self, Element};
@@ -39,6 +43,9 @@ pub enum Tile {
     Medium,
     /// 128 × 128: prefill.
     Large,
+    /// The sm_90a kernel (128 × 256 tiles, TMA and wgmma): prefill on a compute capability 9.0 device.
+    /// Forced where [`hopper_available`] is false, the call fails with a CUDA error. It never splits K.
+    Hopper,
 }
 
 /// Which rows of A and the output each expert owns (the sizes only; the counts live on the device).
@@ -68,7 +75,7 @@ pub struct GemmConfig {
     pub epilogue: Epilogue,
     pub tile: Tile,
     /// K slices: 0 chooses (a split only with a workspace), 1 never splits, 2..=64 force that many
-    /// (then the workspace is required).
+    /// (then the workspace is required). Ignored when the tile is or resolves to [`Tile::Hopper`].
     pub split_k: u32,
 }
 
@@ -110,6 +117,7 @@ impl GemmConfig {
                 Tile::Small => sys::moek_gemm_tile_MOEK_GEMM_TILE_SMALL,
                 Tile::Medium => sys::moek_gemm_tile_MOEK_GEMM_TILE_MEDIUM,
                 Tile::Large => sys::moek_gemm_tile_MOEK_GEMM_TILE_LARGE,
+                Tile::Hopper => sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER,
             },
             num_experts: i32::try_from(self.num_experts).unwrap_or(i32::MAX),
             n: wide(self.n),
@@ -129,7 +137,8 @@ impl GemmConfig {
     }
 
     /// Bytes of workspace that split-K needs with `layout` (0: no split); less is allowed with
-    /// `split_k = 0` (no split then). Depends on the shape, not on the dtypes.
+    /// `split_k = 0` (no split then). Depends on the shape, not on the dtypes, nor on the device: 0 for
+    /// [`Tile::Hopper`], and for [`Tile::Auto`] the portable path's need, enough for either kernel.
     pub fn workspace_bytes(&self, layout: Layout) -> Result<usize> {
         let bf16 = sys::moek_dtype_MOEK_DTYPE_BF16;
         workspace_bytes(&self.to_args(layout, bf16, bf16))
@@ -155,7 +164,7 @@ pub(crate) fn check_shape(a: &sys::moek_grouped_gemm_args) -> Result<i64> {
     if a.epilogue > sys::moek_gemm_epilogue_MOEK_EPILOGUE_RELU {
         bail!(InvalidEnum, "epilogue = {} is not a moek_gemm_epilogue", a.epilogue);
     }
-    if a.tile > sys::moek_gemm_tile_MOEK_GEMM_TILE_LARGE {
+    if a.tile > sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER {
         bail!(InvalidEnum, "tile = {} is not a moek_gemm_tile", a.tile);
     }
     let e = a.num_experts;
@@ -199,6 +208,8 @@ pub(crate) fn check_shape(a: &sys::moek_grouped_gemm_args) -> Result<i64> {
 /// The tuning overrides of the environment, read once (see the module documentation).
 struct Overrides {
     tile: Option<sys::moek_gemm_tile>,
+    /// `MOEK_GEMM_HOPPER=0`: AUTO never takes the sm_90a kernel.
+    hopper_off: bool,
     split_k: Option<i32>,
     split_target: Option<u64>,
 }
@@ -209,11 +220,13 @@ fn overrides() -> &'static Overrides {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let ignored = |name: &str, v: &str| eprintln!("moe-kernels: ignoring {name}={v} (see the grouped_gemm docs)");
         let tile = var("MOEK_GEMM_TILE").and_then(|v| match v.to_ascii_lowercase().as_str() {
+            "auto" => None,
             "small" => Some(sys::moek_gemm_tile_MOEK_GEMM_TILE_SMALL),
             "medium" => Some(sys::moek_gemm_tile_MOEK_GEMM_TILE_MEDIUM),
             "large" => Some(sys::moek_gemm_tile_MOEK_GEMM_TILE_LARGE),
             "small6" => Some(TILE_SMALL_DEEP),
             "medium64" => Some(TILE_MEDIUM_K64),
+            "hopper" => Some(sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER),
             _ => {
                 ignored("MOEK_GEMM_TILE", &v);
                 None
@@ -233,7 +246,8 @@ fn overrides() -> &'static Overrides {
                 None
             }
         });
-        Overrides { tile, split_k, split_target }
+        let hopper_off = var("MOEK_GEMM_HOPPER").is_some_and(|v| v == "0");
+        Overrides { tile, hopper_off, split_k, split_target }
     })
 }
 
@@ -254,9 +268,14 @@ const SPLIT_MIN_K_TILES: u64 = 4;
 /// The slices' fp32 traffic (written once, read once) stays below the weights' bytes over this.
 const SPLIT_TRAFFIC_RATIO: u64 = 16;
 
-/// The tile `a` runs with: its own, the environment's for AUTO, else AUTO resolved as the launcher
-/// (cuda/grouped_gemm.cu, resolve_tile) does.
-fn resolved_tile(a: &sys::moek_grouped_gemm_args) -> sys::moek_gemm_tile {
+/// Rows per expert from which AUTO takes the sm_90a kernel where it is available.
+const HOPPER_MIN_ROWS_PER_EXPERT: i64 = 128;
+
+/// The tile `a` runs with: its own, the environment's for AUTO, else AUTO resolved by the average rows
+/// per expert. The launcher (cuda/grouped_gemm.cu) receives this, never AUTO. `ask_device`: whether
+/// AUTO may ask the current device for the sm_90a kernel (from [`HOPPER_MIN_ROWS_PER_EXPERT`] rows
+/// per expert, unless `MOEK_GEMM_HOPPER=0`); without it, LARGE stands for either.
+fn resolved_tile(a: &sys::moek_grouped_gemm_args, ask_device: bool) -> sys::moek_gemm_tile {
     if a.tile != sys::moek_gemm_tile_MOEK_GEMM_TILE_AUTO {
         return a.tile;
     }
@@ -271,6 +290,13 @@ fn resolved_tile(a: &sys::moek_grouped_gemm_args) -> sys::moek_gemm_tile {
     match per_expert {
         ..=32 => sys::moek_gemm_tile_MOEK_GEMM_TILE_SMALL,
         33..=64 => sys::moek_gemm_tile_MOEK_GEMM_TILE_MEDIUM,
+        p if p >= HOPPER_MIN_ROWS_PER_EXPERT
+            && ask_device
+            && !overrides().hopper_off
+            && hopper_available_raw(a.num_experts) =>
+        {
+            sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER
+        }
         _ => sys::moek_gemm_tile_MOEK_GEMM_TILE_LARGE,
     }
 }
@@ -285,10 +311,10 @@ fn tile_shape(tile: sys::moek_gemm_tile) -> (u64, u64, u64) {
     }
 }
 
-/// The automatic number of K slices for a shape with `rows` rows (> 0): 1 unless an upper bound of the
-/// CTAs falls short of [`SPLIT_TARGET_CTAS`]; never for the LARGE tile (prefill).
-fn auto_splits(a: &sys::moek_grouped_gemm_args, rows: u64) -> u64 {
-    let tile = resolved_tile(a);
+/// The automatic number of K slices for a shape with `rows` rows (> 0) on the portable `tile`: 1
+/// unless an upper bound of the CTAs falls short of [`SPLIT_TARGET_CTAS`]; never for the LARGE tile
+/// (prefill).
+fn auto_splits(a: &sys::moek_grouped_gemm_args, tile: sys::moek_gemm_tile, rows: u64) -> u64 {
     if tile == sys::moek_gemm_tile_MOEK_GEMM_TILE_LARGE {
         return 1;
     }
@@ -313,42 +339,53 @@ fn auto_splits(a: &sys::moek_grouped_gemm_args, rows: u64) -> u64 {
     by_ctas.min(SPLIT_MAX_AUTO).min(by_k).min(by_traffic).max(1)
 }
 
-/// The K slices `a` asks for (split_k, the environment or the automatic choice) and the workspace
-/// bytes they need (0 for one slice).
-fn split_plan(a: &sys::moek_grouped_gemm_args) -> Result<(i32, usize)> {
+/// How a call runs: its resolved tile, its K slices (split_k, the environment or the automatic
+/// choice; always 1 on the sm_90a kernel) and the workspace bytes they need (0 for one slice).
+struct SplitPlan {
+    tile: sys::moek_gemm_tile,
+    splits: i32,
+    bytes: usize,
+}
+
+/// The [`SplitPlan`] of `a`; `ask_device` as for [`resolved_tile`].
+fn split_plan(a: &sys::moek_grouped_gemm_args, ask_device: bool) -> Result<SplitPlan> {
     let rows = check_shape(a)? as u64;
-    if rows == 0 {
-        return Ok((1, 0));
+    let tile = resolved_tile(a, ask_device);
+    let single = SplitPlan { tile, splits: 1, bytes: 0 };
+    if rows == 0 || tile == sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER {
+        return Ok(single);
     }
     let splits = match a.split_k {
         0 => match overrides().split_k {
             Some(s) => s as u64,
-            None => auto_splits(a, rows),
+            None => auto_splits(a, tile, rows),
         },
         s => s as u64,
     };
     if splits <= 1 {
-        return Ok((1, 0));
+        return Ok(single);
     }
     let bytes = splits * rows * a.n as u64 * 4; // < 2^6 * 2^31 * 2^21 * 4: no overflow
     match usize::try_from(bytes) {
-        Ok(b) => Ok((splits as i32, b)),
+        Ok(bytes) => Ok(SplitPlan { tile, splits: splits as i32, bytes }),
         Err(_) => bail!(InvalidValue, "split_k = {splits} needs {bytes} bytes of workspace, beyond this platform"),
     }
 }
 
-/// See `moek_grouped_gemm_workspace_size` in the header.
+/// See `moek_grouped_gemm_workspace_size` in the header. Does not ask the device: for AUTO it answers
+/// as for the portable path, which covers a call that then runs the sm_90a kernel (no workspace).
 pub(crate) fn workspace_bytes(a: &sys::moek_grouped_gemm_args) -> Result<usize> {
-    split_plan(a).map(|(_, bytes)| bytes)
+    split_plan(a, false).map(|plan| plan.bytes)
 }
 
 /// Validates a grouped GEMM's arguments in full, then enqueues it. Shared by the C entry point and
 /// [`grouped_gemm`].
 pub(crate) fn grouped_gemm_raw(a: &sys::moek_grouped_gemm_args, stream: sys::cudaStream_t) -> Result<()> {
     let rows = check_shape(a)? > 0;
-    let (wanted, need) = split_plan(a)?;
+    let plan = split_plan(a, true)?;
+    let need = plan.bytes;
     let splits = if a.workspace_bytes >= need {
-        wanted
+        plan.splits
     } else if a.split_k >= 2 {
         bail!(
             WorkspaceTooSmall,
@@ -368,10 +405,22 @@ pub(crate) fn grouped_gemm_raw(a: &sys::moek_grouped_gemm_args, stream: sys::cud
     check::pointer("row_scale", a.row_scale, false, 4)?;
     check::pointer("out", a.out, rows, 16)?;
     let mut a = *a;
-    if a.tile == sys::moek_gemm_tile_MOEK_GEMM_TILE_AUTO {
-        a.tile = overrides().tile.unwrap_or(a.tile); // AUTO itself is resolved by the launcher
-    }
+    a.tile = plan.tile; // the launcher takes a resolved tile, never AUTO
     crate::cuda::status(crate::cuda::grouped_gemm(&a, splits, stream))
+}
+
+/// Whether [`Tile::Hopper`] can run `num_experts` experts on the current CUDA device (false without
+/// the CUDA kernels). Shared by the C entry point, AUTO's choice and [`hopper_available`].
+pub(crate) fn hopper_available_raw(num_experts: i32) -> bool {
+    (1..=sys::MOEK_GEMM_MAX_EXPERTS as i32).contains(&num_experts) && crate::cuda::gemm_hopper_available(num_experts)
+}
+
+/// Whether [`Tile::Hopper`] can run `num_experts` experts on `stream`'s device: compute capability
+/// 9.0, a build with sm_90a code (`MOEK_CUDA_ARCHS` holds `90a`), enough shared memory for the
+/// experts' tile table.
+pub fn hopper_available(stream: &Arc<CudaStream>, num_experts: u32) -> Result<bool> {
+    stream.context().bind_to_thread()?;
+    Ok(hopper_available_raw(i32::try_from(num_experts).unwrap_or(i32::MAX)))
 }
 
 /// The device-side description of which rows each expert owns.

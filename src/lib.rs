@@ -14,8 +14,9 @@
 //! - [`permute`]: the device-side plan of the expert-grouped layout, permute and the deterministic
 //!   weighted combine, with the CPU reference in [`reference::permute`].
 //! - [`grouped_gemm`]: every expert's matrix product in one launch (contiguous or masked rows, SwiGLU /
-//!   GELU / ReLU and row-scale epilogues; the portable mma.sync path so far), with the CPU reference in
-//!   [`reference::grouped_gemm`].
+//!   GELU / ReLU and row-scale epilogues; the portable mma.sync path, with split-K for decode, and an
+//!   sm_90a TMA + wgmma path for prefill; split-K and the sm_90a path not yet run on a GPU), with the
+//!   CPU reference in [`reference::grouped_gemm`].
 //! - [`layer`]: a whole MoE layer composed from the above (route, plan, permute, two grouped GEMMs,
 //!   combine), with the CPU reference in [`reference::layer`] (not yet run on a GPU).
 //! - [`subbit`]: the sub-1-bit ternary expert format (encoder, validator, CPU decoder); its kernels are

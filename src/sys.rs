@@ -251,6 +251,7 @@ pub const moek_gemm_tile_MOEK_GEMM_TILE_AUTO: moek_gemm_tile = 0;
 pub const moek_gemm_tile_MOEK_GEMM_TILE_SMALL: moek_gemm_tile = 1;
 pub const moek_gemm_tile_MOEK_GEMM_TILE_MEDIUM: moek_gemm_tile = 2;
 pub const moek_gemm_tile_MOEK_GEMM_TILE_LARGE: moek_gemm_tile = 3;
+pub const moek_gemm_tile_MOEK_GEMM_TILE_HOPPER: moek_gemm_tile = 4;
 pub type moek_gemm_tile = ::std::os::raw::c_uint;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -316,6 +317,9 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn moek_grouped_gemm(args: *const moek_grouped_gemm_args, stream: cudaStream_t) -> moek_status;
+}
+unsafe extern "C" {
+    pub fn moek_grouped_gemm_hopper_available(num_experts: i32) -> ::std::os::raw::c_int;
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

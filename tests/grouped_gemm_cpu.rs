@@ -184,3 +184,29 @@ fn c_interface_checks_the_workspace() {
     assert_eq!(call(&a), sys::moek_status_MOEK_ERROR_MISALIGNED);
     assert!(message().contains("b = "), "{}", message());
 }
+
+#[test]
+fn hopper_tile_validates_and_reports_availability() {
+    GemmConfig { tile: Tile::Hopper, ..GemmConfig::new(8, 2880, 7168) }.validate::<bf16, bf16>(ROWS).unwrap();
+    // Out-of-range expert counts are never available; without a GPU (or kernels) nothing is.
+    assert_eq!(capi::moek_grouped_gemm_hopper_available(0), 0);
+    assert_eq!(capi::moek_grouped_gemm_hopper_available(8193), 0);
+    let available = capi::moek_grouped_gemm_hopper_available(8);
+    assert!(available == 0 || available == 1);
+}
+
+#[test]
+fn hopper_tile_never_splits() {
+    // The sm_90a kernel ignores split_k: no workspace, even when the slices are forced.
+    let rows = Layout::Contiguous { max_rows: 4096 };
+    let hopper = GemmConfig { tile: Tile::Hopper, split_k: 4, ..GemmConfig::new(8, 2880, 7168) };
+    assert_eq!(hopper.workspace_bytes(rows).unwrap(), 0);
+    assert_eq!(GemmConfig { split_k: 0, ..hopper }.workspace_bytes(rows).unwrap(), 0);
+    // The same forced split on the portable LARGE tile does need it.
+    let large = GemmConfig { tile: Tile::Large, ..hopper };
+    assert_eq!(large.workspace_bytes(rows).unwrap(), 4 * 4096 * 2880 * 4);
+    if std::env::var_os("MOEK_GEMM_SPLIT_K").is_none() && std::env::var_os("MOEK_GEMM_TILE").is_none() {
+        // AUTO at prefill sizes (HOPPER or LARGE, whichever the device allows) never splits by itself.
+        assert_eq!(GemmConfig::new(8, 2880, 7168).workspace_bytes(rows).unwrap(), 0);
+    }
+}

@@ -5,14 +5,18 @@
 //! counts in the same buffers; split-K forced to 2, 3 and 7 slices (and chosen automatically, with and
 //! without a workspace) on the same matrix. Outputs are poisoned first; rows no expert owns must stay
 //! poisoned.
-//! Skips (with a notice) where there is no GPU. MOEK_TEST_QUICK=1 trims the shape matrix.
+//! Skips (with a notice) where there is no GPU. MOEK_TEST_QUICK=1 trims the shape matrix. The sm_90a
+//! kernel (`Tile::Hopper`) runs in every case where `hopper_available` says it can (a compute capability
+//! 9.0 device and a build with sm_90a code); elsewhere it is skipped with a notice.
 
 mod common;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::{bf16, f16};
 use moe_kernels::dtype::Element;
-use moe_kernels::grouped_gemm::{grouped_gemm, Epilogue, ExpertRows, GemmConfig, GemmInput, Layout, Tile};
+use moe_kernels::grouped_gemm::{
+    grouped_gemm, hopper_available, Epilogue, ExpertRows, GemmConfig, GemmInput, Layout, Tile,
+};
 use moe_kernels::reference::grouped_gemm as reference;
 use rand::Rng;
 use std::sync::Arc;
@@ -253,6 +257,19 @@ fn compare<O: Element>(got: &[O], want: &[f32], claims: &[u8], cols: usize) -> R
     Ok(())
 }
 
+/// The tile shapes to test on `stream`'s device for E experts: every portable one, AUTO, and HOPPER
+/// where it runs (noted once per process where it does not).
+fn tiles(stream: &Arc<CudaStream>, num_experts: u32) -> Vec<Tile> {
+    static NOTED: std::sync::Once = std::sync::Once::new();
+    let mut tiles = vec![Tile::Auto, Tile::Small, Tile::Medium, Tile::Large];
+    if hopper_available(stream, num_experts).unwrap() {
+        tiles.push(Tile::Hopper);
+    } else {
+        NOTED.call_once(|| eprintln!("NOTE: Tile::Hopper not available here (needs sm_90 and sm_90a code): skipped"));
+    }
+    tiles
+}
+
 /// Runs `p` with every tile shape (and AUTO), each output compared against the reference.
 fn check_all_tiles<T: Input, O: Element + Default>(
     stream: &Arc<CudaStream>,
@@ -264,7 +281,7 @@ fn check_all_tiles<T: Input, O: Element + Default>(
     let cols = p.cfg.output_columns();
     let len = rows_of(p.layout, p.cfg.num_experts as usize) * cols;
     let mut failures = Vec::new();
-    for tile in [Tile::Auto, Tile::Small, Tile::Medium, Tile::Large] {
+    for tile in tiles(stream, p.cfg.num_experts) {
         let cfg = GemmConfig { tile, ..p.cfg };
         let mut out = poisoned::<O>(stream, len);
         d.run(stream, &cfg, p.layout, &mut out);
@@ -342,7 +359,7 @@ fn shapes_match_the_reference() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} failures in {cases} shapes x 4 tiles:\n{}", failures.len(), failures.join("\n"));
+    assert!(failures.is_empty(), "{} failures in {cases} shapes:\n{}", failures.len(), failures.join("\n"));
 }
 
 fn epilogue_cases<T: Input, O: Element + Default>(stream: &Arc<CudaStream>, rng: &mut impl Rng) -> Vec<String> {
@@ -432,14 +449,41 @@ fn two_runs_are_bit_identical() {
     let p = Problem::<bf16>::new(&mut rng, cfg, Layout::Contiguous { max_rows }, offsets, true);
     let d = DeviceProblem::new(&stream, &p);
     let len = max_rows * cfg.output_columns();
-    let runs: Vec<Vec<f32>> = (0..2)
-        .map(|_| {
-            let mut out = poisoned::<f32>(&stream, len);
-            d.run(&stream, &cfg, p.layout, &mut out);
-            stream.clone_dtoh(&out).unwrap()
-        })
-        .collect();
-    assert!(runs[0].iter().zip(&runs[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "two runs differ");
+    for tile in tiles(&stream, 60) {
+        let cfg = GemmConfig { tile, ..cfg };
+        let runs: Vec<Vec<f32>> = (0..2)
+            .map(|_| {
+                let mut out = poisoned::<f32>(&stream, len);
+                d.run(&stream, &cfg, p.layout, &mut out);
+                stream.clone_dtoh(&out).unwrap()
+            })
+            .collect();
+        assert!(runs[0].iter().zip(&runs[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "two runs differ ({tile:?})");
+    }
+}
+
+/// Prefill-sized experts (whole and partial 128-row tiles, many tiles per CTA of the persistent sm_90a
+/// grid, K and N tails, 100+ K steps through its pipeline ring), every epilogue with a row scale, every
+/// tile shape.
+#[test]
+fn prefill_sizes_match_the_reference() {
+    let Some((_ctx, stream)) = common::gpu() else { return };
+    let mut rng = common::rng("prefill_sizes_match_the_reference");
+    let counts = [0usize, 128, 255, 256, 600, 1, 129, 384];
+    let offsets = offsets_of(&counts);
+    let max_rows = *offsets.last().unwrap() as usize + 5;
+    let mut failures = Vec::new();
+    let shapes: &[(usize, usize)] = if quick() { &[(1040, 1040)] } else { &[(1040, 1040), (264, 7168)] };
+    for &(n, k) in shapes {
+        for epilogue in [Epilogue::Identity, Epilogue::SwiGlu, Epilogue::Gelu, Epilogue::Relu] {
+            let cfg = GemmConfig { epilogue, ..GemmConfig::new(counts.len() as u32, n, k) };
+            let layout = Layout::Contiguous { max_rows };
+            let p = Problem::<bf16>::new(&mut rng, cfg, layout, offsets.clone(), true);
+            let label = format!("prefill N={n} K={k} {epilogue:?}");
+            failures.extend(check_all_tiles::<bf16, bf16>(&stream, &p, &label));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]
@@ -458,9 +502,13 @@ fn graph_replays_with_new_counts_in_the_same_buffers() {
                 offsets_of(&counts_of(rng, pattern, e, max_rows, e))
             }
         };
-        for split_k in [0, 3] {
-            let cfg =
-                GemmConfig { epilogue: Epilogue::SwiGlu, tile: Tile::Auto, split_k, ..GemmConfig::new(e as u32, n, k) };
+        let mut graph_tiles = vec![Tile::Auto];
+        if hopper_available(&stream, e as u32).unwrap() {
+            graph_tiles.push(Tile::Hopper);
+        }
+        // Hopper with split_k = 3: the slices are ignored (no workspace asked for).
+        for (tile, split_k) in graph_tiles.into_iter().flat_map(|tile| [(tile, 0), (tile, 3)]) {
+            let cfg = GemmConfig { epilogue: Epilogue::SwiGlu, tile, split_k, ..GemmConfig::new(e as u32, n, k) };
             let first = rows_for(&mut rng);
             let mut p = Problem::<bf16>::with_weights(&mut rng, cfg, layout, first, true, true);
             let mut d = DeviceProblem::new(&stream, &p);
@@ -482,9 +530,56 @@ fn graph_replays_with_new_counts_in_the_same_buffers() {
                 let got = stream.clone_dtoh(&out).unwrap();
                 let (want, claims) = p.expected();
                 compare(&got, &want, &claims, cfg.output_columns()).unwrap_or_else(|m| {
-                    panic!("masked={masked} split_k={split_k} replay {replay} ({:?}): {m}", p.rows_data)
+                    panic!("masked={masked} {tile:?} split_k={split_k} replay {replay} ({:?}): {m}", p.rows_data)
                 });
             }
+        }
+    }
+}
+
+/// The sm_90a kernel on a ladder of growing problems, simplest first (one tile and one K step, then
+/// more K steps than pipeline stages, two B boxes, two consumer warpgroups' rows, several tiles per
+/// CTA): the first failure names the smallest broken case and its first bad (row, column).
+#[test]
+fn hopper_ladder_matches_the_reference() {
+    let Some((_ctx, stream)) = common::gpu() else { return };
+    if !hopper_available(&stream, 8).unwrap() {
+        eprintln!("NOTE: Tile::Hopper not available here (needs sm_90 and sm_90a code): ladder skipped");
+        return;
+    }
+    let mut rng = common::rng("hopper_ladder_matches_the_reference");
+    // (rows per expert, E, N, K, epilogue)
+    let ladder: &[(usize, usize, usize, usize, Epilogue)] = &[
+        (64, 1, 128, 64, Epilogue::Identity),
+        (128, 1, 256, 64, Epilogue::Identity),
+        (128, 1, 256, 128, Epilogue::Identity),
+        (128, 1, 256, 640, Epilogue::Identity),
+        (128, 1, 512, 640, Epilogue::Identity),
+        (256, 1, 512, 640, Epilogue::Identity),
+        (128, 1, 512, 640, Epilogue::SwiGlu),
+        (200, 3, 1000, 1000, Epilogue::Identity),
+        (300, 8, 2048, 1024, Epilogue::SwiGlu),
+    ];
+    for &(rows, e, n, k, epilogue) in ladder {
+        let offsets = offsets_of(&vec![rows; e]);
+        let max_rows = rows * e;
+        let cfg = GemmConfig { epilogue, tile: Tile::Hopper, ..GemmConfig::new(e as u32, n, k) };
+        let p = Problem::<bf16>::new(&mut rng, cfg, Layout::Contiguous { max_rows }, offsets, false);
+        let (want, _) = p.expected();
+        let d = DeviceProblem::new(&stream, &p);
+        let cols = cfg.output_columns();
+        let mut out = poisoned::<f32>(&stream, max_rows * cols);
+        d.run(&stream, &cfg, p.layout, &mut out);
+        let got = stream.clone_dtoh(&out).unwrap();
+        let bad = got.iter().zip(&want).position(|(g, w)| g.is_nan() || (g - w).abs() > 1e-2 * w.abs().max(1.0));
+        if let Some(i) = bad {
+            panic!(
+                "Hopper: rows={rows} E={e} N={n} K={k} {epilogue:?}: first bad element at row {} col {}: {} vs {}",
+                i / cols,
+                i % cols,
+                got[i],
+                want[i]
+            );
         }
     }
 }
@@ -543,7 +638,6 @@ fn split_k_matches_the_reference() {
     for &(e, n, k) in shapes {
         for epilogue in [Epilogue::Identity, Epilogue::SwiGlu, Epilogue::Gelu, Epilogue::Relu] {
             for (scale, masked) in [(false, false), (true, false), (true, true), (false, true)] {
-                let cfg = GemmConfig { epilogue, ..GemmConfig::new(e as u32, n, k) };
                 let (layout, rows_data) = if masked {
                     let capacity = 129;
                     let counts = (0..e).map(|_| [0, 1, 7, 129, 200][rng.random_range(0..5)]).collect();
@@ -553,6 +647,14 @@ fn split_k_matches_the_reference() {
                     let offsets = offsets_of(&counts_of(&mut rng, 0, e, 4000, e));
                     (Layout::Contiguous { max_rows: *offsets.last().unwrap() as usize + 3 }, offsets)
                 };
+                // From 128 rows per expert AUTO may take the sm_90a kernel, which never splits K: pin
+                // the portable tile AUTO picks elsewhere (LARGE) so the slices are exercised everywhere.
+                let per_expert = match layout {
+                    Layout::Masked { capacity } => capacity,
+                    Layout::Contiguous { max_rows } => max_rows / e,
+                };
+                let tile = if per_expert >= 128 { Tile::Large } else { Tile::Auto };
+                let cfg = GemmConfig { epilogue, tile, ..GemmConfig::new(e as u32, n, k) };
                 let p = Problem::<bf16>::new(&mut rng, cfg, layout, rows_data, scale);
                 let expected = p.expected();
                 let d = DeviceProblem::new(&stream, &p);

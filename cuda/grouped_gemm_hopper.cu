@@ -1,0 +1,384 @@
+// The grouped GEMM's sm_90a fast path (prefill: >= 128 rows per expert): the same semantics as the
+// portable kernel (grouped_gemm_kernel.cuh), built from TMA, mbarriers and wgmma.
+//
+// Persistent grid, one CTA per SM, 384 threads = 3 warpgroups. Each CTA walks the output tiles t =
+// blockIdx.x, + gridDim.x, ...; a tile is 128 rows x 256 product columns of one expert (for SwiGLU:
+// 128 output columns, whose 128 gate rows and 128 up rows of B make the 256). Tile order: expert, then
+// n-block, then m-block (CTAs running together share B tiles in L2). The tile -> (expert, rows) map is a
+// prefix sum over the experts' m-tile counts from the device offsets or counts, computed by each CTA in
+// shared memory at start (counts clamped as in expert_tiles.cuh, so corrupt offsets stay in bounds).
+//
+// Warpgroup 0 is the producer (one thread issues TMA; registers given away with setmaxnreg): per
+// 64-wide K step it loads the A box [128 rows, 64] and two B boxes [128 rows, 64] into one stage of a
+// 4-stage ring, completing on the stage's "full" mbarrier. Warpgroups 1 and 2 are consumers: each
+// multiplies its 64 rows of A by the 256 B rows with wgmma m64n256k16 (both operands in shared memory,
+// 128-byte swizzle as TMA wrote them), fp32 accumulators in registers, then frees the stage on its
+// "empty" mbarrier (one arrival per consumer warp). After the last K step the consumers apply the
+// epilogue in registers and store straight to global memory, rows past the expert's end masked (A's
+// box may run into the next expert's rows or past the buffer, where TMA zero-fills; K and N tails
+// are zero-filled the same way). No atomics: deterministic.
+//
+// Tensor maps are encoded on the host per call (cuTensorMapEncodeTiled through cudart's driver entry
+// point) and passed as __grid_constant__ parameters: A as 2-D [rows, K], B as 3-D [E, N, K].
+#include "grouped_gemm_kernel.cuh"
+#include "wgmma_sm90.cuh"
+
+#include <atomic>
+#include <cstdlib>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+
+namespace moek {
+namespace hopper {
+
+constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4;
+constexpr int THREADS = 384;
+constexpr int BOX_ROWS = 128;                          // rows of every TMA box (A, and each half of B)
+constexpr int A_BYTES = BM * BK * 2;                   // 16 KB
+constexpr int B_BYTES = BN * BK * 2;                   // 32 KB
+constexpr int STAGE_BYTES = A_BYTES + B_BYTES;         // 48 KB
+constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;       // 192 KB
+constexpr int BAR_BYTES = 2 * STAGES * 8;              // full[STAGES], empty[STAGES]
+
+// Dynamic shared memory: 1024 bytes of alignment slack (the swizzled tiles need 1024-byte alignment),
+// the ring, the barriers, the E + 1 prefix of m-tiles.
+inline size_t smem_bytes(int num_experts) {
+  return 1024 + PIPE_BYTES + BAR_BYTES + (static_cast<size_t>(num_experts) + 1) * sizeof(int32_t);
+}
+
+// Output columns per tile: 256 product columns, or 128 SwiGLU outputs.
+inline __host__ __device__ int out_cols_per_tile(bool swiglu) { return swiglu ? BN / 2 : BN; }
+
+#if defined(MOEK_SM90A)
+
+constexpr int CONSUMER_WARPS = 8;                       // arrivals that free a stage
+constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;  // 128 * 40 + 256 * 232 <= 64K
+
+// prefix[e] = m-tiles (of BM rows) of experts 0..e-1, prefix[E] = their total; returned to every thread.
+// All THREADS threads call it; it ends with a barrier.
+__device__ int32_t scan_m_tiles(const ExpertRows& r, int32_t* prefix) {
+  constexpr int WARPS = THREADS / 32;
+  __shared__ int32_t warp_sums[WARPS];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+  const int E = r.num_experts;
+  int32_t carry = 0;
+  if (threadIdx.x == 0) prefix[0] = 0;
+  for (int base = 0; base < E; base += THREADS) {
+    const int e = base + threadIdx.x;
+    int32_t v = 0;
+    if (e < E) {
+      int64_t start;
+      int32_t count;
+      r.rows(e, start, count);
+      v = (count + BM - 1) / BM;
+    }
+    int32_t inclusive = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int32_t up = __shfl_up_sync(0xffffffffu, inclusive, o);
+      if (lane >= o) inclusive = saturating_add(inclusive, up);
+    }
+    if (lane == 31) warp_sums[warp] = inclusive;
+    __syncthreads();
+    int32_t before = 0, chunk_total = 0;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      if (w < warp) before = saturating_add(before, warp_sums[w]);
+      chunk_total = saturating_add(chunk_total, warp_sums[w]);
+    }
+    if (e < E) prefix[e + 1] = saturating_add(carry, saturating_add(before, inclusive));
+    carry = saturating_add(carry, chunk_total);
+    __syncthreads();
+  }
+  return carry;
+}
+
+// One output tile.
+struct Tile {
+  int32_t expert;
+  int32_t n_block;
+  int32_t row0;  // first row (of A and the output)
+  int32_t rows;  // valid rows from row0, 1..BM
+};
+
+// Tile t (< prefix[E] * n_tiles): experts in order, each expert's tiles n-block-major.
+__device__ __forceinline__ Tile decode_tile(const ExpertRows& r, const int32_t* prefix, int64_t t, int32_t n_tiles) {
+  const int32_t q = static_cast<int32_t>(t / n_tiles);  // the m-tile index over all experts
+  int lo = 0, hi = r.num_experts - 1;
+  while (lo < hi) {  // the last expert whose first m-tile is at or before q: it has a tile there
+    const int mid = (lo + hi + 1) / 2;
+    if (prefix[mid] <= q) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int32_t m_tiles = prefix[lo + 1] - prefix[lo];
+  const int64_t local = t - static_cast<int64_t>(prefix[lo]) * n_tiles;
+  const int32_t m_block = static_cast<int32_t>(local % m_tiles);
+  int64_t start;
+  int32_t count;
+  r.rows(lo, start, count);
+  Tile tile;
+  tile.expert = lo;
+  tile.n_block = static_cast<int32_t>(local / m_tiles);
+  tile.row0 = static_cast<int32_t>(start + static_cast<int64_t>(m_block) * BM);
+  tile.rows = min(BM, count - m_block * BM);
+  return tile;
+}
+
+template <typename Tout>
+__device__ __forceinline__ void store_tile(const GemmParams& p, const Tile& tile, int consumer, float (&acc)[128]) {
+  const int t = threadIdx.x & 127, lane = t & 31, warp = t / 32;
+  const int g = lane >> 2, q = lane & 3;
+  Tout* out = static_cast<Tout*>(p.out);
+  const bool swiglu = p.epilogue == MOEK_EPILOGUE_SWIGLU;
+  // Accumulator 4j + 2h + c holds row (warp * 16 + g + 8h) of this warpgroup's 64, product column
+  // 8j + 2q + c of the tile's 256.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = consumer * 64 + warp * 16 + g + h * 8;
+    if (r >= tile.rows) continue;
+    const int64_t row = static_cast<int64_t>(tile.row0) + r;
+    const float scale = p.row_scale != nullptr ? __ldg(p.row_scale + row) : 1.f;
+    Tout* out_row = out + row * p.n_out;
+    if (swiglu) {
+      // Columns 0..127 are the gate rows of outputs n_block * 128 + c, columns 128..255 their up rows.
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const int64_t col = static_cast<int64_t>(tile.n_block) * (BN / 2) + j * 8 + q * 2;
+        if (col >= p.n_out) continue;
+        const float x = silu(acc[4 * j + 2 * h]) * acc[4 * (j + 16) + 2 * h] * scale;
+        const float y = silu(acc[4 * j + 2 * h + 1]) * acc[4 * (j + 16) + 2 * h + 1] * scale;
+        store_pair(out_row + col, x, y);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        const int64_t col = static_cast<int64_t>(tile.n_block) * BN + j * 8 + q * 2;
+        if (col >= p.n_out) continue;
+        const float x = activate(p.epilogue, acc[4 * j + 2 * h]) * scale;
+        const float y = activate(p.epilogue, acc[4 * j + 2 * h + 1]) * scale;
+        store_pair(out_row + col, x, y);
+      }
+    }
+  }
+}
+
+#endif  // MOEK_SM90A
+
+template <typename Tin, typename Tout>
+__global__ void __launch_bounds__(THREADS, 1)
+    grouped_gemm_hopper_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                               const GemmParams p, int32_t n_tiles) {
+#if defined(MOEK_SM90A)
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = sm90::smem_u32(smem_raw);
+  const uint32_t ring = (raw + 1023u) & ~1023u;  // stage s: A at ring + s * STAGE_BYTES, B after it
+  unsigned char* aligned = smem_raw + (ring - raw);
+  const uint32_t full_bar = ring + PIPE_BYTES;   // full[s] at full_bar + 8s
+  const uint32_t empty_bar = full_bar + STAGES * 8;
+  int32_t* prefix = reinterpret_cast<int32_t*>(aligned + PIPE_BYTES + BAR_BYTES);
+
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+      sm90::mbar_init(full_bar + 8 * s, 1);
+      sm90::mbar_init(empty_bar + 8 * s, CONSUMER_WARPS);
+    }
+    sm90::mbar_fence_init();
+    sm90::tma_prefetch_map(&map_a);
+    sm90::tma_prefetch_map(&map_b);
+  }
+  const int32_t m_total = scan_m_tiles(p.experts, prefix);  // ends with a barrier: barriers initialised
+  const int64_t tiles = static_cast<int64_t>(m_total) * n_tiles;
+  const int k_tiles = static_cast<int>((p.k + BK - 1) / BK);
+  const bool swiglu = p.epilogue == MOEK_EPILOGUE_SWIGLU;
+  const int wg = threadIdx.x / 128;
+
+  if (wg == 0) {
+    sm90::setmaxnreg_dec<PRODUCER_REGS>();
+    if (threadIdx.x == 0) {
+      uint32_t it = 0;  // K steps issued so far: stage it % STAGES, round it / STAGES
+      for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+        const Tile tile = decode_tile(p.experts, prefix, t, n_tiles);
+        const int32_t n0 = swiglu ? tile.n_block * (BN / 2) : tile.n_block * BN;
+        const int32_t n1 = swiglu ? static_cast<int32_t>(p.n_out) + n0 : n0 + BOX_ROWS;
+        // The second B box lies wholly past N only for the last plain n-block: then it is not loaded
+        // (its product columns are never stored, so whatever that half of the stage holds is harmless).
+        const bool second = n1 < p.n;
+        const uint32_t stage_bytes = second ? STAGE_BYTES : STAGE_BYTES - BOX_ROWS * BK * 2;
+        for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+          const uint32_t s = it % STAGES;
+          const uint32_t round = it / STAGES;
+          sm90::mbar_wait(empty_bar + 8 * s, (round & 1) ^ 1);  // round 0: free from the start
+          const uint32_t bar = full_bar + 8 * s;
+          const uint32_t sa = ring + s * STAGE_BYTES;
+          const uint32_t sb = sa + A_BYTES;
+          sm90::mbar_arrive_expect_tx(bar, stage_bytes);
+          const int32_t k0 = kt * BK;
+          sm90::tma_load_2d(sa, &map_a, bar, k0, tile.row0);
+          sm90::tma_load_3d(sb, &map_b, bar, k0, n0, tile.expert);
+          if (second) sm90::tma_load_3d(sb + BOX_ROWS * BK * 2, &map_b, bar, k0, n1, tile.expert);
+        }
+      }
+    }
+  } else {
+    sm90::setmaxnreg_inc<CONSUMER_REGS>();
+    const int consumer = wg - 1;  // rows consumer * 64 .. + 63 of each tile
+    const bool arrives = (threadIdx.x & 31) == 0;
+    uint32_t it = 0;
+    float acc[128];
+    for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+      const Tile tile = decode_tile(p.experts, prefix, t, n_tiles);
+#pragma unroll
+      for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+      for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        const uint32_t s = it % STAGES;
+        sm90::mbar_wait(full_bar + 8 * s, (it / STAGES) & 1);
+        const uint32_t sa = ring + s * STAGE_BYTES + consumer * 64 * BK * 2;
+        const uint32_t sb = ring + s * STAGE_BYTES + A_BYTES;
+        sm90::fence_regs(acc);  // the zeroing (or the last tile's epilogue) stays before the fence
+        sm90::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+          sm90::wgmma_m64n256k16<Tin>(acc, sm90::desc_k128(sa + kk * 32), sm90::desc_k128(sb + kk * 32), 1);
+        }
+        sm90::wgmma_commit();
+        sm90::wgmma_wait<0>();
+        sm90::fence_regs(acc);
+        if (arrives) sm90::mbar_arrive(empty_bar + 8 * s);
+      }
+      store_tile<Tout>(p, tile, consumer, acc);
+    }
+  }
+#else
+  // Never launched: the host launches this kernel only where its sm_90a code was loaded.
+  __trap();
+#endif
+}
+
+// ---- host side ----
+
+// cuTensorMapEncodeTiled from the driver, looked up once through cudart.
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q);
+    if (err != cudaSuccess || q != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A K-major tensor of 16-bit elements, `rank` 2 ([rows, K]) or 3 ([E, N, K]), in boxes of 64 x 128
+// (x 1) elements with the 128-byte swizzle. False when the driver rejects it.
+bool encode(CUtensorMap* map, CUtensorMapDataType type, const void* base, int rank, const uint64_t* dims) {
+  const PFN_cuTensorMapEncodeTiled_v12000 fn = encode_fn();
+  if (fn == nullptr) return false;
+  cuuint64_t size[3] = {dims[0], dims[1], rank == 3 ? dims[2] : 1};
+  cuuint64_t stride[2] = {dims[0] * 2, dims[0] * dims[1] * 2};  // bytes of dims 1 and 2
+  cuuint32_t box[3] = {BK, BOX_ROWS, 1};
+  cuuint32_t elem_stride[3] = {1, 1, 1};
+  const CUresult r = fn(map, type, static_cast<cuuint32_t>(rank), const_cast<void*>(base), size, stride, box,
+                        elem_stride, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS;
+}
+
+template <typename Tin, typename Tout>
+cudaError_t launch(const GemmParams& p, cudaStream_t stream) {
+  const bool swiglu = p.epilogue == MOEK_EPILOGUE_SWIGLU;
+  const int64_t rows = p.experts.counts != nullptr
+                           ? static_cast<int64_t>(p.experts.num_experts) * p.experts.capacity
+                           : p.experts.max_rows;
+  const int64_t n_tiles = (p.n_out + out_cols_per_tile(swiglu) - 1) / out_cols_per_tile(swiglu);
+  const int64_t m_bound = m_tile_bound(p.experts, BM);
+  if (rows == 0 || m_bound == 0 || n_tiles == 0) return cudaSuccess;
+  if (m_bound > kTileSaturation || n_tiles > (int64_t{1} << 20)) return cudaErrorInvalidValue;
+
+  const CUtensorMapDataType type =
+      std::is_same<Tin, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  CUtensorMap map_a, map_b;
+  const uint64_t dims_a[2] = {static_cast<uint64_t>(p.k), static_cast<uint64_t>(rows)};
+  const uint64_t dims_b[3] = {static_cast<uint64_t>(p.k), static_cast<uint64_t>(p.n),
+                              static_cast<uint64_t>(p.experts.num_experts)};
+  if (!encode(&map_a, type, p.a, 2, dims_a) || !encode(&map_b, type, p.b, 3, dims_b)) {
+    return cudaErrorNotSupported;
+  }
+
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  const int64_t tiles = m_bound * n_tiles;
+  const unsigned grid = static_cast<unsigned>(tiles < sms ? tiles : sms);
+  const size_t smem = smem_bytes(p.experts.num_experts);
+  auto kernel = grouped_gemm_hopper_kernel<Tin, Tout>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, THREADS, smem, stream>>>(map_a, map_b, p, static_cast<int32_t>(n_tiles));
+  return cudaGetLastError();
+}
+
+// The kernel's static shared memory where its sm_90a body was compiled (the scan's warp sums); a plain
+// sm_90 build of the file (MOEK_CUDA_ARCHS=90) has the trap body and none, and must not be launched.
+constexpr size_t kStaticSmemMarker = THREADS / 32 * sizeof(int32_t);
+// Shared memory beyond smem_bytes() the launch may need (the static part, with slack).
+constexpr size_t kStaticSmemSlack = 256;
+
+// Whether the current device runs the sm_90a kernels (compute capability 9.0, this build holds the
+// sm_90a code, the driver encodes tensor maps, enough shared memory for E experts' prefix). Cached per
+// device; safe during stream capture (no stream work).
+bool available(int num_experts) {
+  constexpr int kDevices = 64;
+  static std::atomic<int> state[kDevices];  // 0 unknown, 1 no, 2 yes
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (device < 0 || device >= kDevices) return false;
+  int known = state[device].load(std::memory_order_relaxed);
+  if (known == 0) {
+    int major = 0, minor = 0;
+    cudaFuncAttributes attr{};
+    bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+              cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess &&
+              major == 9 && minor == 0 &&
+              cudaFuncGetAttributes(&attr, grouped_gemm_hopper_kernel<__nv_bfloat16, __nv_bfloat16>) == cudaSuccess &&
+              attr.binaryVersion == 90 && attr.sharedSizeBytes >= kStaticSmemMarker && encode_fn() != nullptr;
+    (void)cudaGetLastError();
+    known = ok ? 2 : 1;
+    state[device].store(known, std::memory_order_relaxed);
+  }
+  if (known != 2) return false;
+  int optin = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return smem_bytes(num_experts) + kStaticSmemSlack <= static_cast<size_t>(optin);
+}
+
+}  // namespace hopper
+
+bool grouped_gemm_hopper_available(int num_experts) { return hopper::available(num_experts); }
+
+cudaError_t launch_grouped_gemm_hopper(const GemmParams& p, bool f16, moek_dtype out_dtype, cudaStream_t stream) {
+  if (!hopper::available(p.experts.num_experts)) return cudaErrorNotSupported;
+  const bool f32_out = out_dtype == MOEK_DTYPE_F32;
+  if (f16) return f32_out ? hopper::launch<__half, float>(p, stream) : hopper::launch<__half, __half>(p, stream);
+  return f32_out ? hopper::launch<__nv_bfloat16, float>(p, stream)
+                 : hopper::launch<__nv_bfloat16, __nv_bfloat16>(p, stream);
+}
+
+}  // namespace moek
+
+extern "C" int moek_cuda_gemm_hopper_available(int num_experts) {
+  return moek::grouped_gemm_hopper_available(num_experts) ? 1 : 0;
+}
