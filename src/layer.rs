@@ -4,7 +4,7 @@
 //! no allocation and no host synchronisation in [`moe_layer`], so a call can be captured in a CUDA graph.
 //! [`crate::reference::layer`] is the CPU oracle.
 //!
-//! The C entry point `moek_layer` (include/moe_kernels.h) and [`moe_layer`] share `layer_raw`: one
+//! The C entry point `moek_layer` (include/moe_kernels.h) and [`moe_layer`] share one validation and launch sequence: one
 //! workspace, carved into the stages' buffers. Not here yet: shared (always-on) experts, precomputed
 //! top-k ids as input, the fused single-kernel form.
 
@@ -322,8 +322,8 @@ impl LayerBuffers {
 }
 
 /// `out[t] = sum over token t's experts e of weight(t, e) * down_e(act(gate_up_e(x[t])))`, on `stream`.
-/// `x` [T, H] bf16, `logits` [T, E] (f32 or bf16), `bias` \[E\] (selection only, as DeepSeek-V3's),
-/// `w_gate_up` [E, gate_up_rows, H], `w_down` [E, H, I], `out` [T, H] bf16.
+/// `x` `[T, H]` bf16, `logits` `[T, E]` (f32 or bf16), `bias` `[E]` (selection only, as DeepSeek-V3's),
+/// `w_gate_up` `[E, gate_up_rows, H]`, `w_down` `[E, H, I]`, `out` `[T, H]` bf16.
 #[allow(clippy::too_many_arguments)]
 pub fn moe_layer<L: LogitsElem>(
     stream: &Arc<CudaStream>,

@@ -16,8 +16,8 @@ pub fn round_to_bf16(values: &mut [f32]) {
     }
 }
 
-/// The layer's output [T, H] (f32, not rounded) for tokens `x` [T, H], router `logits` [T, E], the
-/// optional selection `bias` \[E\], `w_gate_up` [E, gate_up_rows, H] and `w_down` [E, H, I].
+/// The layer's output `[T, H]` (f32, not rounded) for tokens `x` `[T, H]`, router `logits` `[T, E]`, the
+/// optional selection `bias` `[E]`, `w_gate_up` `[E, gate_up_rows, H]` and `w_down` `[E, H, I]`.
 /// `progress(done, total)` is called after each expert's matrix products (the slow part).
 #[allow(clippy::too_many_arguments)]
 pub fn moe_layer(
