@@ -7,6 +7,9 @@ bandwidth ceiling, and, given our bench JSON, prints the comparison table. Suite
   capacity with a cumsum;
 - permute (benches/permute.rs): the plan with argsort + bincount + cumsum, permute with index_select,
   combine with a weighted index_add_.
+- layer (benches/layer.rs): the whole MoE layer as a PyTorch user writes it: softmax/sigmoid + topk (the
+  DeepSeek-V3 group-limited selection for that preset), argsort, index_select, torch._grouped_mm, silu,
+  the routing weight, index_add_.
 - gemm, alias grouped_gemm (benches/grouped_gemm.rs): torch._grouped_mm on the same shapes and offsets
   (SwiGLU after gate|up, the row scale after down, as a user writes them), the bare _grouped_mm, and the
   per-expert matmul loop a user would write.
@@ -155,6 +158,72 @@ def gemm_cases():
     return out
 
 
+LAYER_PRESETS = [
+    # name, E, H, I, k, routing
+    ("mixtral", 8, 4096, 14336, 2, "softmax_renorm"),
+    ("qwen3_30b_a3b", 128, 2048, 768, 8, "softmax_renorm"),
+    ("deepseek_v3_slice32", 32, 7168, 2048, 8, "deepseek"),
+]
+LAYER_TOKENS = [64, 4096, 16384]
+
+
+def torch_layer(x, logits, bias, w_gate_up, w_down, k, routing):
+    """One MoE layer the way a PyTorch user writes it (bf16 activations and weights)."""
+    e, i = w_gate_up.shape[0], w_down.shape[2]
+    if routing == "deepseek":
+        ids, w = deepseek_v3(logits, bias, n_group=8, topk_group=4, k=k)
+    else:
+        w, ids = logits.softmax(dim=-1, dtype=torch.float32).topk(k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(e, dtype=flat.dtype, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    token = order // k
+    rows = x.index_select(0, token)
+    h = torch._grouped_mm(rows, w_gate_up.transpose(-2, -1), offs=offs, out_dtype=x.dtype)
+    a = F.silu(h[:, :i]) * h[:, i:]
+    y = torch._grouped_mm(a, w_down.transpose(-2, -1), offs=offs, out_dtype=x.dtype)
+    y = y * w.reshape(-1)[order].to(x.dtype).unsqueeze(1)
+    return torch.zeros_like(x).index_add_(0, token, y)
+
+
+def layer_cases():
+    """Same names and shapes as benches/layer.rs."""
+    bf16 = torch.bfloat16
+    out = {}
+    for name, e, h, i, k, routing in LAYER_PRESETS:
+        w_gate_up = torch.randn(e, 2 * i, h, device="cuda", dtype=bf16) / h ** 0.5
+        w_down = torch.randn(e, h, i, device="cuda", dtype=bf16) / i ** 0.5
+        bias = torch.rand(e, device="cuda") * 0.2 - 0.1
+        for t in LAYER_TOKENS:
+            x = torch.randn(t, h, device="cuda", dtype=bf16)
+            logits = torch.rand(t, e, device="cuda") * 6 - 3
+            out[f"layer_{name}_T{t}"] = (
+                lambda x=x, logits=logits, bias=bias, w1=w_gate_up, w2=w_down, k=k, r=routing:
+                torch_layer(x, logits, bias, w1, w2, k, r)
+            )
+    return out
+
+
+def layer_table(ours, results):
+    ceiling = results["copy_gbps"]
+    nan = float("nan")
+    print(f"GPU {results['gpu']}, torch {results['torch']}, measured copy bandwidth {ceiling:.0f} GB/s")
+    print("| case | ours stream us | ours graph us | torch eager us | torch graph us | speed-up (graph) | "
+          "TFLOP/s | weight floor us | fraction of floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in ours.items():
+        tc = results["cases"].get(name, {})
+        us = r["graph_us"]
+        floor = r["bytes"] / (ceiling * 1e3)
+        print(
+            f"| {name} | {r['stream_us']:.1f} | {us:.1f} | {tc.get('eager_us', nan):.1f} | "
+            f"{tc.get('graph_us', nan):.1f} | {tc.get('graph_us', nan) / us:.2f}x | "
+            f"{r['flop'] / (us * 1e-6) / 1e12:.1f} | {floor:.1f} | {floor / us:.0%} |"
+        )
+
+
 def gemm_table(ours, results):
     ceiling = results["copy_gbps"]
     nan = float("nan")
@@ -233,7 +302,7 @@ def copy_gbps():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--suite", default="route", choices=["route", "permute", "gemm", "grouped_gemm"])
+    ap.add_argument("--suite", default="route", choices=["route", "permute", "gemm", "grouped_gemm", "layer"])
     ap.add_argument("--ours", help="JSON written by benches/<suite>.rs")
     ap.add_argument("--out", default="torch.json")
     args = ap.parse_args()
@@ -247,6 +316,12 @@ def main():
     elif args.suite == "permute":
         for name, fn in permute_cases().items():
             results["cases"][name] = {"eager_us": time_us(fn), "graph_us": graph_us(fn)}
+    elif args.suite == "layer":
+        for name, fn in layer_cases().items():
+            try:
+                results["cases"][name] = {"eager_us": time_us(fn), "graph_us": graph_us(fn)}
+            except RuntimeError as e:  # an older torch without _grouped_mm
+                results["cases"][name] = {"error": str(e)}
     else:
         for name, (fn, mm, loop) in gemm_cases().items():
             try:
@@ -266,6 +341,9 @@ def main():
     ours = {r["case"]: r for r in json.load(open(args.ours))}
     if args.suite in ("gemm", "grouped_gemm"):
         gemm_table(ours, results)
+        return
+    if args.suite == "layer":
+        layer_table(ours, results)
         return
     ceiling = results["copy_gbps"]
     print(f"GPU {results['gpu']}, torch {results['torch']}, measured copy bandwidth {ceiling:.0f} GB/s")

@@ -9,13 +9,16 @@
 //! `MOEK_GEMM_HOPPER=0` keeps auto on the portable path, `MOEK_GEMM_SPLIT_K=n` forces the K slices.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use cudarc::driver::{sys, CudaSlice, CudaStream};
+use cudarc::driver::{sys, CudaStream};
 use half::bf16;
 use moe_kernels::grouped_gemm::{grouped_gemm, Epilogue, ExpertRows, GemmConfig};
 use moe_kernels::timing;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 use std::time::Duration;
+
+mod common;
+use common::random_buffer;
 
 const GRAPH_CALLS: usize = 10;
 const TOKENS: [usize; 6] = [1, 16, 64, 256, 4096, 16384];
@@ -36,20 +39,6 @@ const MODELS: [Model; 3] = [
     // 32 local experts of 256, 8 per token: T * 8 * 32 / 256 rows.
     Model { name: "deepseek_v3_ep8", experts: 32, hidden: 7168, inter: 2048, rows: |t| t * 8 * 32 / 256 },
 ];
-
-/// A device buffer of `len` random values (a random block repeated: the values do not matter for the
-/// time, and generating gigabytes on the host would).
-fn random_buffer(stream: &Arc<CudaStream>, rng: &mut impl Rng, len: usize) -> CudaSlice<bf16> {
-    let block: Vec<bf16> = (0..len.min(1 << 22)).map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0))).collect();
-    let mut buf = stream.alloc_zeros::<bf16>(len.max(1)).unwrap();
-    let mut start = 0;
-    while start < len {
-        let end = (start + block.len()).min(len);
-        stream.memcpy_htod(&block[..end - start], &mut buf.slice_mut(start..end)).unwrap();
-        start = end;
-    }
-    buf
-}
 
 /// Balanced routing: the first `rows % E` experts get one row more than the others.
 fn balanced_offsets(rows: usize, experts: usize) -> Vec<i32> {
