@@ -6,9 +6,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use moe_kernels::layer::{moe_layer, LayerBuffers, LayerConfig};
-use moe_kernels::reference::grouped_gemm::Epilogue;
 use moe_kernels::reference::route::route as reference_route;
-use moe_kernels::route::{RoutingConfig, RoutingMode};
 use moe_kernels::timing;
 use rand::{Rng, SeedableRng};
 use std::time::Duration;
@@ -20,17 +18,10 @@ const TOKENS: [usize; 3] = [64, 4096, 16384];
 
 /// The presets of examples/moe_layer.rs that compare_torch.py also builds (SwiGLU experts).
 fn presets() -> Vec<(&'static str, LayerConfig, bool)> {
-    let swiglu =
-        |routing, hidden, intermediate| LayerConfig { routing, hidden, intermediate, activation: Epilogue::SwiGlu };
-    let deepseek_slice = RoutingConfig {
-        num_experts: 32,
-        mode: RoutingMode::GroupLimited { num_groups: 8, topk_groups: 4 },
-        ..RoutingConfig::deepseek_v3()
-    };
     vec![
-        ("mixtral", swiglu(RoutingConfig::mixtral(), 4096, 14336), false),
-        ("qwen3_30b_a3b", swiglu(RoutingConfig::qwen3_moe(), 2048, 768), false),
-        ("deepseek_v3_slice32", swiglu(deepseek_slice, 7168, 2048), true),
+        ("mixtral", LayerConfig::mixtral_8x7b(), false),
+        ("qwen3_30b_a3b", LayerConfig::qwen3_30b_a3b(), false),
+        ("deepseek_v3_slice32", LayerConfig::deepseek_v3_slice(), true),
     ]
 }
 

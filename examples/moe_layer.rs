@@ -11,7 +11,6 @@ use moe_kernels::layer::{moe_layer, moe_layer_staged, LayerBuffers, LayerConfig,
 use moe_kernels::reference::grouped_gemm::{relative_frobenius_error, Epilogue};
 use moe_kernels::reference::layer as reference;
 use moe_kernels::route::RoutingConfig;
-use moe_kernels::route::RoutingMode;
 use std::io::Write;
 use std::sync::Arc;
 
@@ -26,19 +25,10 @@ struct Preset {
 }
 
 fn presets() -> Vec<Preset> {
-    let swiglu =
-        |routing, hidden, intermediate| LayerConfig { routing, hidden, intermediate, activation: Epilogue::SwiGlu };
-    // DeepSeek-V3's routing (sigmoid + bias, best 4 of 8 groups, top-8, scale 2.5) over the 32 experts
-    // one GPU holds in an 8-way expert-parallel slice.
-    let deepseek_slice = RoutingConfig {
-        num_experts: 32,
-        mode: RoutingMode::GroupLimited { num_groups: 8, topk_groups: 4 },
-        ..RoutingConfig::deepseek_v3()
-    };
     vec![
-        Preset { name: "Mixtral-8x7B", cfg: swiglu(RoutingConfig::mixtral(), 4096, 14336), with_bias: false },
-        Preset { name: "Qwen3-30B-A3B", cfg: swiglu(RoutingConfig::qwen3_moe(), 2048, 768), with_bias: false },
-        Preset { name: "DeepSeek-V3 slice (32 experts)", cfg: swiglu(deepseek_slice, 7168, 2048), with_bias: true },
+        Preset { name: "Mixtral-8x7B", cfg: LayerConfig::mixtral_8x7b(), with_bias: false },
+        Preset { name: "Qwen3-30B-A3B", cfg: LayerConfig::qwen3_30b_a3b(), with_bias: false },
+        Preset { name: "DeepSeek-V3 slice (32 experts)", cfg: LayerConfig::deepseek_v3_slice(), with_bias: true },
         Preset {
             name: "Switch-style (top-1 of 128, ReLU)",
             cfg: LayerConfig {

@@ -34,6 +34,31 @@ pub struct LayerConfig {
 }
 
 impl LayerConfig {
+    /// Mixtral-8x7B: top-2 of 8 experts, H = 4096, I = 14336, SwiGLU.
+    pub fn mixtral_8x7b() -> Self {
+        Self::swiglu(RoutingConfig::mixtral(), 4096, 14336)
+    }
+
+    /// Qwen3-30B-A3B: top-8 of 128 experts, H = 2048, I = 768, SwiGLU.
+    pub fn qwen3_30b_a3b() -> Self {
+        Self::swiglu(RoutingConfig::qwen3_moe(), 2048, 768)
+    }
+
+    /// DeepSeek-V3's routing (sigmoid + bias, best 4 of 8 groups, top-8, scale 2.5) over the 32 experts
+    /// one GPU holds in an 8-way expert-parallel slice; H = 7168, I = 2048, SwiGLU.
+    pub fn deepseek_v3_slice() -> Self {
+        let routing = RoutingConfig {
+            num_experts: 32,
+            mode: crate::route::RoutingMode::GroupLimited { num_groups: 8, topk_groups: 4 },
+            ..RoutingConfig::deepseek_v3()
+        };
+        Self::swiglu(routing, 7168, 2048)
+    }
+
+    fn swiglu(routing: RoutingConfig, hidden: usize, intermediate: usize) -> Self {
+        LayerConfig { routing, hidden, intermediate, activation: Epilogue::SwiGlu }
+    }
+
     /// Rows of each expert's first weight matrix: 2I with SwiGLU, I otherwise.
     pub fn gate_up_rows(&self) -> usize {
         match self.activation {
