@@ -1,6 +1,7 @@
 //! The crate's main job: a whole MoE layer on the GPU, for model presets with random weights. Each preset
 //! is checked against the CPU reference on a few tokens, then timed stage by stage at a decode and a
-//! prefill size, with the weight-streaming floor beside it. Without a GPU it runs the CPU reference on
+//! prefill size. The ceiling beside each time is the larger of the weight-streaming floor (decode) and
+//! the FLOPs at the measured matrix rate (prefill). Without a GPU it runs the CPU reference on
 //! small versions of the presets and says so.
 //!
 //!     cargo run --release --example moe_layer
@@ -11,10 +12,13 @@ use moe_kernels::layer::{moe_layer, moe_layer_staged, LayerBuffers, LayerConfig,
 use moe_kernels::reference::grouped_gemm::{relative_frobenius_error, Epilogue};
 use moe_kernels::reference::layer as reference;
 use moe_kernels::route::RoutingConfig;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 
 const COPY_GBPS: f64 = 4282.0; // H200 device copy, shared/GPU.md
+/// H200 bf16 matrix rate measured on random data (an 8192^3 product through PyTorch, the device tool's
+/// KINDS.md): the compute ceiling. The datasheet's 990 TFLOP/s is not reached by any library here.
+const MATRIX_TFLOPS: f64 = 788.0;
 const CHECK_TOKENS: usize = 8;
 const TIMED_TOKENS: [usize; 2] = [64, 4096];
 
@@ -94,13 +98,23 @@ impl Model {
     }
 }
 
+/// Progress of the CPU reference (seconds per preset) on stderr: a line that updates itself on a
+/// terminal, one line when stderr goes to a file (so logs stay readable).
 fn progress(name: &str) -> impl FnMut(usize, usize) + '_ {
+    let terminal = std::io::stderr().is_terminal();
     move |done, total| {
-        print!("\r  CPU reference for {name}: expert {done} / {total}   ");
-        let _ = std::io::stdout().flush();
-        if done == total {
-            print!("\r{:70}\r", "");
+        let mut err = std::io::stderr();
+        if !terminal {
+            if done == 1 {
+                let _ = writeln!(err, "  CPU reference for {name}: {total} experts ...");
+            }
+            return;
         }
+        let _ = write!(err, "\r  CPU reference for {name}: expert {done} / {total}   ");
+        if done == total {
+            let _ = write!(err, "\r{:70}\r", "");
+        }
+        let _ = err.flush();
     }
 }
 
@@ -181,13 +195,34 @@ fn run_preset(stream: &Arc<CudaStream>, p: &Preset) -> Result<(), Box<dyn std::e
         if err < 1e-2 { "ok" } else { "TOO LARGE" }
     );
 
-    // Stage times, averaged over repeated calls.
+    // Whole-layer time (nothing between the launches), then stage times (an event after each stage),
+    // each averaged over repeated calls after a warm-up call.
     let ctx = stream.context();
+    const REPS: usize = 10;
     for &t in &TIMED_TOKENS {
-        const REPS: usize = 10;
         let events: Vec<_> = (0..=STAGES.len())
             .map(|_| ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)))
             .collect::<Result<_, _>>()?;
+        let mut layer_ms = 0.0f64;
+        for rep in 0..=REPS {
+            events[0].record(stream)?;
+            moe_layer(
+                stream,
+                cfg,
+                t,
+                &x.slice(..t * h),
+                &logits.slice(..t * e),
+                bias_opt,
+                &w_gate_up.slice(..),
+                &w_down.slice(..),
+                &mut buffers,
+                &mut out.slice_mut(..t * h),
+            )?;
+            events[1].record(stream)?;
+            if rep > 0 {
+                layer_ms += f64::from(events[0].elapsed_ms(&events[1])?) / REPS as f64;
+            }
+        }
         let mut stage_ms = vec![0.0f64; STAGES.len()];
         for rep in 0..=REPS {
             events[0].record(stream)?;
@@ -210,13 +245,13 @@ fn run_preset(stream: &Arc<CudaStream>, p: &Preset) -> Result<(), Box<dyn std::e
                 },
             )?;
             if rep > 0 {
-                // the first call warms up
                 for (i, ms) in stage_ms.iter_mut().enumerate() {
                     *ms += f64::from(events[i].elapsed_ms(&events[i + 1])?) / REPS as f64;
                 }
             }
         }
-        // Experts the tokens touched: their weights must be read at least once.
+        // Experts the tokens touched: their weights must be read at least once. Routed pairs: each does
+        // both projections.
         let routed = moe_kernels::reference::route::route(
             &cfg.routing,
             t,
@@ -224,18 +259,24 @@ fn run_preset(stream: &Arc<CudaStream>, p: &Preset) -> Result<(), Box<dyn std::e
             p.with_bias.then_some(&m.bias[..]),
         );
         let mut touched_experts: Vec<i32> = routed.ids.iter().copied().filter(|&id| id >= 0).collect();
+        let pairs = touched_experts.len();
         touched_experts.sort_unstable();
         touched_experts.dedup();
         let touched = touched_experts.len();
-        let floor_us =
-            touched as f64 * ((cfg.gate_up_rows() * h + h * cfg.intermediate) * 2) as f64 / (COPY_GBPS * 1e3);
-        let total_us: f64 = stage_ms.iter().sum::<f64>() * 1e3;
+        let weights_per_expert = cfg.gate_up_rows() * h + h * cfg.intermediate;
+        let floor_us = touched as f64 * (weights_per_expert * 2) as f64 / (COPY_GBPS * 1e3);
+        let flop = 2.0 * pairs as f64 * weights_per_expert as f64;
+        let compute_us = flop / (MATRIX_TFLOPS * 1e6);
+        let (ceiling_us, bound) = if floor_us >= compute_us { (floor_us, "weights") } else { (compute_us, "FLOPs") };
+        let layer_us = layer_ms * 1e3;
         let stages: Vec<String> = STAGES.iter().zip(&stage_ms).map(|(s, ms)| format!("{s} {:.1}", ms * 1e3)).collect();
         println!(
-            "  T={t:5}: {total_us:8.1} us ({}); {touched} experts touched, weight floor {floor_us:.1} us = {:.0}% of the time",
-            stages.join(", "),
-            100.0 * floor_us / total_us
+            "  T={t:5}: {layer_us:8.1} us, {:5.1} TFLOP/s; ceiling {ceiling_us:.1} us ({bound}) = {:.0}% of the time; \
+             {touched} experts touched",
+            flop / (layer_us * 1e6),
+            100.0 * ceiling_us / layer_us
         );
+        println!("           stages (an event after each): {}", stages.join(", "));
     }
     Ok(())
 }
@@ -250,8 +291,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let stream = ctx.new_stream()?;
     println!("One MoE layer per preset on the GPU (bf16 weights and activations, fp32 accumulation).");
-    println!("Stage times are device time between events; the weight floor is the bytes of the touched");
-    println!("experts' weights over {COPY_GBPS} GB/s (the H200's copy bandwidth).");
+    println!("The ceiling is the larger of the touched experts' weight bytes over {COPY_GBPS} GB/s (copy");
+    println!("bandwidth) and the FLOPs over {MATRIX_TFLOPS} TFLOP/s (measured bf16 matrix rate). Stage times");
+    println!("come from an event after each stage, so they add up to a bit more than the layer's time.");
     for p in presets() {
         run_preset(&stream, &p)?;
     }
