@@ -5,7 +5,7 @@
 //! the tokens touch and the FLOP, for `compare_torch.py --suite layer` (same case names).
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use moe_kernels::layer::{moe_layer, LayerBuffers, LayerConfig};
+use moe_kernels::layer::{moe_layer, LayerBuffers, LayerConfig, LayerInputs, Routing};
 use moe_kernels::reference::route::route as reference_route;
 use moe_kernels::timing;
 use rand::{Rng, SeedableRng};
@@ -52,21 +52,14 @@ fn benches(crit: &mut Criterion) {
         let mut buffers = LayerBuffers::new(&stream, &cfg, max_t).unwrap();
         for t in TOKENS {
             let case = format!("layer_{name}_T{t}");
-            let bias_view = bias.slice(..);
-            let mut call = || {
-                moe_layer(
-                    &stream,
-                    &cfg,
-                    t,
-                    &x.slice(..t * h),
-                    &logits.slice(..t * e),
-                    with_bias.then_some(&bias_view),
-                    &w_gate_up.slice(..),
-                    &w_down.slice(..),
-                    &mut buffers,
-                    &mut out.slice_mut(..t * h),
-                )
+            let inputs = LayerInputs {
+                x: x.slice(..t * h),
+                routing: Routing::Logits { logits: logits.slice(..t * e), bias: with_bias.then(|| bias.slice(..)) },
+                w_gate_up: w_gate_up.slice(..),
+                w_down: w_down.slice(..),
+                shared: None,
             };
+            let mut call = || moe_layer(&stream, &cfg, t, &inputs, &mut buffers, &mut out.slice_mut(..t * h));
             crit.bench_function(&case, |b| {
                 b.iter_custom(|n| {
                     Duration::from_secs_f64(

@@ -8,7 +8,9 @@
 
 use cudarc::driver::{sys::CUevent_flags, CudaSlice, CudaStream};
 use half::bf16;
-use moe_kernels::layer::{moe_layer, moe_layer_staged, LayerBuffers, LayerConfig, STAGES};
+use moe_kernels::layer::{
+    moe_layer, moe_layer_staged, LayerBuffers, LayerConfig, LayerInputs, Routing, SharedExperts, STAGES,
+};
 use moe_kernels::reference::grouped_gemm::{relative_frobenius_error, Epilogue};
 use moe_kernels::reference::layer as reference;
 use moe_kernels::route::RoutingConfig;
@@ -32,7 +34,11 @@ fn presets() -> Vec<Preset> {
     vec![
         Preset { name: "Mixtral-8x7B", cfg: LayerConfig::mixtral_8x7b(), with_bias: false },
         Preset { name: "Qwen3-30B-A3B", cfg: LayerConfig::qwen3_30b_a3b(), with_bias: false },
-        Preset { name: "DeepSeek-V3 slice (32 experts)", cfg: LayerConfig::deepseek_v3_slice(), with_bias: true },
+        Preset {
+            name: "DeepSeek-V3 slice (32 experts + the shared one)",
+            cfg: LayerConfig { shared_intermediate: 2048, ..LayerConfig::deepseek_v3_slice() },
+            with_bias: true,
+        },
         Preset {
             name: "Switch-style (top-1 of 128, ReLU)",
             cfg: LayerConfig {
@@ -40,6 +46,7 @@ fn presets() -> Vec<Preset> {
                 hidden: 768,
                 intermediate: 3072,
                 activation: Epilogue::Relu,
+                shared_intermediate: 0,
             },
             with_bias: false,
         },
@@ -85,16 +92,33 @@ struct Model {
     w_gate_up: Vec<f32>,
     w_down: Vec<f32>,
     bias: Vec<f32>,
+    /// The shared experts' weights (empty without).
+    shared_gate_up: Vec<f32>,
+    shared_down: Vec<f32>,
 }
 
 impl Model {
+    /// Values already rounded to bf16, so the GPU's copies are exact.
     fn new(cfg: &LayerConfig, seed: u64) -> Self {
         let e = cfg.routing.num_experts as usize;
+        let (h, i, i_s) = (cfg.hidden, cfg.intermediate, cfg.shared_intermediate);
+        let weights = |len: usize, fan_in: usize, seed: u64| {
+            let mut w = random_values(len, 1.7 / (fan_in.max(1) as f32).sqrt(), seed);
+            as_bf16(&mut w);
+            w
+        };
         Model {
-            w_gate_up: random_values(e * cfg.gate_up_rows() * cfg.hidden, 1.7 / (cfg.hidden as f32).sqrt(), seed),
-            w_down: random_values(e * cfg.hidden * cfg.intermediate, 1.7 / (cfg.intermediate as f32).sqrt(), seed + 1),
+            w_gate_up: weights(e * cfg.gate_up_rows() * h, h, seed),
+            w_down: weights(e * h * i, i, seed + 1),
             bias: random_values(e, 0.1, seed + 2),
+            shared_gate_up: weights(cfg.shared_gate_up_rows() * h, h, seed + 3),
+            shared_down: weights(h * i_s, i_s, seed + 4),
         }
+    }
+
+    fn shared(&self) -> Option<reference::SharedWeights<'_>> {
+        (!self.shared_down.is_empty())
+            .then(|| reference::SharedWeights { w_gate_up: &self.shared_gate_up, w_down: &self.shared_down })
     }
 }
 
@@ -124,22 +148,13 @@ fn cpu_only(why: &str) {
     for p in presets() {
         let cfg = LayerConfig { hidden: 256, intermediate: 128, ..p.cfg };
         let t = 16;
-        let mut m = Model::new(&cfg, 1);
+        let cfg = LayerConfig { shared_intermediate: cfg.shared_intermediate.min(128), ..cfg };
+        let m = Model::new(&cfg, 1);
         let mut x = random_values(t * cfg.hidden, 1.0, 7);
         as_bf16(&mut x);
-        as_bf16(&mut m.w_gate_up);
-        as_bf16(&mut m.w_down);
         let logits = random_values(t * cfg.routing.num_experts as usize, 3.0, 9);
-        let out = reference::moe_layer(
-            &cfg,
-            t,
-            &x,
-            &logits,
-            p.with_bias.then_some(&m.bias[..]),
-            &m.w_gate_up,
-            &m.w_down,
-            |_, _| {},
-        );
+        let routing = reference::RoutingInput::Logits { logits: &logits, bias: p.with_bias.then_some(&m.bias[..]) };
+        let out = reference::moe_layer(&cfg, t, &x, routing, &m.w_gate_up, &m.w_down, m.shared(), |_, _| {});
         let norm = out.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt();
         println!("  {}: output [{t}, {}], Frobenius norm {norm:.4}", p.name, cfg.hidden);
     }
@@ -150,9 +165,10 @@ fn run_preset(stream: &Arc<CudaStream>, p: &Preset) -> Result<(), Box<dyn std::e
     let cfg = &p.cfg;
     let (e, h) = (cfg.routing.num_experts as usize, cfg.hidden);
     let max_t = *TIMED_TOKENS.iter().max().unwrap();
-    let mut m = Model::new(cfg, 11);
-    let w_gate_up = stream.clone_htod(&as_bf16(&mut m.w_gate_up))?;
-    let w_down = stream.clone_htod(&as_bf16(&mut m.w_down))?;
+    let m = Model::new(cfg, 11);
+    let upload = |v: &[f32]| stream.clone_htod(&v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>());
+    let (w_gate_up, w_down) = (upload(&m.w_gate_up)?, upload(&m.w_down)?);
+    let (shared_gate_up, shared_down) = (upload(&m.shared_gate_up)?, upload(&m.shared_down)?);
     let bias = stream.clone_htod(&m.bias)?;
     let mut x_host = random_values(max_t * h, 1.0, 21);
     let x = stream.clone_htod(&as_bf16(&mut x_host))?;
@@ -160,34 +176,23 @@ fn run_preset(stream: &Arc<CudaStream>, p: &Preset) -> Result<(), Box<dyn std::e
     let logits = stream.clone_htod(&logits_host)?;
     let mut out: CudaSlice<bf16> = stream.alloc_zeros(max_t * h)?;
     let mut buffers = LayerBuffers::new(stream, cfg, max_t)?;
-    let bias_view = bias.slice(..);
-    let bias_opt = p.with_bias.then_some(&bias_view);
+    let inputs = |t: usize| LayerInputs {
+        x: x.slice(..t * h),
+        routing: Routing::Logits { logits: logits.slice(..t * e), bias: p.with_bias.then(|| bias.slice(..)) },
+        w_gate_up: w_gate_up.slice(..),
+        w_down: w_down.slice(..),
+        shared: (cfg.shared_intermediate > 0)
+            .then(|| SharedExperts { w_gate_up: shared_gate_up.slice(..), w_down: shared_down.slice(..) }),
+    };
 
     // Correctness on the first CHECK_TOKENS tokens.
     let t = CHECK_TOKENS;
-    moe_layer(
-        stream,
-        cfg,
-        t,
-        &x.slice(..t * h),
-        &logits.slice(..t * e),
-        bias_opt,
-        &w_gate_up.slice(..),
-        &w_down.slice(..),
-        &mut buffers,
-        &mut out.slice_mut(..t * h),
-    )?;
+    moe_layer(stream, cfg, t, &inputs(t), &mut buffers, &mut out.slice_mut(..t * h))?;
     let got: Vec<f32> = stream.clone_dtoh(&out.slice(..t * h))?.iter().map(|v| v.to_f32()).collect();
-    let want = reference::moe_layer(
-        cfg,
-        t,
-        &x_host[..t * h],
-        &logits_host[..t * e],
-        p.with_bias.then_some(&m.bias[..]),
-        &m.w_gate_up,
-        &m.w_down,
-        progress(p.name),
-    );
+    let routing =
+        reference::RoutingInput::Logits { logits: &logits_host[..t * e], bias: p.with_bias.then_some(&m.bias[..]) };
+    let want =
+        reference::moe_layer(cfg, t, &x_host[..t * h], routing, &m.w_gate_up, &m.w_down, m.shared(), progress(p.name));
     let err = relative_frobenius_error(&got, &want);
     println!(
         "{}: {t} tokens against the CPU reference, relative error {err:.2e} ({})",
@@ -206,18 +211,7 @@ fn run_preset(stream: &Arc<CudaStream>, p: &Preset) -> Result<(), Box<dyn std::e
         let mut layer_ms = 0.0f64;
         for rep in 0..=REPS {
             events[0].record(stream)?;
-            moe_layer(
-                stream,
-                cfg,
-                t,
-                &x.slice(..t * h),
-                &logits.slice(..t * e),
-                bias_opt,
-                &w_gate_up.slice(..),
-                &w_down.slice(..),
-                &mut buffers,
-                &mut out.slice_mut(..t * h),
-            )?;
+            moe_layer(stream, cfg, t, &inputs(t), &mut buffers, &mut out.slice_mut(..t * h))?;
             events[1].record(stream)?;
             if rep > 0 {
                 layer_ms += f64::from(events[0].elapsed_ms(&events[1])?) / REPS as f64;
@@ -227,23 +221,11 @@ fn run_preset(stream: &Arc<CudaStream>, p: &Preset) -> Result<(), Box<dyn std::e
         for rep in 0..=REPS {
             events[0].record(stream)?;
             let mut next = 1;
-            moe_layer_staged(
-                stream,
-                cfg,
-                t,
-                &x.slice(..t * h),
-                &logits.slice(..t * e),
-                bias_opt,
-                &w_gate_up.slice(..),
-                &w_down.slice(..),
-                &mut buffers,
-                &mut out.slice_mut(..t * h),
-                |_| {
-                    events[next].record(stream)?;
-                    next += 1;
-                    Ok(())
-                },
-            )?;
+            moe_layer_staged(stream, cfg, t, &inputs(t), &mut buffers, &mut out.slice_mut(..t * h), |_| {
+                events[next].record(stream)?;
+                next += 1;
+                Ok(())
+            })?;
             if rep > 0 {
                 for (i, ms) in stage_ms.iter_mut().enumerate() {
                     *ms += f64::from(events[i].elapsed_ms(&events[i + 1])?) / REPS as f64;
@@ -264,8 +246,10 @@ fn run_preset(stream: &Arc<CudaStream>, p: &Preset) -> Result<(), Box<dyn std::e
         touched_experts.dedup();
         let touched = touched_experts.len();
         let weights_per_expert = cfg.gate_up_rows() * h + h * cfg.intermediate;
-        let floor_us = touched as f64 * (weights_per_expert * 2) as f64 / (COPY_GBPS * 1e3);
-        let flop = 2.0 * pairs as f64 * weights_per_expert as f64;
+        let shared_weights = cfg.shared_gate_up_rows() * h + h * cfg.shared_intermediate;
+        let weight_bytes = 2 * (touched * weights_per_expert + shared_weights);
+        let floor_us = weight_bytes as f64 / (COPY_GBPS * 1e3);
+        let flop = 2.0 * (pairs * weights_per_expert + t * shared_weights) as f64;
         let compute_us = flop / (MATRIX_TFLOPS * 1e6);
         let (ceiling_us, bound) = if floor_us >= compute_us { (floor_us, "weights") } else { (compute_us, "FLOPs") };
         let layer_us = layer_ms * 1e3;

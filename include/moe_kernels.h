@@ -357,28 +357,41 @@ moek_status moek_grouped_gemm(const moek_grouped_gemm_args *args, cudaStream_t s
 int moek_grouped_gemm_hopper_available(int32_t num_experts);
 
 /* ------------------------------------------------------------------------------------------------
- * A whole MoE layer, composed: route the logits, plan, permute the token rows, gate|up projection with
- * the activation, down projection, and the fixed-order combine weighted by the routing weights:
- *   out[t] = sum over token t's experts e of weight(t, e) * W_down[e] . act(W_gate_up[e] . x[t])
- * Seven launches on `stream`, no allocation, no host synchronisation: capturable in a CUDA graph.
- * Activations and weights are bf16 (fp32 accumulation); the activation and the down projection's rows
- * are stored in bf16 between the stages. Not yet: shared experts, precomputed ids, the fused kernel.
+ * A whole MoE layer, composed: route the logits (or take the caller's top-k), plan, permute the token
+ * rows, gate|up projection with the activation, down projection, the shared experts if any, and the
+ * fixed-order combine weighted by the routing weights:
+ *   out[t] = shared(x[t]) + sum over token t's experts e of weight(t, e) * W_down[e] . act(W_gate_up[e] . x[t])
+ * with shared(x) = W_shared_down . act(W_shared_gate_up . x) (0 without shared experts). Several shared
+ * experts of width I_s are one of width S * I_s: concatenate their gate rows, their up rows and their
+ * down columns. Up to nine launches and two small memsets on `stream`, no allocation, no host
+ * synchronisation: capturable in a CUDA graph. Activations and weights are bf16 (fp32 accumulation); the
+ * activation, the down projection's rows and the shared experts' output are stored in bf16 between the
+ * stages. Not yet: a gate on the shared experts' output (Qwen2-MoE), the fused single kernel.
  * ---------------------------------------------------------------------------------------------- */
 
 typedef struct moek_layer_args {
   moek_route_args routing;   /* mode, score_function, logits_dtype, num_experts, k, num_groups,
                                 topk_groups, capacity, renormalize, scale; its num_tokens, pointers and
-                                workspace fields are ignored (the layer fills them) */
+                                workspace fields are ignored (the layer fills them). With topk_ids
+                                only num_experts and k are read. */
   int64_t num_tokens;        /* T >= 0 */
   int64_t hidden;            /* H, a multiple of 8 */
   int64_t intermediate;      /* I, a multiple of 8 */
   moek_gemm_epilogue activation; /* SWIGLU (w_gate_up [E, 2I, H], gate rows first), GELU or RELU
                                     (w_gate_up [E, I, H]) */
   const void *x;             /* device [T, H] bf16, 16-byte aligned */
-  const void *logits;        /* device [T, E] of routing.logits_dtype */
-  const float *bias;         /* device [E] or NULL: added to the scores for selection only */
+  /* Routing input: exactly one of logits (the layer routes them) and topk_ids (routed by the caller). */
+  const void *logits;        /* device [T, E] of routing.logits_dtype, or NULL */
+  const float *bias;         /* device [E] or NULL: added to the scores for selection only (with logits) */
+  const int32_t *topk_ids;   /* device [T, k] or NULL: expert ids; -1 (or any id outside 0..E-1) is a
+                                dropped pair that adds nothing */
+  const float *topk_weights; /* device [T, k] with topk_ids (NULL: every weight 1); must be NULL with logits */
   const void *w_gate_up;     /* device [E, 2I or I, H] bf16, 16-byte aligned */
   const void *w_down;        /* device [E, H, I] bf16, 16-byte aligned */
+  int64_t shared_intermediate; /* I_s: 0 (no shared experts) or a multiple of 8 */
+  const void *w_shared_gate_up; /* device [2 I_s or I_s, H] bf16, 16-byte aligned (same activation), or NULL
+                                   when shared_intermediate = 0 */
+  const void *w_shared_down; /* device [H, I_s] bf16, 16-byte aligned, or NULL when shared_intermediate = 0 */
   void *out;                 /* device [T, H] bf16, 16-byte aligned, written */
   void *workspace;           /* device, workspace_bytes long, 256-byte aligned */
   size_t workspace_bytes;
@@ -389,7 +402,7 @@ typedef struct moek_layer_args {
  * T tokens. Reads only the shape fields. */
 moek_status moek_layer_workspace_size(const moek_layer_args *args, size_t *bytes);
 
-/* Enqueues the layer. Reads x, logits, bias and the weights; writes out and the workspace. */
+/* Enqueues the layer. Reads x, the routing input and the weights; writes out and the workspace. */
 moek_status moek_layer(const moek_layer_args *args, cudaStream_t stream);
 
 #ifdef __cplusplus

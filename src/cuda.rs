@@ -29,6 +29,7 @@ mod launchers {
             stream: sys::cudaStream_t,
         ) -> i32;
         pub fn moek_cuda_gemm_hopper_available(num_experts: i32) -> i32;
+        pub fn moek_cuda_whole_range_offsets(offsets: *mut i32, stream: sys::cudaStream_t) -> i32;
     }
 }
 
@@ -116,6 +117,21 @@ pub(crate) fn gemm_hopper_available(num_experts: i32) -> bool {
     {
         let _ = num_experts;
         false
+    }
+}
+
+/// Enqueues the offsets `[0, >= max_rows]` of a one-expert grouped GEMM that owns all its rows (the GEMM
+/// clamps them to `max_rows`); `offsets` is a device buffer of two `i32`.
+pub(crate) fn whole_range_offsets(offsets: *mut i32, stream: sys::cudaStream_t) -> LaunchCode {
+    #[cfg(moek_cuda)]
+    {
+        // SAFETY: `offsets` points at two i32 of device memory (the layer's workspace).
+        unsafe { launchers::moek_cuda_whole_range_offsets(offsets, stream) }
+    }
+    #[cfg(not(moek_cuda))]
+    {
+        let _ = (offsets, stream);
+        NO_KERNELS
     }
 }
 

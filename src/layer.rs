@@ -1,12 +1,38 @@
-//! A whole MoE layer on one GPU, composed from the crate's kernels: route the router logits, plan the
-//! expert-grouped layout, permute the token rows, gate|up projection with the activation, down
-//! projection, and the deterministic weighted combine. Six launches (seven with the plan's two kernels),
-//! no allocation and no host synchronisation in [`moe_layer`], so a call can be captured in a CUDA graph.
+//! A whole MoE layer on one GPU, composed from the crate's kernels: route the router logits (or take the
+//! caller's top-k ids and weights), plan the expert-grouped layout, permute the token rows, gate|up
+//! projection with the activation, down projection, the shared (always-on) experts, and the
+//! deterministic weighted combine. Seven launches (two more with shared experts), no allocation and no
+//! host synchronisation in [`moe_layer`], so a call can be captured in a CUDA graph.
 //! [`crate::reference::layer`] is the CPU oracle.
 //!
-//! The C entry point `moek_layer` (include/moe_kernels.h) and [`moe_layer`] share one validation and launch sequence: one
-//! workspace, carved into the stages' buffers. Not here yet: shared (always-on) experts, precomputed
-//! top-k ids as input, the fused single-kernel form.
+//! The C entry point `moek_layer` (include/moe_kernels.h) and [`moe_layer`] share one validation and
+//! launch sequence: one workspace, carved into the stages' buffers. Not here yet: a gate on the shared
+//! experts' output (Qwen2-MoE), the fused single-kernel form.
+//!
+//! ```no_run
+//! use moe_kernels::layer::{moe_layer, LayerBuffers, LayerConfig, LayerInputs, Routing};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let ctx = cudarc::driver::CudaContext::new(0)?;
+//! let stream = ctx.new_stream()?;
+//! let cfg = LayerConfig::qwen3_30b_a3b();
+//! let (t, e, h, i) = (64, 128, cfg.hidden, cfg.intermediate);
+//! let x = stream.alloc_zeros::<half::bf16>(t * h)?; // the tokens
+//! let logits = stream.alloc_zeros::<f32>(t * e)?; // the router's output
+//! let w_gate_up = stream.alloc_zeros::<half::bf16>(e * 2 * i * h)?;
+//! let w_down = stream.alloc_zeros::<half::bf16>(e * h * i)?;
+//! let mut out = stream.alloc_zeros::<half::bf16>(t * h)?;
+//! let mut buffers = LayerBuffers::new(&stream, &cfg, t)?; // once, outside the run path
+//! let inputs = LayerInputs {
+//!     x: x.slice(..),
+//!     routing: Routing::Logits { logits: logits.slice(..), bias: None },
+//!     w_gate_up: w_gate_up.slice(..),
+//!     w_down: w_down.slice(..),
+//!     shared: None,
+//! };
+//! moe_layer(&stream, &cfg, t, &inputs, &mut buffers, &mut out.slice_mut(..))?;
+//! # Ok(())
+//! # }
+//! ```
 
 use crate::check;
 use crate::error::{bail, Result};
@@ -31,6 +57,10 @@ pub struct LayerConfig {
     /// [`Epilogue::SwiGlu`] (the gate|up weights are [E, 2I, H], gate rows first), or
     /// [`Epilogue::Gelu`] / [`Epilogue::Relu`] (up weights [E, I, H]).
     pub activation: Epilogue,
+    /// I_s: the shared experts' intermediate width, 0 for none (else a multiple of 8). Several shared
+    /// experts of width w are one of width S * w (their gate rows, up rows and down columns
+    /// concatenated); they use the same activation.
+    pub shared_intermediate: usize,
 }
 
 impl LayerConfig {
@@ -56,14 +86,23 @@ impl LayerConfig {
     }
 
     fn swiglu(routing: RoutingConfig, hidden: usize, intermediate: usize) -> Self {
-        LayerConfig { routing, hidden, intermediate, activation: Epilogue::SwiGlu }
+        LayerConfig { routing, hidden, intermediate, activation: Epilogue::SwiGlu, shared_intermediate: 0 }
     }
 
     /// Rows of each expert's first weight matrix: 2I with SwiGLU, I otherwise.
     pub fn gate_up_rows(&self) -> usize {
+        self.first_rows(self.intermediate)
+    }
+
+    /// Rows of the shared experts' first weight matrix: 2 I_s with SwiGLU, I_s otherwise (0 without).
+    pub fn shared_gate_up_rows(&self) -> usize {
+        self.first_rows(self.shared_intermediate)
+    }
+
+    fn first_rows(&self, intermediate: usize) -> usize {
         match self.activation {
-            Epilogue::SwiGlu => 2 * self.intermediate,
-            _ => self.intermediate,
+            Epilogue::SwiGlu => 2 * intermediate,
+            _ => intermediate,
         }
     }
 
@@ -78,7 +117,8 @@ impl LayerConfig {
         carve(&self.to_args(0, sys::moek_dtype_MOEK_DTYPE_F32)).map(|_| ())
     }
 
-    /// Device workspace bytes [`moe_layer`] needs for up to `num_tokens` tokens.
+    /// Device workspace bytes [`moe_layer`] needs for up to `num_tokens` tokens (enough for either
+    /// routing input).
     pub fn workspace_bytes(&self, num_tokens: usize) -> Result<usize> {
         layer_workspace_bytes(&self.to_args(num_tokens, sys::moek_dtype_MOEK_DTYPE_F32))
     }
@@ -96,8 +136,13 @@ impl LayerConfig {
             x: std::ptr::null(),
             logits: std::ptr::null(),
             bias: std::ptr::null(),
+            topk_ids: std::ptr::null(),
+            topk_weights: std::ptr::null(),
             w_gate_up: std::ptr::null(),
             w_down: std::ptr::null(),
+            shared_intermediate: wide(self.shared_intermediate),
+            w_shared_gate_up: std::ptr::null(),
+            w_shared_down: std::ptr::null(),
             out: std::ptr::null_mut(),
             workspace: std::ptr::null_mut(),
             workspace_bytes: 0,
@@ -124,6 +169,9 @@ struct Carve {
     rows: usize,
     mid: usize,
     down: usize,
+    shared_offsets: usize,
+    shared_mid: usize,
+    shared_out: usize,
     total: usize,
 }
 
@@ -148,19 +196,30 @@ fn plan_args(a: &sys::moek_layer_args) -> sys::moek_plan_args {
     PlanConfig::new(clamp(a.routing.num_experts), clamp(a.routing.k)).to_args(a.num_tokens.max(0) as usize)
 }
 
-/// The two grouped GEMMs of a layer call over `max_rows` rows (pointers NULL).
-fn gemm_args(a: &sys::moek_layer_args, max_rows: i64) -> (sys::moek_grouped_gemm_args, sys::moek_grouped_gemm_args) {
+/// The two grouped GEMMs of `experts` experts of intermediate width `intermediate` over `max_rows` rows
+/// (pointers NULL): the routed experts', or the shared experts' as one expert owning every token.
+fn gemm_args(
+    a: &sys::moek_layer_args,
+    experts: i32,
+    intermediate: i64,
+    max_rows: i64,
+) -> (sys::moek_grouped_gemm_args, sys::moek_grouped_gemm_args) {
     let bf16_dtype = sys::moek_dtype_MOEK_DTYPE_BF16;
     let rows = Layout::Contiguous { max_rows: max_rows as usize };
-    let experts = u32::try_from(a.routing.num_experts).unwrap_or(0);
-    let (h, i) = (a.hidden.max(0) as usize, a.intermediate.max(0) as usize);
+    let experts = u32::try_from(experts).unwrap_or(0);
+    let (h, i) = (a.hidden.max(0) as usize, intermediate.max(0) as usize);
     let mut gate_up = GemmConfig::new(experts, i, h).to_args(rows, bf16_dtype, bf16_dtype);
     gate_up.epilogue = a.activation;
     if a.activation == sys::moek_gemm_epilogue_MOEK_EPILOGUE_SWIGLU {
-        gate_up.n = 2 * a.intermediate;
+        gate_up.n = 2 * intermediate;
     }
     let down = GemmConfig::new(experts, h, i).to_args(rows, bf16_dtype, bf16_dtype);
     (gate_up, down)
+}
+
+/// Whether the caller routed the tokens (top-k ids given, no logits): the layer skips its router.
+fn caller_routed(a: &sys::moek_layer_args) -> bool {
+    a.logits.is_null() && !a.topk_ids.is_null()
 }
 
 /// Checks a layer call's shape fields and lays out its workspace.
@@ -170,7 +229,10 @@ fn carve(a: &sys::moek_layer_args) -> Result<Carve> {
         bail!(InvalidNumTokens, "num_tokens = {t} is outside 0..=2^31-1");
     }
     let routing = routing_args(a, t);
-    route::check_shape(&routing)?;
+    // With the caller's ids only E and k matter; the plan checks those.
+    if !caller_routed(a) {
+        route::check_shape(&routing)?;
+    }
     let relu = sys::moek_gemm_epilogue_MOEK_EPILOGUE_RELU;
     if a.activation == sys::moek_gemm_epilogue_MOEK_EPILOGUE_IDENTITY || a.activation > relu {
         bail!(InvalidValue, "activation = {}: a layer needs SWIGLU, GELU or RELU", a.activation);
@@ -180,15 +242,27 @@ fn carve(a: &sys::moek_layer_args) -> Result<Carve> {
             bail!(InvalidValue, "{name} = {v} must be a positive multiple of 8 below 2^31");
         }
     }
+    let shared = a.shared_intermediate;
+    if shared != 0 && (shared < 8 || shared % 8 != 0 || shared > i64::from(i32::MAX)) {
+        bail!(
+            InvalidValue,
+            "shared_intermediate = {shared} must be 0 (no shared experts) or a positive multiple of 8 below 2^31"
+        );
+    }
     let plan = plan_args(a);
     let max_rows = permute::plan_max_rows(&plan)?;
-    let (gate_up, down) = gemm_args(a, max_rows);
+    let (gate_up, down) = gemm_args(a, a.routing.num_experts, a.intermediate, max_rows);
     grouped_gemm::check_shape(&gate_up)?;
     grouped_gemm::check_shape(&down)?;
+    if shared > 0 {
+        let (gate_up, down) = gemm_args(a, 1, shared, t);
+        grouped_gemm::check_shape(&gate_up)?;
+        grouped_gemm::check_shape(&down)?;
+    }
     let (pairs, e) = ((t * i64::from(a.routing.k)) as usize, a.routing.num_experts as usize);
     let rows = max_rows as usize;
     let (h, i) = (a.hidden as usize, a.intermediate as usize);
-    let route_workspace_bytes = route::workspace_bytes(&routing)?;
+    let route_workspace_bytes = if caller_routed(a) { 0 } else { route::workspace_bytes(&routing)? };
     let plan_workspace_bytes = permute::plan_workspace_bytes(&plan)?;
     let mut total = 0usize;
     let mut take = |bytes: usize| {
@@ -214,18 +288,23 @@ fn carve(a: &sys::moek_layer_args) -> Result<Carve> {
         rows: take(rows * h * 2),
         mid: take(rows * i * 2),
         down: take(rows * h * 2),
+        shared_offsets: take(if shared > 0 { 8 } else { 0 }),
+        shared_mid: take(t as usize * shared as usize * 2),
+        shared_out: take(if shared > 0 { t as usize * h * 2 } else { 0 }),
         total: 0,
     })
     .map(|c| Carve { total, ..c })
 }
 
-/// Workspace bytes of a layer call (see `moek_layer_workspace_size`).
+/// Workspace bytes of a layer call (see `moek_layer_workspace_size`). The router's workspace is left
+/// out when the caller passes top-k ids and no logits.
 pub(crate) fn layer_workspace_bytes(a: &sys::moek_layer_args) -> Result<usize> {
     carve(a).map(|c| c.total)
 }
 
 /// The stages of a layer call, in order, as passed to [`moe_layer_staged`]'s callback.
-pub const STAGES: [&str; 6] = ["route", "plan", "permute", "gate_up", "down", "combine"];
+/// "route" enqueues nothing when the caller routed the tokens, "shared" nothing without shared experts.
+pub const STAGES: [&str; 7] = ["route", "plan", "permute", "gate_up", "down", "shared", "combine"];
 
 /// Validates a layer call in full, then enqueues its stages, calling `after_stage` once each is
 /// enqueued. Shared by the C entry point and [`moe_layer_staged`].
@@ -236,12 +315,34 @@ pub(crate) fn layer_raw(
 ) -> Result<()> {
     let c = carve(a)?;
     let tokens = c.t > 0;
-    let logits_align = if a.routing.logits_dtype == sys::moek_dtype_MOEK_DTYPE_BF16 { 2 } else { 4 };
+    let routed_by_caller = caller_routed(a);
+    if !a.logits.is_null() && !a.topk_ids.is_null() {
+        bail!(InvalidValue, "logits and topk_ids are both set: pass one routing input");
+    }
     check::pointer("x", a.x, tokens, 16)?;
-    check::pointer("logits", a.logits, tokens, logits_align)?;
-    check::pointer("bias", a.bias, false, 4)?;
+    if routed_by_caller {
+        check::pointer("topk_ids", a.topk_ids, tokens, 4)?;
+        check::pointer("topk_weights", a.topk_weights, false, 4)?;
+        if !a.bias.is_null() {
+            bail!(InvalidValue, "bias is set with topk_ids: the bias only steers the layer's own routing");
+        }
+    } else {
+        let logits_align = if a.routing.logits_dtype == sys::moek_dtype_MOEK_DTYPE_BF16 { 2 } else { 4 };
+        check::pointer("logits", a.logits, tokens, logits_align)?;
+        check::pointer("bias", a.bias, false, 4)?;
+        if !a.topk_weights.is_null() {
+            bail!(InvalidValue, "topk_weights is set without topk_ids: with logits the layer routes");
+        }
+    }
     check::pointer("w_gate_up", a.w_gate_up, true, 16)?;
     check::pointer("w_down", a.w_down, true, 16)?;
+    let shared = a.shared_intermediate > 0;
+    check::pointer("w_shared_gate_up", a.w_shared_gate_up, shared, 16)?;
+    check::pointer("w_shared_down", a.w_shared_down, shared, 16)?;
+    let shared_weights_given = !a.w_shared_gate_up.is_null() || !a.w_shared_down.is_null();
+    if !shared && shared_weights_given {
+        bail!(InvalidValue, "shared expert weights are set but shared_intermediate = 0");
+    }
     check::pointer("out", a.out, tokens, 16)?;
     check::pointer("workspace", a.workspace, true, 256)?;
     if a.workspace_bytes < c.total {
@@ -249,20 +350,25 @@ pub(crate) fn layer_raw(
     }
     let base = a.workspace as usize;
     let at = |offset: usize| (base + offset) as *mut std::ffi::c_void;
-    let ids = at(c.ids) as *mut i32;
-    let weights = at(c.weights) as *mut f32;
     let offsets = at(c.offsets) as *mut i32;
     let row_source = at(c.row_source) as *mut i32;
     let pair_row = at(c.pair_row) as *mut i32;
-    let mut route_args = routing_args(a, c.t);
-    route_args.logits = a.logits;
-    route_args.bias = a.bias;
-    route_args.topk_ids = ids;
-    route_args.topk_weights = weights;
-    route_args.dropped_count = at(c.dropped) as *mut i32;
-    route_args.workspace = if c.route_workspace_bytes > 0 { at(c.route_workspace) } else { std::ptr::null_mut() };
-    route_args.workspace_bytes = c.route_workspace_bytes;
-    route::route_raw(&route_args, stream)?;
+    let (ids, weights) = if routed_by_caller {
+        (a.topk_ids, a.topk_weights)
+    } else {
+        let ids = at(c.ids) as *mut i32;
+        let weights = at(c.weights) as *mut f32;
+        let mut route_args = routing_args(a, c.t);
+        route_args.logits = a.logits;
+        route_args.bias = a.bias;
+        route_args.topk_ids = ids;
+        route_args.topk_weights = weights;
+        route_args.dropped_count = at(c.dropped) as *mut i32;
+        route_args.workspace = if c.route_workspace_bytes > 0 { at(c.route_workspace) } else { std::ptr::null_mut() };
+        route_args.workspace_bytes = c.route_workspace_bytes;
+        route::route_raw(&route_args, stream)?;
+        (ids as *const i32, weights as *const f32)
+    };
     after_stage("route")?;
 
     let mut plan = plan_args(a);
@@ -296,7 +402,7 @@ pub(crate) fn layer_raw(
     permute::permute_raw(&permute_args, stream)?;
     after_stage("permute")?;
 
-    let (mut gate_up, mut down) = gemm_args(a, c.max_rows);
+    let (mut gate_up, mut down) = gemm_args(a, a.routing.num_experts, a.intermediate, c.max_rows);
     gate_up.a = at(c.rows);
     gate_up.b = a.w_gate_up;
     gate_up.expert_offsets = offsets;
@@ -310,6 +416,27 @@ pub(crate) fn layer_raw(
     grouped_gemm::grouped_gemm_raw(&down, stream)?;
     after_stage("down")?;
 
+    // The shared experts: one expert that owns every token, straight from x (no permutation); their
+    // bf16 output is the combine's residual.
+    let mut residual: *const std::ffi::c_void = std::ptr::null();
+    if shared && tokens {
+        let shared_offsets = at(c.shared_offsets) as *mut i32;
+        crate::cuda::status(crate::cuda::whole_range_offsets(shared_offsets, stream))?;
+        let (mut gate_up, mut down) = gemm_args(a, 1, a.shared_intermediate, c.t);
+        gate_up.a = a.x;
+        gate_up.b = a.w_shared_gate_up;
+        gate_up.expert_offsets = shared_offsets;
+        gate_up.out = at(c.shared_mid);
+        grouped_gemm::grouped_gemm_raw(&gate_up, stream)?;
+        down.a = at(c.shared_mid);
+        down.b = a.w_shared_down;
+        down.expert_offsets = shared_offsets;
+        down.out = at(c.shared_out);
+        grouped_gemm::grouped_gemm_raw(&down, stream)?;
+        residual = at(c.shared_out);
+    }
+    after_stage("shared")?;
+
     let combine_args = sys::moek_combine_args {
         dtype: bf16_dtype,
         num_tokens: c.t,
@@ -319,7 +446,7 @@ pub(crate) fn layer_raw(
         y: at(c.down),
         pair_row,
         weights,
-        residual: std::ptr::null(),
+        residual,
         out: a.out,
     };
     permute::combine_raw(&combine_args, stream)?;
@@ -346,69 +473,124 @@ impl LayerBuffers {
     }
 }
 
-/// `out[t] = sum over token t's experts e of weight(t, e) * down_e(act(gate_up_e(x[t])))`, on `stream`.
-/// `x` `[T, H]` bf16, `logits` `[T, E]` (f32 or bf16), `bias` `[E]` (selection only, as DeepSeek-V3's),
-/// `w_gate_up` `[E, gate_up_rows, H]`, `w_down` `[E, H, I]`, `out` `[T, H]` bf16.
-#[allow(clippy::too_many_arguments)]
+/// How the tokens of a [`moe_layer`] call pick their experts.
+pub enum Routing<'a, L: LogitsElem = f32> {
+    /// The layer routes: router `logits` `[T, E]` (f32 or bf16) and the optional selection `bias` `[E]`
+    /// (DeepSeek-V3's correction bias), per the [`LayerConfig`]'s routing.
+    Logits { logits: CudaView<'a, L>, bias: Option<CudaView<'a, f32>> },
+    /// The caller routed: top-k expert `ids` `[T, k]` (-1, or any id outside `0..E`, adds nothing) and
+    /// their `weights` `[T, k]` (`None`: every weight 1). Only E and k of the config's routing are read.
+    TopK { ids: CudaView<'a, i32>, weights: Option<CudaView<'a, f32>> },
+}
+
+/// The shared (always-on) experts' weights: `w_gate_up` `[shared_gate_up_rows, H]` and `w_down`
+/// `[H, I_s]`, bf16 (see [`LayerConfig::shared_intermediate`]).
+pub struct SharedExperts<'a> {
+    pub w_gate_up: CudaView<'a, bf16>,
+    pub w_down: CudaView<'a, bf16>,
+}
+
+/// The device inputs of a [`moe_layer`] call.
+pub struct LayerInputs<'a, L: LogitsElem = f32> {
+    /// The tokens `[T, H]`.
+    pub x: CudaView<'a, bf16>,
+    /// The router's logits or the caller's top-k.
+    pub routing: Routing<'a, L>,
+    /// `[E, gate_up_rows, H]` (gate rows first with SwiGLU).
+    pub w_gate_up: CudaView<'a, bf16>,
+    /// `[E, H, I]`.
+    pub w_down: CudaView<'a, bf16>,
+    /// Required exactly when the config's `shared_intermediate` is not 0.
+    pub shared: Option<SharedExperts<'a>>,
+}
+
+/// `out[t] = shared(x[t]) + sum over token t's experts e of weight(t, e) * down_e(act(gate_up_e(x[t])))`,
+/// on `stream`, `out` `[T, H]` bf16. No allocation, no host synchronisation: capturable in a CUDA graph.
 pub fn moe_layer<L: LogitsElem>(
     stream: &Arc<CudaStream>,
     cfg: &LayerConfig,
     num_tokens: usize,
-    x: &CudaView<'_, bf16>,
-    logits: &CudaView<'_, L>,
-    bias: Option<&CudaView<'_, f32>>,
-    w_gate_up: &CudaView<'_, bf16>,
-    w_down: &CudaView<'_, bf16>,
+    inputs: &LayerInputs<'_, L>,
     buffers: &mut LayerBuffers,
     out: &mut CudaViewMut<'_, bf16>,
 ) -> Result<()> {
-    moe_layer_staged(stream, cfg, num_tokens, x, logits, bias, w_gate_up, w_down, buffers, out, |_| Ok(()))
+    moe_layer_staged(stream, cfg, num_tokens, inputs, buffers, out, |_| Ok(()))
 }
 
 /// [`moe_layer`], calling `after_stage(name)` once each stage of [`STAGES`] is enqueued (to record
 /// timing events between stages, for instance).
-#[allow(clippy::too_many_arguments)]
 pub fn moe_layer_staged<L: LogitsElem>(
     stream: &Arc<CudaStream>,
     cfg: &LayerConfig,
     num_tokens: usize,
-    x: &CudaView<'_, bf16>,
-    logits: &CudaView<'_, L>,
-    bias: Option<&CudaView<'_, f32>>,
-    w_gate_up: &CudaView<'_, bf16>,
-    w_down: &CudaView<'_, bf16>,
+    inputs: &LayerInputs<'_, L>,
     buffers: &mut LayerBuffers,
     out: &mut CudaViewMut<'_, bf16>,
     mut after_stage: impl FnMut(&'static str) -> Result<()>,
 ) -> Result<()> {
     let mut a = cfg.to_args(num_tokens, L::DTYPE);
-    carve(&a)?;
     if num_tokens > buffers.max_tokens {
         bail!(InvalidNumTokens, "num_tokens = {num_tokens} but the buffers were sized for {}", buffers.max_tokens);
     }
     let (t, e, h) = (num_tokens, cfg.routing.num_experts as usize, cfg.hidden);
-    check::length("x", x.len(), t * h)?;
-    check::length("logits", logits.len(), t * e)?;
-    if let Some(b) = bias {
-        check::length("bias", b.len(), e)?;
+    let k = cfg.routing.k as usize;
+    check::length("x", inputs.x.len(), t * h)?;
+    match &inputs.routing {
+        Routing::Logits { logits, bias } => {
+            check::length("logits", logits.len(), t * e)?;
+            if let Some(b) = bias {
+                check::length("bias", b.len(), e)?;
+            }
+        }
+        Routing::TopK { ids, weights } => {
+            check::length("topk_ids", ids.len(), t * k)?;
+            if let Some(w) = weights {
+                check::length("topk_weights", w.len(), t * k)?;
+            }
+        }
     }
-    check::length("w_gate_up", w_gate_up.len(), e * cfg.gate_up_rows() * h)?;
-    check::length("w_down", w_down.len(), e * h * cfg.intermediate)?;
+    check::length("w_gate_up", inputs.w_gate_up.len(), e * cfg.gate_up_rows() * h)?;
+    check::length("w_down", inputs.w_down.len(), e * h * cfg.intermediate)?;
+    match (&inputs.shared, cfg.shared_intermediate) {
+        (None, 0) => {}
+        (Some(s), i_s) if i_s > 0 => {
+            check::length("shared.w_gate_up", s.w_gate_up.len(), cfg.shared_gate_up_rows() * h)?;
+            check::length("shared.w_down", s.w_down.len(), h * i_s)?;
+        }
+        (None, i_s) => {
+            bail!(NullPointer, "shared: the config has shared_intermediate = {i_s} but no weights were given")
+        }
+        (Some(_), _) => bail!(InvalidValue, "shared: weights given but the config has shared_intermediate = 0"),
+    }
     check::length("out", out.len(), t * h)?;
     stream.context().bind_to_thread()?;
-    let (x_ptr, _g0) = x.device_ptr(stream);
-    let (logits_ptr, _g1) = logits.device_ptr(stream);
-    let bias_ptr = bias.map(|b| b.device_ptr(stream));
-    let (w1, _g2) = w_gate_up.device_ptr(stream);
-    let (w2, _g3) = w_down.device_ptr(stream);
+    let (x_ptr, _g0) = inputs.x.device_ptr(stream);
+    let routing_ptrs = match &inputs.routing {
+        Routing::Logits { logits, bias } => {
+            (Some(logits.device_ptr(stream)), bias.as_ref().map(|b| b.device_ptr(stream)), None, None)
+        }
+        Routing::TopK { ids, weights } => {
+            (None, None, Some(ids.device_ptr(stream)), weights.as_ref().map(|w| w.device_ptr(stream)))
+        }
+    };
+    let (w1, _g2) = inputs.w_gate_up.device_ptr(stream);
+    let (w2, _g3) = inputs.w_down.device_ptr(stream);
+    let shared_ptrs = inputs.shared.as_ref().map(|s| (s.w_gate_up.device_ptr(stream), s.w_down.device_ptr(stream)));
     let ws_len = buffers.workspace.len();
     let (ws, _g4) = buffers.workspace.device_ptr_mut(stream);
     let (out_ptr, _g5) = out.device_ptr_mut(stream);
+    let ptr = |p: &Option<(u64, _)>| p.as_ref().map_or(std::ptr::null(), |(p, _)| *p as *const std::ffi::c_void);
     a.x = x_ptr as *const _;
-    a.logits = logits_ptr as *const _;
-    a.bias = bias_ptr.as_ref().map_or(std::ptr::null(), |(p, _)| *p as *const f32);
+    a.logits = ptr(&routing_ptrs.0);
+    a.bias = ptr(&routing_ptrs.1) as *const f32;
+    a.topk_ids = ptr(&routing_ptrs.2) as *const i32;
+    a.topk_weights = ptr(&routing_ptrs.3) as *const f32;
     a.w_gate_up = w1 as *const _;
     a.w_down = w2 as *const _;
+    if let Some(((p1, _), (p2, _))) = &shared_ptrs {
+        a.w_shared_gate_up = *p1 as *const _;
+        a.w_shared_down = *p2 as *const _;
+    }
     a.out = out_ptr as *mut _;
     a.workspace = ws as *mut _;
     a.workspace_bytes = ws_len;

@@ -332,15 +332,20 @@ pub struct moek_layer_args {
     pub x: *const ::std::os::raw::c_void,
     pub logits: *const ::std::os::raw::c_void,
     pub bias: *const f32,
+    pub topk_ids: *const i32,
+    pub topk_weights: *const f32,
     pub w_gate_up: *const ::std::os::raw::c_void,
     pub w_down: *const ::std::os::raw::c_void,
+    pub shared_intermediate: i64,
+    pub w_shared_gate_up: *const ::std::os::raw::c_void,
+    pub w_shared_down: *const ::std::os::raw::c_void,
     pub out: *mut ::std::os::raw::c_void,
     pub workspace: *mut ::std::os::raw::c_void,
     pub workspace_bytes: usize,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of moek_layer_args"][::std::mem::size_of::<moek_layer_args>() - 208usize];
+    ["Size of moek_layer_args"][::std::mem::size_of::<moek_layer_args>() - 248usize];
     ["Alignment of moek_layer_args"][::std::mem::align_of::<moek_layer_args>() - 8usize];
     ["Offset of field: moek_layer_args::routing"][::std::mem::offset_of!(moek_layer_args, routing) - 0usize];
     ["Offset of field: moek_layer_args::num_tokens"][::std::mem::offset_of!(moek_layer_args, num_tokens) - 112usize];
@@ -351,12 +356,21 @@ const _: () = {
     ["Offset of field: moek_layer_args::x"][::std::mem::offset_of!(moek_layer_args, x) - 144usize];
     ["Offset of field: moek_layer_args::logits"][::std::mem::offset_of!(moek_layer_args, logits) - 152usize];
     ["Offset of field: moek_layer_args::bias"][::std::mem::offset_of!(moek_layer_args, bias) - 160usize];
-    ["Offset of field: moek_layer_args::w_gate_up"][::std::mem::offset_of!(moek_layer_args, w_gate_up) - 168usize];
-    ["Offset of field: moek_layer_args::w_down"][::std::mem::offset_of!(moek_layer_args, w_down) - 176usize];
-    ["Offset of field: moek_layer_args::out"][::std::mem::offset_of!(moek_layer_args, out) - 184usize];
-    ["Offset of field: moek_layer_args::workspace"][::std::mem::offset_of!(moek_layer_args, workspace) - 192usize];
+    ["Offset of field: moek_layer_args::topk_ids"][::std::mem::offset_of!(moek_layer_args, topk_ids) - 168usize];
+    ["Offset of field: moek_layer_args::topk_weights"]
+        [::std::mem::offset_of!(moek_layer_args, topk_weights) - 176usize];
+    ["Offset of field: moek_layer_args::w_gate_up"][::std::mem::offset_of!(moek_layer_args, w_gate_up) - 184usize];
+    ["Offset of field: moek_layer_args::w_down"][::std::mem::offset_of!(moek_layer_args, w_down) - 192usize];
+    ["Offset of field: moek_layer_args::shared_intermediate"]
+        [::std::mem::offset_of!(moek_layer_args, shared_intermediate) - 200usize];
+    ["Offset of field: moek_layer_args::w_shared_gate_up"]
+        [::std::mem::offset_of!(moek_layer_args, w_shared_gate_up) - 208usize];
+    ["Offset of field: moek_layer_args::w_shared_down"]
+        [::std::mem::offset_of!(moek_layer_args, w_shared_down) - 216usize];
+    ["Offset of field: moek_layer_args::out"][::std::mem::offset_of!(moek_layer_args, out) - 224usize];
+    ["Offset of field: moek_layer_args::workspace"][::std::mem::offset_of!(moek_layer_args, workspace) - 232usize];
     ["Offset of field: moek_layer_args::workspace_bytes"]
-        [::std::mem::offset_of!(moek_layer_args, workspace_bytes) - 200usize];
+        [::std::mem::offset_of!(moek_layer_args, workspace_bytes) - 240usize];
 };
 unsafe extern "C" {
     pub fn moek_layer_workspace_size(args: *const moek_layer_args, bytes: *mut usize) -> moek_status;
