@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod common;
-use common::random_buffer;
+use common::{random_buffer, wanted};
 
 const GRAPH_CALLS: usize = 10;
 const TOKENS: [usize; 6] = [1, 16, 64, 256, 4096, 16384];
@@ -102,7 +102,9 @@ fn benches(crit: &mut Criterion) {
             let name = format!("{}_T{t}_gate_up", m.name);
             let bytes = ((touched * 2 * i * h + rows * h + rows * i) * 2) as f64;
             let flop = (2 * rows * 2 * i * h) as f64;
-            rows_json.push(row(&name, t, bytes, flop, measure(crit, &stream, &name, &mut run_gate_up)));
+            if wanted(&name) {
+                rows_json.push(row(&name, t, bytes, flop, measure(crit, &stream, &name, &mut run_gate_up)));
+            }
 
             let mut run_down = || {
                 let s = scale.slice(..);
@@ -120,7 +122,9 @@ fn benches(crit: &mut Criterion) {
             let name = format!("{}_T{t}_down", m.name);
             let bytes = ((touched * h * i + rows * i + rows * h) * 2) as f64;
             let flop = (2 * rows * h * i) as f64;
-            rows_json.push(row(&name, t, bytes, flop, measure(crit, &stream, &name, &mut run_down)));
+            if wanted(&name) {
+                rows_json.push(row(&name, t, bytes, flop, measure(crit, &stream, &name, &mut run_down)));
+            }
         }
     }
     let path = std::env::var("MOEK_BENCH_JSON").unwrap_or_else(|_| "target/bench-grouped-gemm.json".into());

@@ -172,6 +172,8 @@ struct Carve {
     shared_offsets: usize,
     shared_mid: usize,
     shared_out: usize,
+    /// Split-K room for the grouped GEMMs (the rest of the workspace, see [`split_k_room`]).
+    gemm_workspace: usize,
     total: usize,
 }
 
@@ -215,6 +217,28 @@ fn gemm_args(
     }
     let down = GemmConfig::new(experts, h, i).to_args(rows, bf16_dtype, bf16_dtype);
     (gate_up, down)
+}
+
+/// Split-K workspace bytes for a layer call of `t` tokens: the most any of its grouped GEMMs asks for at
+/// a power-of-two token count up to `t`'s next power of two. Taking the ladder (and not `t` alone) keeps
+/// the answer non-decreasing in `t`, so a workspace sized for T serves every smaller call; a call whose
+/// own need is larger runs that GEMM unsplit (split_k = 0 splits only when the room suffices), never
+/// wrongly. Split-K sums decode shapes with few output tiles in fixed order (deterministic); its need is
+/// bounded (a few MB) because it splits only small row counts.
+fn split_k_room(a: &sys::moek_layer_args, t: i64) -> Result<usize> {
+    let mut room = 0usize;
+    let mut p = 1i64;
+    while p < 2 * t.max(1) {
+        let routed = sys::moek_plan_args { num_tokens: p, ..plan_args(a) };
+        let (gate_up, down) = gemm_args(a, a.routing.num_experts, a.intermediate, permute::plan_max_rows(&routed)?);
+        room = room.max(grouped_gemm::workspace_bytes(&gate_up)?).max(grouped_gemm::workspace_bytes(&down)?);
+        if a.shared_intermediate > 0 {
+            let (gate_up, down) = gemm_args(a, 1, a.shared_intermediate, p);
+            room = room.max(grouped_gemm::workspace_bytes(&gate_up)?).max(grouped_gemm::workspace_bytes(&down)?);
+        }
+        p *= 2;
+    }
+    Ok(room)
 }
 
 /// Whether the caller routed the tokens (top-k ids given, no logits): the layer skips its router.
@@ -264,6 +288,7 @@ fn carve(a: &sys::moek_layer_args) -> Result<Carve> {
     let (h, i) = (a.hidden as usize, a.intermediate as usize);
     let route_workspace_bytes = if caller_routed(a) { 0 } else { route::workspace_bytes(&routing)? };
     let plan_workspace_bytes = permute::plan_workspace_bytes(&plan)?;
+    let gemm_room = split_k_room(a, t)?;
     let mut total = 0usize;
     let mut take = |bytes: usize| {
         let at = total;
@@ -291,6 +316,7 @@ fn carve(a: &sys::moek_layer_args) -> Result<Carve> {
         shared_offsets: take(if shared > 0 { 8 } else { 0 }),
         shared_mid: take(t as usize * shared as usize * 2),
         shared_out: take(if shared > 0 { t as usize * h * 2 } else { 0 }),
+        gemm_workspace: take(gemm_room),
         total: 0,
     })
     .map(|c| Carve { total, ..c })
@@ -402,7 +428,14 @@ pub(crate) fn layer_raw(
     permute::permute_raw(&permute_args, stream)?;
     after_stage("permute")?;
 
-    let (mut gate_up, mut down) = gemm_args(a, a.routing.num_experts, a.intermediate, c.max_rows);
+    // Every grouped GEMM may split K into the room after the fixed buffers (see split_k_room).
+    let with_room = |mut g: sys::moek_grouped_gemm_args| {
+        g.workspace = at(c.gemm_workspace);
+        g.workspace_bytes = a.workspace_bytes - c.gemm_workspace;
+        g
+    };
+    let (gate_up, down) = gemm_args(a, a.routing.num_experts, a.intermediate, c.max_rows);
+    let (mut gate_up, mut down) = (with_room(gate_up), with_room(down));
     gate_up.a = at(c.rows);
     gate_up.b = a.w_gate_up;
     gate_up.expert_offsets = offsets;
@@ -422,7 +455,8 @@ pub(crate) fn layer_raw(
     if shared && tokens {
         let shared_offsets = at(c.shared_offsets) as *mut i32;
         crate::cuda::status(crate::cuda::whole_range_offsets(shared_offsets, stream))?;
-        let (mut gate_up, mut down) = gemm_args(a, 1, a.shared_intermediate, c.t);
+        let (gate_up, down) = gemm_args(a, 1, a.shared_intermediate, c.t);
+        let (mut gate_up, mut down) = (with_room(gate_up), with_room(down));
         gate_up.a = a.x;
         gate_up.b = a.w_shared_gate_up;
         gate_up.expert_offsets = shared_offsets;

@@ -19,3 +19,9 @@ pub fn random_buffer(stream: &Arc<CudaStream>, rng: &mut impl Rng, len: usize) -
     }
     buf
 }
+
+/// Whether a case runs: MOEK_BENCH_ONLY (if set) must occur in its name. Unlike criterion's own filter
+/// it also skips the stream and graph medians, so a sweep over one size costs seconds, not a full run.
+pub fn wanted(case: &str) -> bool {
+    std::env::var("MOEK_BENCH_ONLY").map_or(true, |only| case.contains(&only))
+}
