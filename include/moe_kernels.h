@@ -281,7 +281,8 @@ moek_status moek_combine(const moek_combine_args *args, cudaStream_t stream);
  * MOEK_GEMM_HOPPER=0 keeps the automatic choice off the sm_90a kernel (a given or overridden HOPPER
  * tile still runs it), MOEK_GEMM_SPLIT_K=n (1..MOEK_GEMM_MAX_SPLIT_K) replaces split_k = 0 (it still
  * needs the workspace the size query then reports), MOEK_GEMM_SPLIT_TARGET=ctas replaces the number of
- * CTAs the automatic choice aims at (768).
+ * CTAs the automatic choice aims at (768, counted as if all rows sat on one expert, the fewest tiles the
+ * sizes allow; the spread case is kept within 4 times that).
  * ---------------------------------------------------------------------------------------------- */
 
 #define MOEK_GEMM_MAX_EXPERTS 8192

@@ -257,10 +257,16 @@ fn overrides() -> &'static Overrides {
 const TILE_SMALL_DEEP: sys::moek_gemm_tile = 101;
 const TILE_MEDIUM_K64: sys::moek_gemm_tile = 102;
 
-/// The automatic split aims at this many CTAs (an upper bound of them, from the sizes): about 1.5
-/// waves of the SMALL tile on a 132-SM H100/H200 (4 CTAs of 48 KB per SM). Measured there before
-/// split-K: Mixtral's T = 1 gate|up (896 CTAs) streamed at the floor, its down projection (128) at 51%.
+/// The automatic split aims at this many CTAs (of the fewest the sizes allow, see [`auto_splits`]):
+/// about 1.5 waves of the SMALL tile on a 132-SM H100/H200 (4 CTAs of 48 KB per SM). Measured there
+/// before split-K: Mixtral's T = 1 gate|up (896 CTAs) streamed at the floor, its down projection (128)
+/// at 51%.
 const SPLIT_TARGET_CTAS: u64 = 768;
+/// The split never makes the most CTAs the sizes allow (rows spread over min(E, rows) experts) exceed
+/// this many times the target: the spread case then stays within about 6 waves of the SMALL tile.
+/// Without it, shapes that already stream at the floor with many experts touched (Qwen3 T = 16: 128
+/// rows, up to 3072 CTAs unsplit) would be cut 8 ways because all their rows could sit on one expert.
+const SPLIT_SPREAD_FACTOR: u64 = 4;
 /// At most this many slices automatically.
 const SPLIT_MAX_AUTO: u64 = 16;
 /// Each slice gets at least this many k-tiles (automatic choice).
@@ -312,31 +318,42 @@ fn tile_shape(tile: sys::moek_gemm_tile) -> (u64, u64, u64) {
 }
 
 /// The automatic number of K slices for a shape with `rows` rows (> 0) on the portable `tile`: 1
-/// unless an upper bound of the CTAs falls short of [`SPLIT_TARGET_CTAS`]; never for the LARGE tile
-/// (prefill).
+/// unless the CTAs sure to exist fall short of [`SPLIT_TARGET_CTAS`]; never for the LARGE tile
+/// (prefill). Deterministic: from the sizes only.
+///
+/// The sizes do not say how the rows spread over the experts, so the split is sized from the fewest
+/// m-tiles the rows can make, all of them on one expert: ceil(rows / BM) (masked: E · ceil(capacity /
+/// BM), the only count its sizes give). The upper bound (rows spread over min(E, rows) experts)
+/// overstates the work when the rows gather: at T = 1 of a DeepSeek-V3 slice (max_rows = 8, one
+/// expert touched) it counted 8 m-tiles (896 CTAs, no split) where one m-tile (112 CTAs) did the work.
+/// The upper bound still caps the split ([`SPLIT_SPREAD_FACTOR`]), and so do the k-tiles per slice and
+/// the slices' fp32 traffic against the weights.
 fn auto_splits(a: &sys::moek_grouped_gemm_args, tile: sys::moek_gemm_tile, rows: u64) -> u64 {
     if tile == sys::moek_gemm_tile_MOEK_GEMM_TILE_LARGE {
         return 1;
     }
     let (bm, bn, bk) = tile_shape(tile);
     let (e, n, k) = (a.num_experts as u64, a.n as u64, a.k as u64);
-    // Each real m-tile holds at least one row; each expert's rows start a new tile.
-    let m_tiles = if a.layout == sys::moek_gemm_layout_MOEK_GEMM_MASKED {
-        e * (a.capacity as u64).div_ceil(bm)
+    // (fewest, most) m-tiles; each expert's rows start a new tile, each real m-tile holds a row.
+    let (m_min, m_max) = if a.layout == sys::moek_gemm_layout_MOEK_GEMM_MASKED {
+        let m = e * (a.capacity as u64).div_ceil(bm);
+        (m, m)
     } else {
-        ((rows + e * (bm - 1)) / bm).min(rows)
+        (rows.div_ceil(bm), ((rows + e * (bm - 1)) / bm).min(rows))
     };
     // SwiGLU: a tile covers bn / 2 outputs of n / 2, the same count.
-    let ctas = m_tiles.saturating_mul(n.div_ceil(bn));
+    let n_tiles = n.div_ceil(bn);
+    let ctas = m_min.saturating_mul(n_tiles);
     let target = overrides().split_target.unwrap_or(SPLIT_TARGET_CTAS);
     if ctas >= target {
         return 1;
     }
     let by_ctas = target.div_ceil(ctas.max(1));
+    let by_spread = target.saturating_mul(SPLIT_SPREAD_FACTOR) / m_max.saturating_mul(n_tiles).max(1);
     let by_k = k.div_ceil(bk) / SPLIT_MIN_K_TILES;
     // Weight bytes streamed (at most one [n, k] matrix per row) against 8 bytes per row and column a slice.
     let by_traffic = (e.min(rows) * k * 2) / (rows * 8 * SPLIT_TRAFFIC_RATIO);
-    by_ctas.min(SPLIT_MAX_AUTO).min(by_k).min(by_traffic).max(1)
+    by_ctas.min(by_spread).min(SPLIT_MAX_AUTO).min(by_k).min(by_traffic).max(1)
 }
 
 /// How a call runs: its resolved tile, its K slices (split_k, the environment or the automatic
