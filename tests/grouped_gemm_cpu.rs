@@ -62,7 +62,7 @@ fn c_interface_checks_grouped_gemm_arguments() {
         (|a| a.dtype = sys::moek_dtype_MOEK_DTYPE_F32, sys::moek_status_MOEK_ERROR_INVALID_DTYPE, "dtype"),
         (|a| a.out_dtype = 7, sys::moek_status_MOEK_ERROR_INVALID_DTYPE, "out_dtype"),
         (|a| a.epilogue = 4, sys::moek_status_MOEK_ERROR_INVALID_ENUM, "epilogue"),
-        (|a| a.tile = 9, sys::moek_status_MOEK_ERROR_INVALID_ENUM, "tile"),
+        (|a| a.tile = 6, sys::moek_status_MOEK_ERROR_INVALID_ENUM, "tile"),
         (|a| a.layout = 2, sys::moek_status_MOEK_ERROR_INVALID_ENUM, "layout"),
         (|a| a.max_rows = -1, sys::moek_status_MOEK_ERROR_INVALID_VALUE, "max_rows"),
         (|a| a.a = std::ptr::null(), sys::moek_status_MOEK_ERROR_NULL_POINTER, "a is NULL"),
@@ -203,6 +203,7 @@ fn c_interface_checks_the_workspace() {
 #[test]
 fn hopper_tile_validates_and_reports_availability() {
     GemmConfig { tile: Tile::Hopper, ..GemmConfig::new(8, 2880, 7168) }.validate::<bf16, bf16>(ROWS).unwrap();
+    GemmConfig { tile: Tile::Hopper64, ..GemmConfig::new(8, 2880, 7168) }.validate::<bf16, bf16>(ROWS).unwrap();
     // Out-of-range expert counts are never available; without a GPU (or kernels) nothing is.
     assert_eq!(capi::moek_grouped_gemm_hopper_available(0), 0);
     assert_eq!(capi::moek_grouped_gemm_hopper_available(8193), 0);
@@ -212,11 +213,14 @@ fn hopper_tile_validates_and_reports_availability() {
 
 #[test]
 fn hopper_tile_never_splits() {
-    // The sm_90a kernel ignores split_k: no workspace, even when the slices are forced.
+    // The sm_90a kernel (both tile sizes) ignores split_k: no workspace, even when the slices are forced.
     let rows = Layout::Contiguous { max_rows: 4096 };
     let hopper = GemmConfig { tile: Tile::Hopper, split_k: 4, ..GemmConfig::new(8, 2880, 7168) };
     assert_eq!(hopper.workspace_bytes(rows).unwrap(), 0);
     assert_eq!(GemmConfig { split_k: 0, ..hopper }.workspace_bytes(rows).unwrap(), 0);
+    let hopper64 = GemmConfig { tile: Tile::Hopper64, ..hopper };
+    assert_eq!(hopper64.workspace_bytes(Layout::Contiguous { max_rows: 512 }).unwrap(), 0);
+    assert_eq!(GemmConfig { split_k: 0, ..hopper64 }.workspace_bytes(Layout::Masked { capacity: 64 }).unwrap(), 0);
     // The same forced split on the portable LARGE tile does need it.
     let large = GemmConfig { tile: Tile::Large, ..hopper };
     assert_eq!(large.workspace_bytes(rows).unwrap(), 4 * 4096 * 2880 * 4);
