@@ -5,8 +5,9 @@
 //! medians (MOEK_BENCH_JSON, default target/bench-grouped-gemm.json) with the weight bytes touched and
 //! the FLOP, for benches/RESULTS.md and `compare_torch.py --suite gemm` (same case names).
 //! The library's tuning overrides apply (read by moe_kernels::grouped_gemm, not here): for A/B runs,
-//! `MOEK_GEMM_TILE=auto|small|medium|large|small6|medium64|hopper` forces a tile shape (default auto),
-//! `MOEK_GEMM_HOPPER=0` keeps auto on the portable path, `MOEK_GEMM_SPLIT_K=n` forces the K slices.
+//! `MOEK_GEMM_TILE=auto|small|medium|large|small6|medium64|hopper|hopper64` forces a tile shape
+//! (default auto), `MOEK_GEMM_HOPPER=0` keeps auto on the portable path, `MOEK_GEMM_SPLIT_K=n` forces
+//! the K slices.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use cudarc::driver::{sys, CudaStream};

@@ -10,15 +10,16 @@ extern template cudaError_t moek::launch_grouped_gemm<__half>(const moek::GemmPa
 
 namespace moek {
 
-// The sm_90a path (grouped_gemm_hopper.cu).
-cudaError_t launch_grouped_gemm_hopper(const GemmParams& p, bool f16, moek_dtype out_dtype, cudaStream_t stream);
+// The sm_90a path (grouped_gemm_hopper.cu); `narrow`: its 64-row variant (MOEK_GEMM_TILE_HOPPER_64).
+cudaError_t launch_grouped_gemm_hopper(const GemmParams& p, bool narrow, bool f16, moek_dtype out_dtype,
+                                       cudaStream_t stream);
 
 }  // namespace moek
 
 // `a->tile` is resolved (never AUTO): src/grouped_gemm.rs (resolved_tile) chooses it, the sm_90a
 // kernel included, and reads the environment overrides. `splits`: K slices, chosen there too
 // (split_plan) for these arguments and a workspace of at least splits * rows * n floats; 1 does not
-// touch the workspace. The sm_90a kernel never splits.
+// touch the workspace. The sm_90a kernels (HOPPER, HOPPER_64) never split.
 extern "C" int moek_cuda_grouped_gemm(const moek_grouped_gemm_args* a, int32_t splits, cudaStream_t stream) {
   using namespace moek;
   const bool masked = a->layout == MOEK_GEMM_MASKED;
@@ -40,10 +41,11 @@ extern "C" int moek_cuda_grouped_gemm(const moek_grouped_gemm_args* a, int32_t s
   p.partial = splits > 1 ? static_cast<float*>(a->workspace) : nullptr;
   p.rows_total = masked ? a->capacity * a->num_experts : a->max_rows;
   const moek_gemm_tile tile = a->tile;
-  if (tile == MOEK_GEMM_TILE_HOPPER) {
+  if (tile == MOEK_GEMM_TILE_HOPPER || tile == MOEK_GEMM_TILE_HOPPER_64) {
     p.splits = 1;
     p.partial = nullptr;
-    return launch_grouped_gemm_hopper(p, a->dtype == MOEK_DTYPE_F16, a->out_dtype, stream);
+    return launch_grouped_gemm_hopper(p, tile == MOEK_GEMM_TILE_HOPPER_64, a->dtype == MOEK_DTYPE_F16, a->out_dtype,
+                                      stream);
   }
   if (a->dtype == MOEK_DTYPE_BF16) return launch_grouped_gemm<__nv_bfloat16>(p, tile, a->out_dtype, stream);
   return launch_grouped_gemm<__half>(p, tile, a->out_dtype, stream);

@@ -1,5 +1,13 @@
-// The grouped GEMM's sm_90a fast path (prefill: >= 128 rows per expert): the same semantics as the
-// portable kernel (grouped_gemm_kernel.cuh), built from TMA, mbarriers and wgmma.
+// The grouped GEMM's sm_90a path: the same semantics as the portable kernel (grouped_gemm_kernel.cuh),
+// built from TMA, mbarriers and wgmma. One kernel template, two variants (struct Variant below):
+//   Wide   (MOEK_GEMM_TILE_HOPPER, prefill, >= 128 rows per expert): 128 x 256 tiles, 2 consumer
+//          warpgroups of 64 rows each, 384 threads;
+//   Narrow (MOEK_GEMM_TILE_HOPPER_64, 33..127 rows per expert): 64 x 256 tiles, 1 consumer warpgroup,
+//          256 threads. At 64 rows per expert (Mixtral T = 256) a 128-row tile would run the tensor
+//          cores at twice the useful rate (~550 TFLOP/s to stream the weights at the HBM floor, at the
+//          edge of what wgmma reaches); a 64-row tile needs ~275 TFLOP/s, so B streams at the memory
+//          bandwidth, each byte once per 64 rows. Its stages are 40 KB (A's box is 64 rows).
+// What follows describes Wide; Narrow is the same with one consumer and BM = 64.
 //
 // Persistent grid, one CTA per SM, 384 threads = 3 warpgroups. Each CTA walks the output tiles t =
 // blockIdx.x, + gridDim.x, ...; a tile is 128 rows x 256 product columns of one expert (for SwiGLU:
@@ -30,31 +38,56 @@
 namespace moek {
 namespace hopper {
 
-constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4;
-constexpr int THREADS = 384;
-constexpr int BOX_ROWS = 128;                          // rows of every TMA box (A, and each half of B)
-constexpr int A_BYTES = BM * BK * 2;                   // 16 KB
+constexpr int BN = 256, BK = 64;
+constexpr int B_BOX_ROWS = 128;                        // rows of each of the two B boxes
 constexpr int B_BYTES = BN * BK * 2;                   // 32 KB
-constexpr int STAGE_BYTES = A_BYTES + B_BYTES;         // 48 KB
-constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;       // 192 KB
-constexpr int BAR_BYTES = 2 * STAGES * 8;              // full[STAGES], empty[STAGES]
+// Shared memory a launch may need beyond Variant::smem_bytes (the static part, with slack).
+constexpr size_t kStaticSmemSlack = 256;
+// The H100/H200 opt-in shared memory per block (227 KB): every variant fits it at the most experts.
+constexpr size_t kSmemOptin = 232448;
 
-// Dynamic shared memory: 1024 bytes of alignment slack (the swizzled tiles need 1024-byte alignment),
-// the ring, the barriers, the E + 1 prefix of m-tiles.
-inline size_t smem_bytes(int num_experts) {
-  return 1024 + PIPE_BYTES + BAR_BYTES + (static_cast<size_t>(num_experts) + 1) * sizeof(int32_t);
-}
+// A kernel variant: CONSUMERS warpgroups of 64 rows each (BM = 64 * CONSUMERS) behind one producer
+// warpgroup, a STAGES-deep ring.
+template <int CONSUMERS_, int STAGES_>
+struct Variant {
+  static constexpr int CONSUMERS = CONSUMERS_, STAGES = STAGES_;
+  static constexpr int BM = 64 * CONSUMERS;
+  static constexpr int THREADS = 128 * (1 + CONSUMERS);
+  static constexpr int A_BYTES = BM * BK * 2;             // A's box: BM rows of 64
+  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
+  static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
+  static constexpr int BAR_BYTES = 2 * STAGES * 8;        // full[STAGES], empty[STAGES]
+  static constexpr int CONSUMER_WARPS = 4 * CONSUMERS;    // arrivals that free a stage
+
+  // Dynamic shared memory: 1024 bytes of alignment slack (the swizzled tiles need 1024-byte
+  // alignment), the ring, the barriers, the E + 1 prefix of m-tiles.
+  static constexpr size_t smem_bytes(int num_experts) {
+    return 1024 + PIPE_BYTES + BAR_BYTES + (static_cast<size_t>(num_experts) + 1) * sizeof(int32_t);
+  }
+
+  static_assert(A_BYTES % 1024 == 0 && STAGE_BYTES % 1024 == 0, "swizzled boxes start 1024-byte aligned");
+};
+// MOEK_GEMM_TILE_HOPPER: 128 x 256, 48 KB stages (192 KB ring).
+using Wide = Variant<2, 4>;
+// MOEK_GEMM_TILE_HOPPER_64: 64 x 256, 40 KB stages (160 KB ring). A fifth stage (200 KB) would not
+// fit beside the tile table of 8192 experts; four already keep 128 KB of weights in flight per SM,
+// several times what the HBM latency needs at 1/132 of its bandwidth.
+using Narrow = Variant<1, 4>;
+// Both fit the most experts, and Wide needs the more shared memory: one availability check serves both.
+static_assert(Wide::smem_bytes(MOEK_GEMM_MAX_EXPERTS) + kStaticSmemSlack <= kSmemOptin, "Wide fits 8192 experts");
+static_assert(Narrow::smem_bytes(MOEK_GEMM_MAX_EXPERTS) <= Wide::smem_bytes(MOEK_GEMM_MAX_EXPERTS), "Wide bounds both");
 
 // Output columns per tile: 256 product columns, or 128 SwiGLU outputs.
 inline __host__ __device__ int out_cols_per_tile(bool swiglu) { return swiglu ? BN / 2 : BN; }
 
 #if defined(MOEK_SM90A)
 
-constexpr int CONSUMER_WARPS = 8;                       // arrivals that free a stage
+// Wide's register split (Narrow's 256 threads have 255 registers each without it).
 constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;  // 128 * 40 + 256 * 232 <= 64K
 
 // prefix[e] = m-tiles (of BM rows) of experts 0..e-1, prefix[E] = their total; returned to every thread.
 // All THREADS threads call it; it ends with a barrier.
+template <int BM, int THREADS>
 __device__ int32_t scan_m_tiles(const ExpertRows& r, int32_t* prefix) {
   constexpr int WARPS = THREADS / 32;
   __shared__ int32_t warp_sums[WARPS];
@@ -101,6 +134,7 @@ struct Tile {
 };
 
 // Tile t (< prefix[E] * n_tiles): experts in order, each expert's tiles n-block-major.
+template <int BM>
 __device__ __forceinline__ Tile decode_tile(const ExpertRows& r, const int32_t* prefix, int64_t t, int32_t n_tiles) {
   const int32_t q = static_cast<int32_t>(t / n_tiles);  // the m-tile index over all experts
   int lo = 0, hi = r.num_experts - 1;
@@ -166,11 +200,13 @@ __device__ __forceinline__ void store_tile(const GemmParams& p, const Tile& tile
 
 #endif  // MOEK_SM90A
 
-template <typename Tin, typename Tout>
-__global__ void __launch_bounds__(THREADS, 1)
+template <typename Tin, typename Tout, typename V>
+__global__ void __launch_bounds__(V::THREADS, 1)
     grouped_gemm_hopper_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                                const GemmParams p, int32_t n_tiles) {
 #if defined(MOEK_SM90A)
+  constexpr int BM = V::BM, STAGES = V::STAGES, STAGE_BYTES = V::STAGE_BYTES, A_BYTES = V::A_BYTES;
+  constexpr int PIPE_BYTES = V::PIPE_BYTES, BAR_BYTES = V::BAR_BYTES;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = sm90::smem_u32(smem_raw);
   const uint32_t ring = (raw + 1023u) & ~1023u;  // stage s: A at ring + s * STAGE_BYTES, B after it
@@ -183,30 +219,30 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
       sm90::mbar_init(full_bar + 8 * s, 1);
-      sm90::mbar_init(empty_bar + 8 * s, CONSUMER_WARPS);
+      sm90::mbar_init(empty_bar + 8 * s, V::CONSUMER_WARPS);
     }
     sm90::mbar_fence_init();
     sm90::tma_prefetch_map(&map_a);
     sm90::tma_prefetch_map(&map_b);
   }
-  const int32_t m_total = scan_m_tiles(p.experts, prefix);  // ends with a barrier: barriers initialised
+  const int32_t m_total = scan_m_tiles<BM, V::THREADS>(p.experts, prefix);  // ends with a barrier: barriers initialised
   const int64_t tiles = static_cast<int64_t>(m_total) * n_tiles;
   const int k_tiles = static_cast<int>((p.k + BK - 1) / BK);
   const bool swiglu = p.epilogue == MOEK_EPILOGUE_SWIGLU;
   const int wg = threadIdx.x / 128;
 
   if (wg == 0) {
-    sm90::setmaxnreg_dec<PRODUCER_REGS>();
+    if constexpr (V::CONSUMERS > 1) sm90::setmaxnreg_dec<PRODUCER_REGS>();
     if (threadIdx.x == 0) {
       uint32_t it = 0;  // K steps issued so far: stage it % STAGES, round it / STAGES
       for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-        const Tile tile = decode_tile(p.experts, prefix, t, n_tiles);
+        const Tile tile = decode_tile<BM>(p.experts, prefix, t, n_tiles);
         const int32_t n0 = swiglu ? tile.n_block * (BN / 2) : tile.n_block * BN;
-        const int32_t n1 = swiglu ? static_cast<int32_t>(p.n_out) + n0 : n0 + BOX_ROWS;
+        const int32_t n1 = swiglu ? static_cast<int32_t>(p.n_out) + n0 : n0 + B_BOX_ROWS;
         // The second B box lies wholly past N only for the last plain n-block: then it is not loaded
         // (its product columns are never stored, so whatever that half of the stage holds is harmless).
         const bool second = n1 < p.n;
-        const uint32_t stage_bytes = second ? STAGE_BYTES : STAGE_BYTES - BOX_ROWS * BK * 2;
+        const uint32_t stage_bytes = second ? STAGE_BYTES : STAGE_BYTES - B_BOX_ROWS * BK * 2;
         for (int kt = 0; kt < k_tiles; ++kt, ++it) {
           const uint32_t s = it % STAGES;
           const uint32_t round = it / STAGES;
@@ -218,18 +254,18 @@ __global__ void __launch_bounds__(THREADS, 1)
           const int32_t k0 = kt * BK;
           sm90::tma_load_2d(sa, &map_a, bar, k0, tile.row0);
           sm90::tma_load_3d(sb, &map_b, bar, k0, n0, tile.expert);
-          if (second) sm90::tma_load_3d(sb + BOX_ROWS * BK * 2, &map_b, bar, k0, n1, tile.expert);
+          if (second) sm90::tma_load_3d(sb + B_BOX_ROWS * BK * 2, &map_b, bar, k0, n1, tile.expert);
         }
       }
     }
   } else {
-    sm90::setmaxnreg_inc<CONSUMER_REGS>();
+    if constexpr (V::CONSUMERS > 1) sm90::setmaxnreg_inc<CONSUMER_REGS>();
     const int consumer = wg - 1;  // rows consumer * 64 .. + 63 of each tile
     const bool arrives = (threadIdx.x & 31) == 0;
     uint32_t it = 0;
     float acc[128];
     for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-      const Tile tile = decode_tile(p.experts, prefix, t, n_tiles);
+      const Tile tile = decode_tile<BM>(p.experts, prefix, t, n_tiles);
 #pragma unroll
       for (int i = 0; i < 128; ++i) acc[i] = 0.f;
       for (int kt = 0; kt < k_tiles; ++kt, ++it) {
@@ -274,14 +310,15 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   return fn;
 }
 
-// A K-major tensor of 16-bit elements, `rank` 2 ([rows, K]) or 3 ([E, N, K]), in boxes of 64 x 128
-// (x 1) elements with the 128-byte swizzle. False when the driver rejects it.
-bool encode(CUtensorMap* map, CUtensorMapDataType type, const void* base, int rank, const uint64_t* dims) {
+// A K-major tensor of 16-bit elements, `rank` 2 ([rows, K]) or 3 ([E, N, K]), in boxes of 64 x
+// box_rows (x 1) elements with the 128-byte swizzle. False when the driver rejects it.
+bool encode(CUtensorMap* map, CUtensorMapDataType type, const void* base, int rank, const uint64_t* dims,
+            uint32_t box_rows) {
   const PFN_cuTensorMapEncodeTiled_v12000 fn = encode_fn();
   if (fn == nullptr) return false;
   cuuint64_t size[3] = {dims[0], dims[1], rank == 3 ? dims[2] : 1};
   cuuint64_t stride[2] = {dims[0] * 2, dims[0] * dims[1] * 2};  // bytes of dims 1 and 2
-  cuuint32_t box[3] = {BK, BOX_ROWS, 1};
+  cuuint32_t box[3] = {BK, box_rows, 1};
   cuuint32_t elem_stride[3] = {1, 1, 1};
   const CUresult r = fn(map, type, static_cast<cuuint32_t>(rank), const_cast<void*>(base), size, stride, box,
                         elem_stride, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
@@ -289,14 +326,14 @@ bool encode(CUtensorMap* map, CUtensorMapDataType type, const void* base, int ra
   return r == CUDA_SUCCESS;
 }
 
-template <typename Tin, typename Tout>
+template <typename Tin, typename Tout, typename V>
 cudaError_t launch(const GemmParams& p, cudaStream_t stream) {
   const bool swiglu = p.epilogue == MOEK_EPILOGUE_SWIGLU;
   const int64_t rows = p.experts.counts != nullptr
                            ? static_cast<int64_t>(p.experts.num_experts) * p.experts.capacity
                            : p.experts.max_rows;
   const int64_t n_tiles = (p.n_out + out_cols_per_tile(swiglu) - 1) / out_cols_per_tile(swiglu);
-  const int64_t m_bound = m_tile_bound(p.experts, BM);
+  const int64_t m_bound = m_tile_bound(p.experts, V::BM);
   if (rows == 0 || m_bound == 0 || n_tiles == 0) return cudaSuccess;
   if (m_bound > kTileSaturation || n_tiles > (int64_t{1} << 20)) return cudaErrorInvalidValue;
 
@@ -306,7 +343,7 @@ cudaError_t launch(const GemmParams& p, cudaStream_t stream) {
   const uint64_t dims_a[2] = {static_cast<uint64_t>(p.k), static_cast<uint64_t>(rows)};
   const uint64_t dims_b[3] = {static_cast<uint64_t>(p.k), static_cast<uint64_t>(p.n),
                               static_cast<uint64_t>(p.experts.num_experts)};
-  if (!encode(&map_a, type, p.a, 2, dims_a) || !encode(&map_b, type, p.b, 3, dims_b)) {
+  if (!encode(&map_a, type, p.a, 2, dims_a, V::BM) || !encode(&map_b, type, p.b, 3, dims_b, B_BOX_ROWS)) {
     return cudaErrorNotSupported;
   }
 
@@ -317,23 +354,28 @@ cudaError_t launch(const GemmParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   const int64_t tiles = m_bound * n_tiles;
   const unsigned grid = static_cast<unsigned>(tiles < sms ? tiles : sms);
-  const size_t smem = smem_bytes(p.experts.num_experts);
-  auto kernel = grouped_gemm_hopper_kernel<Tin, Tout>;
+  const size_t smem = V::smem_bytes(p.experts.num_experts);
+  auto kernel = grouped_gemm_hopper_kernel<Tin, Tout, V>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  kernel<<<grid, THREADS, smem, stream>>>(map_a, map_b, p, static_cast<int32_t>(n_tiles));
+  kernel<<<grid, V::THREADS, smem, stream>>>(map_a, map_b, p, static_cast<int32_t>(n_tiles));
   return cudaGetLastError();
 }
 
-// The kernel's static shared memory where its sm_90a body was compiled (the scan's warp sums); a plain
-// sm_90 build of the file (MOEK_CUDA_ARCHS=90) has the trap body and none, and must not be launched.
-constexpr size_t kStaticSmemMarker = THREADS / 32 * sizeof(int32_t);
-// Shared memory beyond smem_bytes() the launch may need (the static part, with slack).
-constexpr size_t kStaticSmemSlack = 256;
+// Whether variant V's kernel (bf16 in and out) was loaded with its sm_90a body: binary version 9.0 and
+// its static shared memory (the scan's warp sums, V::THREADS / 32 ints); a plain sm_90 build of the
+// file (MOEK_CUDA_ARCHS=90) has the trap body and none, and must not be launched.
+template <typename V>
+bool has_sm90a_body() {
+  cudaFuncAttributes attr{};
+  return cudaFuncGetAttributes(&attr, grouped_gemm_hopper_kernel<__nv_bfloat16, __nv_bfloat16, V>) == cudaSuccess &&
+         attr.binaryVersion == 90 && attr.sharedSizeBytes >= V::THREADS / 32 * sizeof(int32_t);
+}
 
-// Whether the current device runs the sm_90a kernels (compute capability 9.0, this build holds the
-// sm_90a code, the driver encodes tensor maps, enough shared memory for E experts' prefix). Cached per
-// device; safe during stream capture (no stream work).
+// Whether the current device runs the sm_90a kernels, both variants (compute capability 9.0, this build
+// holds their sm_90a code, the driver encodes tensor maps, enough shared memory for E experts' prefix:
+// Wide needs more than Narrow, so its check covers both). Cached per device; safe during stream
+// capture (no stream work).
 bool available(int num_experts) {
   constexpr int kDevices = 64;
   static std::atomic<int> state[kDevices];  // 0 unknown, 1 no, 2 yes
@@ -346,12 +388,10 @@ bool available(int num_experts) {
   int known = state[device].load(std::memory_order_relaxed);
   if (known == 0) {
     int major = 0, minor = 0;
-    cudaFuncAttributes attr{};
     bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
               cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess &&
-              major == 9 && minor == 0 &&
-              cudaFuncGetAttributes(&attr, grouped_gemm_hopper_kernel<__nv_bfloat16, __nv_bfloat16>) == cudaSuccess &&
-              attr.binaryVersion == 90 && attr.sharedSizeBytes >= kStaticSmemMarker && encode_fn() != nullptr;
+              major == 9 && minor == 0 && has_sm90a_body<Wide>() && has_sm90a_body<Narrow>() &&
+              encode_fn() != nullptr;
     (void)cudaGetLastError();
     known = ok ? 2 : 1;
     state[device].store(known, std::memory_order_relaxed);
@@ -362,19 +402,26 @@ bool available(int num_experts) {
     (void)cudaGetLastError();
     return false;
   }
-  return smem_bytes(num_experts) + kStaticSmemSlack <= static_cast<size_t>(optin);
+  return Wide::smem_bytes(num_experts) + kStaticSmemSlack <= static_cast<size_t>(optin);
+}
+
+template <typename V>
+cudaError_t launch_variant(const GemmParams& p, bool f16, bool f32_out, cudaStream_t stream) {
+  if (f16) return f32_out ? launch<__half, float, V>(p, stream) : launch<__half, __half, V>(p, stream);
+  return f32_out ? launch<__nv_bfloat16, float, V>(p, stream) : launch<__nv_bfloat16, __nv_bfloat16, V>(p, stream);
 }
 
 }  // namespace hopper
 
 bool grouped_gemm_hopper_available(int num_experts) { return hopper::available(num_experts); }
 
-cudaError_t launch_grouped_gemm_hopper(const GemmParams& p, bool f16, moek_dtype out_dtype, cudaStream_t stream) {
+// `narrow`: MOEK_GEMM_TILE_HOPPER_64 (64-row tiles), else MOEK_GEMM_TILE_HOPPER (128-row tiles).
+cudaError_t launch_grouped_gemm_hopper(const GemmParams& p, bool narrow, bool f16, moek_dtype out_dtype,
+                                       cudaStream_t stream) {
   if (!hopper::available(p.experts.num_experts)) return cudaErrorNotSupported;
   const bool f32_out = out_dtype == MOEK_DTYPE_F32;
-  if (f16) return f32_out ? hopper::launch<__half, float>(p, stream) : hopper::launch<__half, __half>(p, stream);
-  return f32_out ? hopper::launch<__nv_bfloat16, float>(p, stream)
-                 : hopper::launch<__nv_bfloat16, __nv_bfloat16>(p, stream);
+  return narrow ? hopper::launch_variant<hopper::Narrow>(p, f16, f32_out, stream)
+                : hopper::launch_variant<hopper::Wide>(p, f16, f32_out, stream);
 }
 
 }  // namespace moek

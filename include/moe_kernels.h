@@ -269,19 +269,21 @@ moek_status moek_combine(const moek_combine_args *args, cudaStream_t stream);
  * automatic choice falls back to no split. The result is bit-identical from run to run for the same
  * arguments and workspace size; a different S (another workspace size or split_k) sums in another order
  * and may differ in the last bits. The workspace needs no initialisation and holds nothing afterwards.
- * The sm_90a kernel (MOEK_GEMM_TILE_HOPPER) never splits K: when the tile is or resolves to HOPPER,
- * split_k is ignored and the workspace left untouched. The size query answers 0 for a HOPPER tile
- * (given, or from MOEK_GEMM_TILE=hopper); for AUTO it does not ask the device and answers as for the
- * portable kernel, which is enough whichever kernel the call then runs.
+ * The sm_90a kernel (MOEK_GEMM_TILE_HOPPER, MOEK_GEMM_TILE_HOPPER_64) never splits K: when the tile
+ * is or resolves to either, split_k is ignored and the workspace left untouched. The size query answers
+ * 0 for those tiles (given, or from MOEK_GEMM_TILE=hopper or hopper64); for AUTO it does not ask the
+ * device and answers as for the portable kernel, which is enough whichever kernel the call then runs.
  *
  * Tuning overrides, read once per process from the environment (for sweeps; they change results only
- * within the tolerance of a different summation order): MOEK_GEMM_TILE=auto|small|medium|large|hopper
- * replaces MOEK_GEMM_TILE_AUTO (so do two candidate decode tiles: small6, SMALL with 6 pipeline stages,
+ * within the tolerance of a different summation order):
+ * MOEK_GEMM_TILE=auto|small|medium|large|hopper|hopper64 replaces MOEK_GEMM_TILE_AUTO (so do two
+ * candidate decode tiles: small6, SMALL with 6 pipeline stages,
  * and medium64, 64 x 128 with 64-wide K steps; auto or unset keeps the automatic choice),
  * MOEK_GEMM_HOPPER=0 keeps the automatic choice off the sm_90a kernel (a given or overridden HOPPER
- * tile still runs it), MOEK_GEMM_SPLIT_K=n (1..MOEK_GEMM_MAX_SPLIT_K) replaces split_k = 0 (it still
+ * or HOPPER_64 tile still runs it), MOEK_GEMM_SPLIT_K=n (1..MOEK_GEMM_MAX_SPLIT_K) replaces split_k = 0 (it still
  * needs the workspace the size query then reports), MOEK_GEMM_SPLIT_TARGET=ctas replaces the number of
- * CTAs the automatic choice aims at (768).
+ * CTAs the automatic choice aims at (768, counted as if all rows sat on one expert, the fewest tiles the
+ * sizes allow; the spread case is kept within 4 times that).
  * ---------------------------------------------------------------------------------------------- */
 
 #define MOEK_GEMM_MAX_EXPERTS 8192
@@ -305,18 +307,20 @@ typedef enum moek_gemm_epilogue {
 /* Output rows per CTA of the tensor-core kernel (mma.sync, sm_80 and later). AUTO picks by the average
  * rows per expert the sizes allow (max_rows / num_experts, or capacity): SMALL (32 x 64 tiles, weights
  * streamed once per 32 rows of an expert: decode) up to 32, MEDIUM (64 x 128) up to 64, LARGE
- * (128 x 128) above, and HOPPER from 128 where it is available. The others force a shape (tests,
- * tuning). HOPPER is the sm_90a kernel (TMA, wgmma; 128 x 256 tiles, persistent): it runs only on a
+ * (128 x 128) above; where the sm_90a kernel is available, HOPPER_64 from 33 to 127 and HOPPER from
+ * 128 instead. The others force a shape (tests, tuning). HOPPER is the sm_90a kernel (TMA, wgmma;
+ * 128 x 256 tiles, persistent), HOPPER_64 the same kernel with 64 x 256 tiles: they run only on a
  * compute capability 9.0 device with a build that holds sm_90a code (see
  * moek_grouped_gemm_hopper_available); forced elsewhere, moek_grouped_gemm returns MOEK_ERROR_CUDA.
- * It does not split K (see Split-K above). The environment variable MOEK_GEMM_HOPPER=0 keeps AUTO off
- * it. */
+ * They do not split K (see Split-K above). The environment variable MOEK_GEMM_HOPPER=0 keeps AUTO off
+ * them. */
 typedef enum moek_gemm_tile {
   MOEK_GEMM_TILE_AUTO = 0,
   MOEK_GEMM_TILE_SMALL = 1,
   MOEK_GEMM_TILE_MEDIUM = 2,
   MOEK_GEMM_TILE_LARGE = 3,
-  MOEK_GEMM_TILE_HOPPER = 4
+  MOEK_GEMM_TILE_HOPPER = 4,
+  MOEK_GEMM_TILE_HOPPER_64 = 5
 } moek_gemm_tile;
 
 typedef struct moek_grouped_gemm_args {
@@ -352,8 +356,9 @@ moek_status moek_grouped_gemm_workspace_size(const moek_grouped_gemm_args *args,
  * out that experts own, and the workspace when it splits K. */
 moek_status moek_grouped_gemm(const moek_grouped_gemm_args *args, cudaStream_t stream);
 
-/* 1 when MOEK_GEMM_TILE_HOPPER can run num_experts experts on the current device (compute capability
- * 9.0, sm_90a code in this build, shared memory for the expert table), else 0 (also without CUDA). */
+/* 1 when MOEK_GEMM_TILE_HOPPER and MOEK_GEMM_TILE_HOPPER_64 can run num_experts experts on the current
+ * device (the same conditions for both: compute capability 9.0, sm_90a code in this build, shared
+ * memory for the expert table), else 0 (also without CUDA). */
 int moek_grouped_gemm_hopper_available(int32_t num_experts);
 
 /* ------------------------------------------------------------------------------------------------

@@ -3,16 +3,19 @@
 //! memory only. Semantics: `moek_grouped_gemm` in `include/moe_kernels.h`;
 //! [`crate::reference::grouped_gemm`] is the CPU oracle.
 //!
-//! The kernels are the portable tensor-core path (mma.sync, cp.async; sm_80 and later) and, for
-//! prefill sizes on a compute capability 9.0 device, an sm_90a path (TMA, wgmma, a persistent grid;
-//! [`Tile::Hopper`], which [`Tile::Auto`] picks from 128 rows per expert where [`hopper_available`]
-//! says it runs). Neither allocates or synchronises, so a call can be captured into a CUDA graph and
-//! replayed with different counts in the same buffers. With few output tiles (decode) the portable
-//! path splits K over more CTAs when given a workspace of [`GemmConfig::workspace_bytes`] bytes (see
-//! "Split-K" in the header); the sm_90a path never splits K and needs no workspace.
+//! The kernels are the portable tensor-core path (mma.sync, cp.async; sm_80 and later) and, on a
+//! compute capability 9.0 device, an sm_90a path (TMA, wgmma, a persistent grid) in two tile sizes:
+//! [`Tile::Hopper`] (128-row tiles, prefill), which [`Tile::Auto`] picks from 128 rows per expert,
+//! and [`Tile::Hopper64`] (64-row tiles), which it picks from 33 to 127, both where
+//! [`hopper_available`] says they run. Neither path allocates or synchronises, so a call can be
+//! captured into a CUDA graph and replayed with different counts in the same buffers. With few output
+//! tiles (decode) the portable path splits K over more CTAs when given a workspace of
+//! [`GemmConfig::workspace_bytes`] bytes (see "Split-K" in the header); the sm_90a path never splits K
+//! and needs no workspace.
 //!
-//! Tuning overrides, read once per process (for sweeps): `MOEK_GEMM_TILE=small|medium|large|hopper`
-//! replaces [`Tile::Auto`] (as do two candidate decode tiles, `small6`: SMALL with 6 stages, and
+//! Tuning overrides, read once per process (for sweeps):
+//! `MOEK_GEMM_TILE=small|medium|large|hopper|hopper64` replaces [`Tile::Auto`] (as do two candidate
+//! decode tiles, `small6`: SMALL with 6 stages, and
 //! `medium64`: 64 × 128 with BK = 64; `auto` keeps the automatic choice), `MOEK_GEMM_HOPPER=0` keeps
 //! the automatic choice on the portable path, `MOEK_GEMM_SPLIT_K=n` (1..=64) replaces `split_k = 0`,
 //! and `MOEK_GEMM_SPLIT_TARGET=ctas` replaces the CTA count the automatic split aims at (768).
@@ -46,6 +49,10 @@ pub enum Tile {
     /// The sm_90a kernel (128 × 256 tiles, TMA and wgmma): prefill on a compute capability 9.0 device.
     /// Forced where [`hopper_available`] is false, the call fails with a CUDA error. It never splits K.
     Hopper,
+    /// The sm_90a kernel with 64 × 256 tiles (one consumer warpgroup): 33 to 127 rows per expert, where
+    /// 128-row tiles would waste half the tensor-core work. Runs wherever [`Tile::Hopper`] does; never
+    /// splits K.
+    Hopper64,
 }
 
 /// Which rows of A and the output each expert owns (the sizes only; the counts live on the device).
@@ -75,7 +82,8 @@ pub struct GemmConfig {
     pub epilogue: Epilogue,
     pub tile: Tile,
     /// K slices: 0 chooses (a split only with a workspace), 1 never splits, 2..=64 force that many
-    /// (then the workspace is required). Ignored when the tile is or resolves to [`Tile::Hopper`].
+    /// (then the workspace is required). Ignored when the tile is or resolves to [`Tile::Hopper`] or
+    /// [`Tile::Hopper64`].
     pub split_k: u32,
 }
 
@@ -118,6 +126,7 @@ impl GemmConfig {
                 Tile::Medium => sys::moek_gemm_tile_MOEK_GEMM_TILE_MEDIUM,
                 Tile::Large => sys::moek_gemm_tile_MOEK_GEMM_TILE_LARGE,
                 Tile::Hopper => sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER,
+                Tile::Hopper64 => sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER_64,
             },
             num_experts: i32::try_from(self.num_experts).unwrap_or(i32::MAX),
             n: wide(self.n),
@@ -138,7 +147,8 @@ impl GemmConfig {
 
     /// Bytes of workspace that split-K needs with `layout` (0: no split); less is allowed with
     /// `split_k = 0` (no split then). Depends on the shape, not on the dtypes, nor on the device: 0 for
-    /// [`Tile::Hopper`], and for [`Tile::Auto`] the portable path's need, enough for either kernel.
+    /// [`Tile::Hopper`] and [`Tile::Hopper64`], and for [`Tile::Auto`] the portable path's need, enough
+    /// for whichever kernel runs.
     pub fn workspace_bytes(&self, layout: Layout) -> Result<usize> {
         let bf16 = sys::moek_dtype_MOEK_DTYPE_BF16;
         workspace_bytes(&self.to_args(layout, bf16, bf16))
@@ -164,7 +174,7 @@ pub(crate) fn check_shape(a: &sys::moek_grouped_gemm_args) -> Result<i64> {
     if a.epilogue > sys::moek_gemm_epilogue_MOEK_EPILOGUE_RELU {
         bail!(InvalidEnum, "epilogue = {} is not a moek_gemm_epilogue", a.epilogue);
     }
-    if a.tile > sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER {
+    if a.tile > sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER_64 {
         bail!(InvalidEnum, "tile = {} is not a moek_gemm_tile", a.tile);
     }
     let e = a.num_experts;
@@ -208,7 +218,7 @@ pub(crate) fn check_shape(a: &sys::moek_grouped_gemm_args) -> Result<i64> {
 /// The tuning overrides of the environment, read once (see the module documentation).
 struct Overrides {
     tile: Option<sys::moek_gemm_tile>,
-    /// `MOEK_GEMM_HOPPER=0`: AUTO never takes the sm_90a kernel.
+    /// `MOEK_GEMM_HOPPER=0`: AUTO never takes the sm_90a kernels.
     hopper_off: bool,
     split_k: Option<i32>,
     split_target: Option<u64>,
@@ -227,6 +237,7 @@ fn overrides() -> &'static Overrides {
             "small6" => Some(TILE_SMALL_DEEP),
             "medium64" => Some(TILE_MEDIUM_K64),
             "hopper" => Some(sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER),
+            "hopper64" => Some(sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER_64),
             _ => {
                 ignored("MOEK_GEMM_TILE", &v);
                 None
@@ -257,10 +268,16 @@ fn overrides() -> &'static Overrides {
 const TILE_SMALL_DEEP: sys::moek_gemm_tile = 101;
 const TILE_MEDIUM_K64: sys::moek_gemm_tile = 102;
 
-/// The automatic split aims at this many CTAs (an upper bound of them, from the sizes): about 1.5
-/// waves of the SMALL tile on a 132-SM H100/H200 (4 CTAs of 48 KB per SM). Measured there before
-/// split-K: Mixtral's T = 1 gate|up (896 CTAs) streamed at the floor, its down projection (128) at 51%.
+/// The automatic split aims at this many CTAs (of the fewest the sizes allow, see [`auto_splits`]):
+/// about 1.5 waves of the SMALL tile on a 132-SM H100/H200 (4 CTAs of 48 KB per SM). Measured there
+/// before split-K: Mixtral's T = 1 gate|up (896 CTAs) streamed at the floor, its down projection (128)
+/// at 51%.
 const SPLIT_TARGET_CTAS: u64 = 768;
+/// The split never makes the most CTAs the sizes allow (rows spread over min(E, rows) experts) exceed
+/// this many times the target: the spread case then stays within about 6 waves of the SMALL tile.
+/// Without it, shapes that already stream at the floor with many experts touched (Qwen3 T = 16: 128
+/// rows, up to 3072 CTAs unsplit) would be cut 8 ways because all their rows could sit on one expert.
+const SPLIT_SPREAD_FACTOR: u64 = 4;
 /// At most this many slices automatically.
 const SPLIT_MAX_AUTO: u64 = 16;
 /// Each slice gets at least this many k-tiles (automatic choice).
@@ -268,13 +285,18 @@ const SPLIT_MIN_K_TILES: u64 = 4;
 /// The slices' fp32 traffic (written once, read once) stays below the weights' bytes over this.
 const SPLIT_TRAFFIC_RATIO: u64 = 16;
 
-/// Rows per expert from which AUTO takes the sm_90a kernel where it is available.
+/// Rows per expert from which AUTO takes the sm_90a kernel's 128-row tiles where it is available.
 const HOPPER_MIN_ROWS_PER_EXPERT: i64 = 128;
+/// Rows per expert from which AUTO takes its 64-row tiles (up to [`HOPPER_MIN_ROWS_PER_EXPERT`] - 1).
+/// Below, a 64-row wgmma tile is mostly empty rows and the portable SMALL tile (32 rows, split-K)
+/// streams the weights at the floor already.
+const HOPPER64_MIN_ROWS_PER_EXPERT: i64 = 33;
 
 /// The tile `a` runs with: its own, the environment's for AUTO, else AUTO resolved by the average rows
 /// per expert. The launcher (cuda/grouped_gemm.cu) receives this, never AUTO. `ask_device`: whether
-/// AUTO may ask the current device for the sm_90a kernel (from [`HOPPER_MIN_ROWS_PER_EXPERT`] rows
-/// per expert, unless `MOEK_GEMM_HOPPER=0`); without it, LARGE stands for either.
+/// AUTO may ask the current device for the sm_90a kernel (from [`HOPPER64_MIN_ROWS_PER_EXPERT`] rows
+/// per expert, unless `MOEK_GEMM_HOPPER=0`); without it, the portable tile it would otherwise take
+/// (MEDIUM or LARGE) stands for either.
 fn resolved_tile(a: &sys::moek_grouped_gemm_args, ask_device: bool) -> sys::moek_gemm_tile {
     if a.tile != sys::moek_gemm_tile_MOEK_GEMM_TILE_AUTO {
         return a.tile;
@@ -287,18 +309,24 @@ fn resolved_tile(a: &sys::moek_grouped_gemm_args, ask_device: bool) -> sys::moek
     } else {
         a.max_rows / i64::from(a.num_experts)
     };
-    match per_expert {
-        ..=32 => sys::moek_gemm_tile_MOEK_GEMM_TILE_SMALL,
-        33..=64 => sys::moek_gemm_tile_MOEK_GEMM_TILE_MEDIUM,
-        p if p >= HOPPER_MIN_ROWS_PER_EXPERT
+    let hopper = || {
+        per_expert >= HOPPER64_MIN_ROWS_PER_EXPERT
             && ask_device
             && !overrides().hopper_off
-            && hopper_available_raw(a.num_experts) =>
-        {
-            sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER
-        }
+            && hopper_available_raw(a.num_experts)
+    };
+    match per_expert {
+        ..=32 => sys::moek_gemm_tile_MOEK_GEMM_TILE_SMALL,
+        p if p < HOPPER_MIN_ROWS_PER_EXPERT && hopper() => sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER_64,
+        33..=64 => sys::moek_gemm_tile_MOEK_GEMM_TILE_MEDIUM,
+        _ if hopper() => sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER,
         _ => sys::moek_gemm_tile_MOEK_GEMM_TILE_LARGE,
     }
+}
+
+/// Whether `tile` is one of the sm_90a kernel's (which never split K).
+fn is_hopper(tile: sys::moek_gemm_tile) -> bool {
+    tile == sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER || tile == sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER_64
 }
 
 /// BM, BN, BK of a tile (cuda/grouped_gemm_kernel.cuh: TileSmall, TileMedium, TileLarge).
@@ -312,35 +340,46 @@ fn tile_shape(tile: sys::moek_gemm_tile) -> (u64, u64, u64) {
 }
 
 /// The automatic number of K slices for a shape with `rows` rows (> 0) on the portable `tile`: 1
-/// unless an upper bound of the CTAs falls short of [`SPLIT_TARGET_CTAS`]; never for the LARGE tile
-/// (prefill).
+/// unless the CTAs sure to exist fall short of [`SPLIT_TARGET_CTAS`]; never for the LARGE tile
+/// (prefill). Deterministic: from the sizes only.
+///
+/// The sizes do not say how the rows spread over the experts, so the split is sized from the fewest
+/// m-tiles the rows can make, all of them on one expert: ceil(rows / BM) (masked: E · ceil(capacity /
+/// BM), the only count its sizes give). The upper bound (rows spread over min(E, rows) experts)
+/// overstates the work when the rows gather: at T = 1 of a DeepSeek-V3 slice (max_rows = 8, one
+/// expert touched) it counted 8 m-tiles (896 CTAs, no split) where one m-tile (112 CTAs) did the work.
+/// The upper bound still caps the split ([`SPLIT_SPREAD_FACTOR`]), and so do the k-tiles per slice and
+/// the slices' fp32 traffic against the weights.
 fn auto_splits(a: &sys::moek_grouped_gemm_args, tile: sys::moek_gemm_tile, rows: u64) -> u64 {
     if tile == sys::moek_gemm_tile_MOEK_GEMM_TILE_LARGE {
         return 1;
     }
     let (bm, bn, bk) = tile_shape(tile);
     let (e, n, k) = (a.num_experts as u64, a.n as u64, a.k as u64);
-    // Each real m-tile holds at least one row; each expert's rows start a new tile.
-    let m_tiles = if a.layout == sys::moek_gemm_layout_MOEK_GEMM_MASKED {
-        e * (a.capacity as u64).div_ceil(bm)
+    // (fewest, most) m-tiles; each expert's rows start a new tile, each real m-tile holds a row.
+    let (m_min, m_max) = if a.layout == sys::moek_gemm_layout_MOEK_GEMM_MASKED {
+        let m = e * (a.capacity as u64).div_ceil(bm);
+        (m, m)
     } else {
-        ((rows + e * (bm - 1)) / bm).min(rows)
+        (rows.div_ceil(bm), ((rows + e * (bm - 1)) / bm).min(rows))
     };
     // SwiGLU: a tile covers bn / 2 outputs of n / 2, the same count.
-    let ctas = m_tiles.saturating_mul(n.div_ceil(bn));
+    let n_tiles = n.div_ceil(bn);
+    let ctas = m_min.saturating_mul(n_tiles);
     let target = overrides().split_target.unwrap_or(SPLIT_TARGET_CTAS);
     if ctas >= target {
         return 1;
     }
     let by_ctas = target.div_ceil(ctas.max(1));
+    let by_spread = target.saturating_mul(SPLIT_SPREAD_FACTOR) / m_max.saturating_mul(n_tiles).max(1);
     let by_k = k.div_ceil(bk) / SPLIT_MIN_K_TILES;
     // Weight bytes streamed (at most one [n, k] matrix per row) against 8 bytes per row and column a slice.
     let by_traffic = (e.min(rows) * k * 2) / (rows * 8 * SPLIT_TRAFFIC_RATIO);
-    by_ctas.min(SPLIT_MAX_AUTO).min(by_k).min(by_traffic).max(1)
+    by_ctas.min(by_spread).min(SPLIT_MAX_AUTO).min(by_k).min(by_traffic).max(1)
 }
 
 /// How a call runs: its resolved tile, its K slices (split_k, the environment or the automatic
-/// choice; always 1 on the sm_90a kernel) and the workspace bytes they need (0 for one slice).
+/// choice; always 1 on the sm_90a kernels) and the workspace bytes they need (0 for one slice).
 struct SplitPlan {
     tile: sys::moek_gemm_tile,
     splits: i32,
@@ -352,7 +391,7 @@ fn split_plan(a: &sys::moek_grouped_gemm_args, ask_device: bool) -> Result<Split
     let rows = check_shape(a)? as u64;
     let tile = resolved_tile(a, ask_device);
     let single = SplitPlan { tile, splits: 1, bytes: 0 };
-    if rows == 0 || tile == sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER {
+    if rows == 0 || is_hopper(tile) {
         return Ok(single);
     }
     let splits = match a.split_k {
@@ -409,15 +448,16 @@ pub(crate) fn grouped_gemm_raw(a: &sys::moek_grouped_gemm_args, stream: sys::cud
     crate::cuda::status(crate::cuda::grouped_gemm(&a, splits, stream))
 }
 
-/// Whether [`Tile::Hopper`] can run `num_experts` experts on the current CUDA device (false without
-/// the CUDA kernels). Shared by the C entry point, AUTO's choice and [`hopper_available`].
+/// Whether [`Tile::Hopper`] and [`Tile::Hopper64`] can run `num_experts` experts on the current CUDA
+/// device (false without the CUDA kernels; the two have the same requirements). Shared by the C entry
+/// point, AUTO's choice and [`hopper_available`].
 pub(crate) fn hopper_available_raw(num_experts: i32) -> bool {
     (1..=sys::MOEK_GEMM_MAX_EXPERTS as i32).contains(&num_experts) && crate::cuda::gemm_hopper_available(num_experts)
 }
 
-/// Whether [`Tile::Hopper`] can run `num_experts` experts on `stream`'s device: compute capability
-/// 9.0, a build with sm_90a code (`MOEK_CUDA_ARCHS` holds `90a`), enough shared memory for the
-/// experts' tile table.
+/// Whether [`Tile::Hopper`] and [`Tile::Hopper64`] can run `num_experts` experts on `stream`'s device:
+/// compute capability 9.0, a build with sm_90a code (`MOEK_CUDA_ARCHS` holds `90a`), enough shared
+/// memory for the experts' tile table.
 pub fn hopper_available(stream: &Arc<CudaStream>, num_experts: u32) -> Result<bool> {
     stream.context().bind_to_thread()?;
     Ok(hopper_available_raw(i32::try_from(num_experts).unwrap_or(i32::MAX)))

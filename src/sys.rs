@@ -252,6 +252,7 @@ pub const moek_gemm_tile_MOEK_GEMM_TILE_SMALL: moek_gemm_tile = 1;
 pub const moek_gemm_tile_MOEK_GEMM_TILE_MEDIUM: moek_gemm_tile = 2;
 pub const moek_gemm_tile_MOEK_GEMM_TILE_LARGE: moek_gemm_tile = 3;
 pub const moek_gemm_tile_MOEK_GEMM_TILE_HOPPER: moek_gemm_tile = 4;
+pub const moek_gemm_tile_MOEK_GEMM_TILE_HOPPER_64: moek_gemm_tile = 5;
 pub type moek_gemm_tile = ::std::os::raw::c_uint;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

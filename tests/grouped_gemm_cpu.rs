@@ -62,7 +62,7 @@ fn c_interface_checks_grouped_gemm_arguments() {
         (|a| a.dtype = sys::moek_dtype_MOEK_DTYPE_F32, sys::moek_status_MOEK_ERROR_INVALID_DTYPE, "dtype"),
         (|a| a.out_dtype = 7, sys::moek_status_MOEK_ERROR_INVALID_DTYPE, "out_dtype"),
         (|a| a.epilogue = 4, sys::moek_status_MOEK_ERROR_INVALID_ENUM, "epilogue"),
-        (|a| a.tile = 9, sys::moek_status_MOEK_ERROR_INVALID_ENUM, "tile"),
+        (|a| a.tile = 6, sys::moek_status_MOEK_ERROR_INVALID_ENUM, "tile"),
         (|a| a.layout = 2, sys::moek_status_MOEK_ERROR_INVALID_ENUM, "layout"),
         (|a| a.max_rows = -1, sys::moek_status_MOEK_ERROR_INVALID_VALUE, "max_rows"),
         (|a| a.a = std::ptr::null(), sys::moek_status_MOEK_ERROR_NULL_POINTER, "a is NULL"),
@@ -108,14 +108,29 @@ fn workspace_query_follows_the_split() {
     assert_eq!(forced.workspace_bytes(rows(0)).unwrap(), 0);
     assert_eq!(GemmConfig { split_k: 1, ..forced }.workspace_bytes(rows(64)).unwrap(), 0);
     if std::env::var_os("MOEK_GEMM_SPLIT_K").is_none() && std::env::var_os("MOEK_GEMM_TILE").is_none() {
-        // Automatic: Mixtral's down projection at T = 1 (2 rows, 64 output tiles) splits; prefill and
-        // the wide gate|up projection (896 tiles) do not.
+        // Automatic: the slices the bytes imply (S floats per row and column of the product).
+        let slices =
+            |cfg: GemmConfig, max_rows: usize| cfg.workspace_bytes(rows(max_rows)).unwrap() / (max_rows * cfg.n * 4);
+        // Sized from the tiles sure to exist (all rows on one expert): Mixtral's down projection at
+        // T = 1 (2 rows, at least 64 SMALL tiles) splits 12 ways (768 / 64), its gate|up (at least 448)
+        // 2 ways; a DeepSeek-V3 slice at T = 1 (8 rows of max_rows on 32 experts; at least 112 tiles,
+        // at most 896) splits its down projection 3 ways: 12 would be wanted, the spread case caps it
+        // at 4 * 768 / 896.
         let down = GemmConfig::new(8, 4096, 14336);
-        let bytes = down.workspace_bytes(rows(2)).unwrap();
-        assert!(bytes > 0 && bytes % (2 * 4096 * 4) == 0, "{bytes}");
-        assert_eq!(down.workspace_bytes(rows(65536)).unwrap(), 0);
+        assert_eq!(slices(down, 2), 12);
         let gate_up = GemmConfig { epilogue: Epilogue::SwiGlu, ..GemmConfig::new(8, 28672, 4096) };
-        assert_eq!(gate_up.workspace_bytes(rows(2)).unwrap(), 0);
+        assert_eq!(slices(gate_up, 2), 2);
+        assert_eq!(slices(GemmConfig::new(32, 7168, 2048), 8), 3);
+        // Prefill does not split, nor do shapes with tiles enough for every spread: Mixtral's gate|up
+        // at T = 64 (at least 1792 tiles), Qwen3's at T = 16 (at least 96, at most 3072 tiles: 128 rows
+        // on as many experts must not be cut 8 ways because they could all sit on one).
+        assert_eq!(down.workspace_bytes(rows(65536)).unwrap(), 0);
+        assert_eq!(gate_up.workspace_bytes(rows(128)).unwrap(), 0);
+        let qwen3_gate_up = GemmConfig { epilogue: Epilogue::SwiGlu, ..GemmConfig::new(128, 1536, 2048) };
+        assert_eq!(qwen3_gate_up.workspace_bytes(rows(128)).unwrap(), 0);
+        // The slices' fp32 traffic stays small against the weights: one expert, K = 256 (4 k-tiles,
+        // 512 bytes of weights per column) against 64 rows (8 bytes per row and column a slice): none.
+        assert_eq!(GemmConfig::new(1, 64, 256).workspace_bytes(rows(64)).unwrap(), 0);
         // K = 8 is one k-tile: nothing to split automatically.
         assert_eq!(GemmConfig::new(1, 64, 8).workspace_bytes(rows(1)).unwrap(), 0);
     }
@@ -188,6 +203,7 @@ fn c_interface_checks_the_workspace() {
 #[test]
 fn hopper_tile_validates_and_reports_availability() {
     GemmConfig { tile: Tile::Hopper, ..GemmConfig::new(8, 2880, 7168) }.validate::<bf16, bf16>(ROWS).unwrap();
+    GemmConfig { tile: Tile::Hopper64, ..GemmConfig::new(8, 2880, 7168) }.validate::<bf16, bf16>(ROWS).unwrap();
     // Out-of-range expert counts are never available; without a GPU (or kernels) nothing is.
     assert_eq!(capi::moek_grouped_gemm_hopper_available(0), 0);
     assert_eq!(capi::moek_grouped_gemm_hopper_available(8193), 0);
@@ -197,11 +213,14 @@ fn hopper_tile_validates_and_reports_availability() {
 
 #[test]
 fn hopper_tile_never_splits() {
-    // The sm_90a kernel ignores split_k: no workspace, even when the slices are forced.
+    // The sm_90a kernel (both tile sizes) ignores split_k: no workspace, even when the slices are forced.
     let rows = Layout::Contiguous { max_rows: 4096 };
     let hopper = GemmConfig { tile: Tile::Hopper, split_k: 4, ..GemmConfig::new(8, 2880, 7168) };
     assert_eq!(hopper.workspace_bytes(rows).unwrap(), 0);
     assert_eq!(GemmConfig { split_k: 0, ..hopper }.workspace_bytes(rows).unwrap(), 0);
+    let hopper64 = GemmConfig { tile: Tile::Hopper64, ..hopper };
+    assert_eq!(hopper64.workspace_bytes(Layout::Contiguous { max_rows: 512 }).unwrap(), 0);
+    assert_eq!(GemmConfig { split_k: 0, ..hopper64 }.workspace_bytes(Layout::Masked { capacity: 64 }).unwrap(), 0);
     // The same forced split on the portable LARGE tile does need it.
     let large = GemmConfig { tile: Tile::Large, ..hopper };
     assert_eq!(large.workspace_bytes(rows).unwrap(), 4 * 4096 * 2880 * 4);

@@ -6,8 +6,9 @@
 //! without a workspace) on the same matrix. Outputs are poisoned first; rows no expert owns must stay
 //! poisoned.
 //! Skips (with a notice) where there is no GPU. MOEK_TEST_QUICK=1 trims the shape matrix. The sm_90a
-//! kernel (`Tile::Hopper`) runs in every case where `hopper_available` says it can (a compute capability
-//! 9.0 device and a build with sm_90a code); elsewhere it is skipped with a notice.
+//! kernel (`Tile::Hopper` and its 64-row `Tile::Hopper64`) runs in every case where `hopper_available`
+//! says it can (a compute capability 9.0 device and a build with sm_90a code); elsewhere it is skipped
+//! with a notice.
 
 mod common;
 
@@ -22,6 +23,8 @@ use rand::Rng;
 use std::sync::Arc;
 
 const POISON: f32 = -31337.0;
+/// The sm_90a kernel's tile sizes: every test that runs one runs both.
+const HOPPER_TILES: [Tile; 2] = [Tile::Hopper, Tile::Hopper64];
 
 /// What the tests need of an input type.
 trait Input: GemmInput + Default + cudarc::driver::ValidAsZeroBits {}
@@ -257,13 +260,13 @@ fn compare<O: Element>(got: &[O], want: &[f32], claims: &[u8], cols: usize) -> R
     Ok(())
 }
 
-/// The tile shapes to test on `stream`'s device for E experts: every portable one, AUTO, and HOPPER
-/// where it runs (noted once per process where it does not).
+/// The tile shapes to test on `stream`'s device for E experts: every portable one, AUTO, and HOPPER and
+/// HOPPER64 where they run (noted once per process where they do not).
 fn tiles(stream: &Arc<CudaStream>, num_experts: u32) -> Vec<Tile> {
     static NOTED: std::sync::Once = std::sync::Once::new();
     let mut tiles = vec![Tile::Auto, Tile::Small, Tile::Medium, Tile::Large];
     if hopper_available(stream, num_experts).unwrap() {
-        tiles.push(Tile::Hopper);
+        tiles.extend(HOPPER_TILES);
     } else {
         NOTED.call_once(|| eprintln!("NOTE: Tile::Hopper not available here (needs sm_90 and sm_90a code): skipped"));
     }
@@ -504,7 +507,7 @@ fn graph_replays_with_new_counts_in_the_same_buffers() {
         };
         let mut graph_tiles = vec![Tile::Auto];
         if hopper_available(&stream, e as u32).unwrap() {
-            graph_tiles.push(Tile::Hopper);
+            graph_tiles.extend(HOPPER_TILES);
         }
         // Hopper with split_k = 3: the slices are ignored (no workspace asked for).
         for (tile, split_k) in graph_tiles.into_iter().flat_map(|tile| [(tile, 0), (tile, 3)]) {
@@ -537,9 +540,10 @@ fn graph_replays_with_new_counts_in_the_same_buffers() {
     }
 }
 
-/// The sm_90a kernel on a ladder of growing problems, simplest first (one tile and one K step, then
-/// more K steps than pipeline stages, two B boxes, two consumer warpgroups' rows, several tiles per
-/// CTA): the first failure names the smallest broken case and its first bad (row, column).
+/// The sm_90a kernel, both tile sizes, on a ladder of growing problems, simplest first (one tile and
+/// one K step, then more K steps than pipeline stages, two B boxes, two consumer warpgroups' rows (two
+/// 64-row tiles of one expert for HOPPER64), several tiles per CTA): the first failure names the tile,
+/// the smallest broken case and its first bad (row, column).
 #[test]
 fn hopper_ladder_matches_the_reference() {
     let Some((_ctx, stream)) = common::gpu() else { return };
@@ -551,6 +555,9 @@ fn hopper_ladder_matches_the_reference() {
     // (rows per expert, E, N, K, epilogue)
     let ladder: &[(usize, usize, usize, usize, Epilogue)] = &[
         (64, 1, 128, 64, Epilogue::Identity),
+        (64, 1, 256, 64, Epilogue::Identity),
+        (64, 1, 256, 640, Epilogue::Identity),
+        (40, 1, 512, 640, Epilogue::SwiGlu),
         (128, 1, 256, 64, Epilogue::Identity),
         (128, 1, 256, 128, Epilogue::Identity),
         (128, 1, 256, 640, Epilogue::Identity),
@@ -560,10 +567,11 @@ fn hopper_ladder_matches_the_reference() {
         (200, 3, 1000, 1000, Epilogue::Identity),
         (300, 8, 2048, 1024, Epilogue::SwiGlu),
     ];
-    for &(rows, e, n, k, epilogue) in ladder {
+    for (tile, &(rows, e, n, k, epilogue)) in HOPPER_TILES.into_iter().flat_map(|t| ladder.iter().map(move |c| (t, c)))
+    {
         let offsets = offsets_of(&vec![rows; e]);
         let max_rows = rows * e;
-        let cfg = GemmConfig { epilogue, tile: Tile::Hopper, ..GemmConfig::new(e as u32, n, k) };
+        let cfg = GemmConfig { epilogue, tile, ..GemmConfig::new(e as u32, n, k) };
         let p = Problem::<bf16>::new(&mut rng, cfg, Layout::Contiguous { max_rows }, offsets, false);
         let (want, _) = p.expected();
         let d = DeviceProblem::new(&stream, &p);
@@ -574,7 +582,7 @@ fn hopper_ladder_matches_the_reference() {
         let bad = got.iter().zip(&want).position(|(g, w)| g.is_nan() || (g - w).abs() > 1e-2 * w.abs().max(1.0));
         if let Some(i) = bad {
             panic!(
-                "Hopper: rows={rows} E={e} N={n} K={k} {epilogue:?}: first bad element at row {} col {}: {} vs {}",
+                "{tile:?}: rows={rows} E={e} N={n} K={k} {epilogue:?}: first bad element at row {} col {}: {} vs {}",
                 i / cols,
                 i % cols,
                 got[i],
@@ -647,13 +655,17 @@ fn split_k_matches_the_reference() {
                     let offsets = offsets_of(&counts_of(&mut rng, 0, e, 4000, e));
                     (Layout::Contiguous { max_rows: *offsets.last().unwrap() as usize + 3 }, offsets)
                 };
-                // From 128 rows per expert AUTO may take the sm_90a kernel, which never splits K: pin
-                // the portable tile AUTO picks elsewhere (LARGE) so the slices are exercised everywhere.
+                // From 33 rows per expert AUTO may take the sm_90a kernel, which never splits K: pin
+                // the portable tile AUTO picks elsewhere so the slices are exercised everywhere.
                 let per_expert = match layout {
                     Layout::Masked { capacity } => capacity,
                     Layout::Contiguous { max_rows } => max_rows / e,
                 };
-                let tile = if per_expert >= 128 { Tile::Large } else { Tile::Auto };
+                let tile = match per_expert {
+                    ..=32 => Tile::Auto,
+                    33..=64 => Tile::Medium,
+                    _ => Tile::Large,
+                };
                 let cfg = GemmConfig { epilogue, tile, ..GemmConfig::new(e as u32, n, k) };
                 let p = Problem::<bf16>::new(&mut rng, cfg, layout, rows_data, scale);
                 let expected = p.expected();
