@@ -268,22 +268,29 @@ fn overrides() -> &'static Overrides {
 const TILE_SMALL_DEEP: sys::moek_gemm_tile = 101;
 const TILE_MEDIUM_K64: sys::moek_gemm_tile = 102;
 
-/// The automatic split aims at this many CTAs (of the fewest the sizes allow, see [`auto_splits`]):
-/// about 1.5 waves of the SMALL tile on a 132-SM H100/H200 (4 CTAs of 48 KB per SM). Measured there
-/// before split-K: Mixtral's T = 1 gate|up (896 CTAs) streamed at the floor, its down projection (128)
-/// at 51%.
-const SPLIT_TARGET_CTAS: u64 = 768;
+/// The automatic split aims at this many CTAs (of the fewest the sizes allow, see [`auto_splits`]): two
+/// per SM of a 132-SM H100/H200. Swept on the H200 (MOEK_GEMM_SPLIT_K = 1..16 at T = 1, 2026-11-28):
+/// splitting pays only where few output tiles each stream a long K (Mixtral down, 128 tiles of
+/// K = 14336: 117 us unsplit, 64 us at 3-4 slices; a DeepSeek-V3 expert's gate|up, 64 tiles of
+/// K = 7168: 59 us, 35 us at 4); every extra slice of a short K costs 3-5 us (Qwen3 down, K = 768:
+/// 16 us unsplit, 22 us at 2, 96 us at 16).
+const SPLIT_TARGET_CTAS: u64 = 264;
 /// The split never makes the most CTAs the sizes allow (rows spread over min(E, rows) experts) exceed
-/// this many times the target: the spread case then stays within about 6 waves of the SMALL tile.
-/// Without it, shapes that already stream at the floor with many experts touched (Qwen3 T = 16: 128
-/// rows, up to 3072 CTAs unsplit) would be cut 8 ways because all their rows could sit on one expert.
-const SPLIT_SPREAD_FACTOR: u64 = 4;
+/// this many times the target: Mixtral's down projection at T = 16 (up to 512 SMALL tiles) ran at
+/// 219 us unsplit and 234 us in 2 slices.
+const SPLIT_SPREAD_FACTOR: u64 = 2;
 /// At most this many slices automatically.
 const SPLIT_MAX_AUTO: u64 = 16;
-/// Each slice gets at least this many k-tiles (automatic choice).
-const SPLIT_MIN_K_TILES: u64 = 4;
-/// The slices' fp32 traffic (written once, read once) stays below the weights' bytes over this.
-const SPLIT_TRAFFIC_RATIO: u64 = 16;
+/// Each slice gets at least this much of K (automatic choice): K = 2048 split in 2 already lost 0.4-1.2
+/// us in the sweep, K = 7168 in 4 won 24 us.
+const SPLIT_MIN_K_PER_SLICE: u64 = 1536;
+/// The slices' fp32 traffic (written once, read once) stays below the weights' bytes over this: a
+/// 64-row expert of K = 7168 may split 4 ways (partials 14% of its weight bytes).
+const SPLIT_TRAFFIC_RATIO: u64 = 4;
+/// AUTO takes a sm_90a tile only where the rows sure to exist make at least this many of its output
+/// tiles: one expert of 64 rows (a shared expert at decode) makes 16-32 wgmma tiles that cannot fill
+/// 132 SMs and cannot split K, where a portable tile with split-K can.
+const HOPPER_MIN_TILES: u64 = 64;
 
 /// Rows per expert from which AUTO takes the sm_90a kernel's 128-row tiles where it is available.
 const HOPPER_MIN_ROWS_PER_EXPERT: i64 = 128;
@@ -309,17 +316,29 @@ fn resolved_tile(a: &sys::moek_grouped_gemm_args, ask_device: bool) -> sys::moek
     } else {
         a.max_rows / i64::from(a.num_experts)
     };
-    let hopper = || {
+    // The output tiles of a BM x 256 wgmma tile that exist even when every row sits on one expert.
+    let sure_tiles = |bm: u64| {
+        let m = if a.layout == sys::moek_gemm_layout_MOEK_GEMM_MASKED {
+            a.num_experts.max(0) as u64 * (a.capacity.max(0) as u64).div_ceil(bm)
+        } else {
+            (a.max_rows.max(0) as u64).div_ceil(bm)
+        };
+        m.saturating_mul((a.n.max(0) as u64).div_ceil(256))
+    };
+    let hopper = |bm: u64| {
         per_expert >= HOPPER64_MIN_ROWS_PER_EXPERT
             && ask_device
             && !overrides().hopper_off
+            && sure_tiles(bm) >= HOPPER_MIN_TILES
             && hopper_available_raw(a.num_experts)
     };
     match per_expert {
         ..=32 => sys::moek_gemm_tile_MOEK_GEMM_TILE_SMALL,
-        p if p < HOPPER_MIN_ROWS_PER_EXPERT && hopper() => sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER_64,
-        33..=64 => sys::moek_gemm_tile_MOEK_GEMM_TILE_MEDIUM,
-        _ if hopper() => sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER,
+        p if p < HOPPER_MIN_ROWS_PER_EXPERT && hopper(64) => sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER_64,
+        // 64 x 128 with BK = 64: Mixtral T = 256 (64 rows per expert) ran 532 / 299 us against 777 / 419
+        // on the BK = 32 MEDIUM tile (H200 sweep, 2026-11-28).
+        33..=64 => TILE_MEDIUM_K64,
+        _ if hopper(128) => sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER,
         _ => sys::moek_gemm_tile_MOEK_GEMM_TILE_LARGE,
     }
 }
@@ -348,13 +367,13 @@ fn tile_shape(tile: sys::moek_gemm_tile) -> (u64, u64, u64) {
 /// BM), the only count its sizes give). The upper bound (rows spread over min(E, rows) experts)
 /// overstates the work when the rows gather: at T = 1 of a DeepSeek-V3 slice (max_rows = 8, one
 /// expert touched) it counted 8 m-tiles (896 CTAs, no split) where one m-tile (112 CTAs) did the work.
-/// The upper bound still caps the split ([`SPLIT_SPREAD_FACTOR`]), and so do the k-tiles per slice and
+/// The upper bound still caps the split ([`SPLIT_SPREAD_FACTOR`]), and so do the K per slice and
 /// the slices' fp32 traffic against the weights.
 fn auto_splits(a: &sys::moek_grouped_gemm_args, tile: sys::moek_gemm_tile, rows: u64) -> u64 {
     if tile == sys::moek_gemm_tile_MOEK_GEMM_TILE_LARGE {
         return 1;
     }
-    let (bm, bn, bk) = tile_shape(tile);
+    let (bm, bn, _) = tile_shape(tile);
     let (e, n, k) = (a.num_experts as u64, a.n as u64, a.k as u64);
     // (fewest, most) m-tiles; each expert's rows start a new tile, each real m-tile holds a row.
     let (m_min, m_max) = if a.layout == sys::moek_gemm_layout_MOEK_GEMM_MASKED {
@@ -372,7 +391,7 @@ fn auto_splits(a: &sys::moek_grouped_gemm_args, tile: sys::moek_gemm_tile, rows:
     }
     let by_ctas = target.div_ceil(ctas.max(1));
     let by_spread = target.saturating_mul(SPLIT_SPREAD_FACTOR) / m_max.saturating_mul(n_tiles).max(1);
-    let by_k = k.div_ceil(bk) / SPLIT_MIN_K_TILES;
+    let by_k = k / SPLIT_MIN_K_PER_SLICE;
     // Weight bytes streamed (at most one [n, k] matrix per row) against 8 bytes per row and column a slice.
     let by_traffic = (e.min(rows) * k * 2) / (rows * 8 * SPLIT_TRAFFIC_RATIO);
     by_ctas.min(by_spread).min(SPLIT_MAX_AUTO).min(by_k).min(by_traffic).max(1)

@@ -111,19 +111,24 @@ fn workspace_query_follows_the_split() {
         // Automatic: the slices the bytes imply (S floats per row and column of the product).
         let slices =
             |cfg: GemmConfig, max_rows: usize| cfg.workspace_bytes(rows(max_rows)).unwrap() / (max_rows * cfg.n * 4);
-        // Sized from the tiles sure to exist (all rows on one expert): Mixtral's down projection at
-        // T = 1 (2 rows, at least 64 SMALL tiles) splits 12 ways (768 / 64), its gate|up (at least 448)
-        // 2 ways; a DeepSeek-V3 slice at T = 1 (8 rows of max_rows on 32 experts; at least 112 tiles,
-        // at most 896) splits its down projection 3 ways: 12 would be wanted, the spread case caps it
-        // at 4 * 768 / 896.
+        // Sized from the tiles sure to exist (all rows on one expert) and the H200 sweep (see
+        // SPLIT_TARGET_CTAS): Mixtral's down projection at T = 1 (2 rows, at least 64 SMALL tiles of
+        // K = 14336) splits 4 ways; a DeepSeek-V3 expert's gate|up at T = 1 (64 tiles, K = 7168) 4 ways;
+        // a 64-row shared expert of the same shape (32 MEDIUM_K64 tiles) 4 ways too (K per slice).
         let down = GemmConfig::new(8, 4096, 14336);
-        assert_eq!(slices(down, 2), 12);
+        assert_eq!(slices(down, 2), 4);
+        let deepseek_gate_up = GemmConfig { epilogue: Epilogue::SwiGlu, ..GemmConfig::new(32, 4096, 7168) };
+        assert_eq!(slices(deepseek_gate_up, 1), 4);
+        let shared_gate_up = GemmConfig { epilogue: Epilogue::SwiGlu, ..GemmConfig::new(1, 4096, 7168) };
+        assert_eq!(slices(shared_gate_up, 64), 4);
+        // Not split: Mixtral's gate|up at T = 1 (448 tiles), short K (a DeepSeek-V3 down projection,
+        // K = 2048; Qwen3's down, K = 768), Mixtral's down at T = 16 (up to 512 tiles when spread),
+        // prefill, and Qwen3's gate|up at T = 16 (128 rows could sit on one expert but are not cut).
         let gate_up = GemmConfig { epilogue: Epilogue::SwiGlu, ..GemmConfig::new(8, 28672, 4096) };
-        assert_eq!(slices(gate_up, 2), 2);
-        assert_eq!(slices(GemmConfig::new(32, 7168, 2048), 8), 3);
-        // Prefill does not split, nor do shapes with tiles enough for every spread: Mixtral's gate|up
-        // at T = 64 (at least 1792 tiles), Qwen3's at T = 16 (at least 96, at most 3072 tiles: 128 rows
-        // on as many experts must not be cut 8 ways because they could all sit on one).
+        assert_eq!(gate_up.workspace_bytes(rows(2)).unwrap(), 0);
+        assert_eq!(GemmConfig::new(32, 7168, 2048).workspace_bytes(rows(8)).unwrap(), 0);
+        assert_eq!(GemmConfig::new(128, 2048, 768).workspace_bytes(rows(8)).unwrap(), 0);
+        assert_eq!(down.workspace_bytes(rows(32)).unwrap(), 0);
         assert_eq!(down.workspace_bytes(rows(65536)).unwrap(), 0);
         assert_eq!(gate_up.workspace_bytes(rows(128)).unwrap(), 0);
         let qwen3_gate_up = GemmConfig { epilogue: Epilogue::SwiGlu, ..GemmConfig::new(128, 1536, 2048) };
