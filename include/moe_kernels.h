@@ -410,6 +410,98 @@ moek_status moek_layer_workspace_size(const moek_layer_args *args, size_t *bytes
 /* Enqueues the layer. Reads x, the routing input and the weights; writes out and the workspace. */
 moek_status moek_layer(const moek_layer_args *args, cudaStream_t stream);
 
+/* ------------------------------------------------------------------------------------------------
+ * Sub-1-bit expert weights: ternary matrices ({0, +pos[r], -neg[r]} per row) compressed with a
+ * dictionary code of 16-bit codewords (the MKT1 format of moe_kernels::subbit, written by its encoder).
+ *
+ * A compressed buffer is checked on the host before any kernel sees it, then copied to the device as an
+ * "image" the kernels read:
+ *   1. moek_subbit_parse(bytes, n, &w): validates the whole buffer (header, sizes, scales, every tile
+ *      offset, every codeword and every tile's decoded length) and fills w's shape and layout fields
+ *      (w.image = NULL).
+ *   2. moek_subbit_write_image(bytes, n, host_image, w.image_bytes): writes the image on the host: the
+ *      expanded dictionary (8 bytes per codeword), the row levels, the tile offsets and the codewords,
+ *      each section 16-byte aligned.
+ *   3. Copy host_image to device memory (16-byte aligned, e.g. cudaMalloc + cudaMemcpy) and set
+ *      w.image to it. The kernels trust that the image is what step 2 wrote; they never read or write
+ *      outside the image and their outputs whatever it holds, but a different image gives unspecified
+ *      values.
+ * The descriptor's fields are re-checked against each other on every call (a mismatch is
+ * MOEK_ERROR_INVALID_VALUE naming the field), so a descriptor edited by hand is refused.
+ *
+ * Values: W[m][r][c] = 0, +pos[m][r] or -neg[m][r] with the levels stored in f16; the dense bf16 weight
+ * is the f16 level rounded to bf16 (to nearest even), exactly what the CPU decoder gives.
+ * ---------------------------------------------------------------------------------------------- */
+
+/* Most tokens (rows of x) a plain matvec takes; grouped calls take any number of rows per expert but are
+ * meant for a few (each block handles an expert's rows 8 at a time and decodes its tile again for each
+ * group of 8). */
+#define MOEK_SUBBIT_MAX_TOKENS 8
+
+typedef struct moek_subbit_weights {
+  int32_t matrices;          /* M >= 1 (experts) */
+  int32_t rows;              /* R >= 1: output features */
+  int32_t cols;              /* C >= 1: input features */
+  int32_t tile_cols;         /* columns per tile (a power of two, 256..65536) */
+  int32_t tiles_per_row;     /* ceil(C / tile_cols) */
+  int32_t dictionary_entries;/* D, 3..65536 */
+  int64_t codes;             /* 16-bit codewords in all */
+  size_t image_bytes;        /* bytes of the device image */
+  size_t dictionary_at;      /* byte offsets of the image's sections: dictionary (u64 [D]) */
+  size_t scales_at;          /* levels: f16 [M, R, 2], positive then negative magnitude */
+  size_t offsets_at;         /* tile offsets: u32 [M * R * tiles_per_row + 1] */
+  size_t codes_at;           /* codewords: u16 [codes] */
+  const void *image;         /* device, 16-byte aligned: the copy of moek_subbit_write_image's output */
+} moek_subbit_weights;
+
+/* Validates a compressed buffer (host memory, num_bytes long) and fills *weights (image = NULL). A
+ * corrupt buffer gives MOEK_ERROR_INVALID_VALUE and a message saying what is wrong; never reads past
+ * num_bytes. Host only, no CUDA. */
+moek_status moek_subbit_parse(const void *bytes, size_t num_bytes, moek_subbit_weights *weights);
+
+/* Validates the buffer again and writes its device image to host memory `image` (image_bytes long, at
+ * least moek_subbit_parse's weights.image_bytes). Host only, no CUDA. */
+moek_status moek_subbit_write_image(const void *bytes, size_t num_bytes, void *image, size_t image_bytes);
+
+typedef struct moek_subbit_decode_args {
+  moek_subbit_weights weights;
+  void *out;                 /* device [M, R, C] bf16, 2-byte aligned, written */
+} moek_subbit_decode_args;
+
+/* Enqueues the lossless decode of every matrix to dense bf16. */
+moek_status moek_subbit_decode(const moek_subbit_decode_args *args, cudaStream_t stream);
+
+/* Fused decode + matrix-vector product, y[t][r] = sum over c of x[t][c] * W[m][r][c], fp32 accumulation,
+ * bf16 in and out; the dense weight never reaches global memory.
+ *   expert_offsets == NULL: one matrix `matrix` (0..M-1) and num_tokens (1..MOEK_SUBBIT_MAX_TOKENS)
+ *                           rows of x and y.
+ *   expert_offsets != NULL: grouped (the layout moek_plan/moek_permute produce): expert m owns rows
+ *                           expert_offsets[m] .. expert_offsets[m+1] of x and y (device [M + 1],
+ *                           clamped to [0, num_tokens]; an expert whose offsets go backwards is empty).
+ *                           num_tokens (>= 0) is the rows of x and y; `matrix` is ignored. Experts
+ *                           without rows read none of their weights. Rows outside expert_offsets[0] ..
+ *                           expert_offsets[M] are untouched (offsets that go backwards never cause an
+ *                           access outside the buffers; which rows get computed is then unspecified).
+ * With tiles_per_row > 1 each tile's partial sums go to the workspace (fp32) and a second kernel adds
+ * them in tile order, so the result is bit-identical from run to run. */
+typedef struct moek_subbit_matvec_args {
+  moek_subbit_weights weights;
+  int32_t matrix;            /* the matrix of a plain call; ignored when grouped */
+  int64_t num_tokens;        /* rows of x and y */
+  const int32_t *expert_offsets; /* device [M + 1] or NULL (plain call) */
+  const void *x;             /* device [num_tokens, C] bf16, 2-byte aligned */
+  void *y;                   /* device [num_tokens, R] bf16, 2-byte aligned, written */
+  void *workspace;           /* device, workspace_bytes long, 16-byte aligned; NULL when the query says 0 */
+  size_t workspace_bytes;
+} moek_subbit_matvec_args;
+
+/* Bytes of workspace moek_subbit_matvec needs: 4 * tiles_per_row * num_tokens * R when tiles_per_row
+ * > 1, else 0. Reads only the weights' shape fields and num_tokens. */
+moek_status moek_subbit_matvec_workspace_size(const moek_subbit_matvec_args *args, size_t *bytes);
+
+/* Enqueues the fused decode + matvec. Reads the image, x and the offsets; writes y and the workspace. */
+moek_status moek_subbit_matvec(const moek_subbit_matvec_args *args, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -3,8 +3,10 @@
 //! checked against the bindgen declarations in `src/sys.rs` at compile time (see the bottom).
 
 use crate::error::{bail, last_error_ptr, status_text, to_status, Result};
+use crate::subbit::gpu as subbit;
 use crate::{grouped_gemm, layer, permute, route, sys};
 use std::os::raw::c_char;
+use std::os::raw::c_void;
 
 /// Reads a caller's struct, refusing NULL.
 ///
@@ -182,6 +184,70 @@ pub unsafe extern "C" fn moek_layer(args: *const sys::moek_layer_args, stream: s
     to_status(unsafe { read_args(args, "args") }.and_then(|a| layer::layer_raw(a, stream, &mut |_| Ok(()))))
 }
 
+/// See `moek_subbit_parse` in the header.
+///
+/// # Safety
+/// `bytes` is NULL or points to `num_bytes` readable bytes; `weights` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn moek_subbit_parse(
+    bytes: *const c_void,
+    num_bytes: usize,
+    weights: *mut sys::moek_subbit_weights,
+) -> sys::moek_status {
+    to_status(unsafe { subbit::parse_raw(bytes, num_bytes, weights) })
+}
+
+/// See `moek_subbit_write_image` in the header.
+///
+/// # Safety
+/// `bytes` is NULL or points to `num_bytes` readable bytes; `image` is NULL or points to `image_bytes`
+/// writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn moek_subbit_write_image(
+    bytes: *const c_void,
+    num_bytes: usize,
+    image: *mut c_void,
+    image_bytes: usize,
+) -> sys::moek_status {
+    to_status(unsafe { subbit::write_image_raw(bytes, num_bytes, image, image_bytes) })
+}
+
+/// See `moek_subbit_decode` in the header.
+///
+/// # Safety
+/// `args` is NULL or valid, and its pointers satisfy the header's contract.
+#[no_mangle]
+pub unsafe extern "C" fn moek_subbit_decode(
+    args: *const sys::moek_subbit_decode_args,
+    stream: sys::cudaStream_t,
+) -> sys::moek_status {
+    to_status(unsafe { read_args(args, "args") }.and_then(|a| subbit::decode_raw(a, stream)))
+}
+
+/// See `moek_subbit_matvec_workspace_size` in the header.
+///
+/// # Safety
+/// `args` is NULL or valid; `bytes` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn moek_subbit_matvec_workspace_size(
+    args: *const sys::moek_subbit_matvec_args,
+    bytes: *mut usize,
+) -> sys::moek_status {
+    unsafe { query(args, bytes, "bytes", subbit::matvec_workspace_bytes) }
+}
+
+/// See `moek_subbit_matvec` in the header.
+///
+/// # Safety
+/// `args` is NULL or valid, and its pointers satisfy the header's contract.
+#[no_mangle]
+pub unsafe extern "C" fn moek_subbit_matvec(
+    args: *const sys::moek_subbit_matvec_args,
+    stream: sys::cudaStream_t,
+) -> sys::moek_status {
+    to_status(unsafe { read_args(args, "args") }.and_then(|a| subbit::matvec_raw(a, stream)))
+}
+
 // Compile-time proof that the definitions above have the header's signatures.
 const _: [unsafe extern "C" fn(sys::moek_status) -> *const c_char; 2] = [sys::moek_status_string, moek_status_string];
 const _: [unsafe extern "C" fn() -> *const c_char; 2] = [sys::moek_last_error_message, moek_last_error_message];
@@ -210,3 +276,13 @@ type LayerSizeFn = unsafe extern "C" fn(*const sys::moek_layer_args, *mut usize)
 const _: [LayerSizeFn; 2] = [sys::moek_layer_workspace_size, moek_layer_workspace_size];
 type LayerFn = unsafe extern "C" fn(*const sys::moek_layer_args, sys::cudaStream_t) -> sys::moek_status;
 const _: [LayerFn; 2] = [sys::moek_layer, moek_layer];
+type SubbitParseFn = unsafe extern "C" fn(*const c_void, usize, *mut sys::moek_subbit_weights) -> sys::moek_status;
+const _: [SubbitParseFn; 2] = [sys::moek_subbit_parse, moek_subbit_parse];
+type SubbitImageFn = unsafe extern "C" fn(*const c_void, usize, *mut c_void, usize) -> sys::moek_status;
+const _: [SubbitImageFn; 2] = [sys::moek_subbit_write_image, moek_subbit_write_image];
+type SubbitDecodeFn = unsafe extern "C" fn(*const sys::moek_subbit_decode_args, sys::cudaStream_t) -> sys::moek_status;
+const _: [SubbitDecodeFn; 2] = [sys::moek_subbit_decode, moek_subbit_decode];
+type SubbitSizeFn = unsafe extern "C" fn(*const sys::moek_subbit_matvec_args, *mut usize) -> sys::moek_status;
+const _: [SubbitSizeFn; 2] = [sys::moek_subbit_matvec_workspace_size, moek_subbit_matvec_workspace_size];
+type SubbitMatvecFn = unsafe extern "C" fn(*const sys::moek_subbit_matvec_args, sys::cudaStream_t) -> sys::moek_status;
+const _: [SubbitMatvecFn; 2] = [sys::moek_subbit_matvec, moek_subbit_matvec];

@@ -30,6 +30,12 @@ mod launchers {
         ) -> i32;
         pub fn moek_cuda_gemm_hopper_available(num_experts: i32) -> i32;
         pub fn moek_cuda_whole_range_offsets(offsets: *mut i32, stream: sys::cudaStream_t) -> i32;
+        pub fn moek_cuda_subbit_decode(args: *const sys::moek_subbit_decode_args, stream: sys::cudaStream_t) -> i32;
+        pub fn moek_cuda_subbit_matvec(
+            args: *const sys::moek_subbit_matvec_args,
+            rows_per_block: i32,
+            stream: sys::cudaStream_t,
+        ) -> i32;
     }
 }
 
@@ -131,6 +137,40 @@ pub(crate) fn whole_range_offsets(offsets: *mut i32, stream: sys::cudaStream_t) 
     #[cfg(not(moek_cuda))]
     {
         let _ = (offsets, stream);
+        NO_KERNELS
+    }
+}
+
+/// Enqueues the sub-1-bit decode (arguments already validated).
+pub(crate) fn subbit_decode(args: &sys::moek_subbit_decode_args, stream: sys::cudaStream_t) -> LaunchCode {
+    #[cfg(moek_cuda)]
+    {
+        // SAFETY: validated by subbit::gpu::decode_raw; the image is the caller's copy of a validated
+        // buffer's image and `out` holds M * R * C bf16 (the header's contract).
+        unsafe { launchers::moek_cuda_subbit_decode(args, stream) }
+    }
+    #[cfg(not(moek_cuda))]
+    {
+        let _ = (args, stream);
+        NO_KERNELS
+    }
+}
+
+/// Enqueues the fused sub-1-bit matvec (arguments already validated; `rows_per_block` 0 or a multiple
+/// of 8 in 8..=256).
+pub(crate) fn subbit_matvec(
+    args: &sys::moek_subbit_matvec_args,
+    rows_per_block: i32,
+    stream: sys::cudaStream_t,
+) -> LaunchCode {
+    #[cfg(moek_cuda)]
+    {
+        // SAFETY: validated by subbit::gpu::matvec_raw; the buffers are the caller's, sized per the header.
+        unsafe { launchers::moek_cuda_subbit_matvec(args, rows_per_block, stream) }
+    }
+    #[cfg(not(moek_cuda))]
+    {
+        let _ = (args, rows_per_block, stream);
         NO_KERNELS
     }
 }

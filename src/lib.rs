@@ -19,8 +19,9 @@
 //!   CPU reference in [`reference::grouped_gemm`].
 //! - [`layer`]: a whole MoE layer composed from the above (route, plan, permute, two grouped GEMMs,
 //!   combine), with the CPU reference in [`reference::layer`] (not yet run on a GPU).
-//! - [`subbit`]: the sub-1-bit ternary expert format (encoder, validator, CPU decoder); its kernels are
-//!   still to come.
+//! - [`subbit`]: the sub-1-bit ternary expert format (encoder, validator, CPU decoder) and its kernels:
+//!   lossless decode to dense bf16 and the fused decode + matvec for 1..=8 tokens (not yet run on a
+//!   GPU), with the CPU reference in [`reference::subbit`].
 //!
 //! Built without nvcc (see `scripts/setup-cuda.sh`), the crate still compiles and its CPU parts work;
 //! GPU calls return [`Status::NoCudaKernels`]. [`KERNELS_BUILT`] tells which build this is.

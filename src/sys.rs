@@ -16,6 +16,7 @@ pub const MOEK_PLAN_MAX_K: u32 = 64;
 pub const MOEK_GEMM_MAX_EXPERTS: u32 = 8192;
 pub const MOEK_GEMM_MAX_N: u32 = 2097152;
 pub const MOEK_GEMM_MAX_SPLIT_K: u32 = 64;
+pub const MOEK_SUBBIT_MAX_TOKENS: u32 = 8;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct CUstream_st {
@@ -378,4 +379,115 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn moek_layer(args: *const moek_layer_args, stream: cudaStream_t) -> moek_status;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moek_subbit_weights {
+    pub matrices: i32,
+    pub rows: i32,
+    pub cols: i32,
+    pub tile_cols: i32,
+    pub tiles_per_row: i32,
+    pub dictionary_entries: i32,
+    pub codes: i64,
+    pub image_bytes: usize,
+    pub dictionary_at: usize,
+    pub scales_at: usize,
+    pub offsets_at: usize,
+    pub codes_at: usize,
+    pub image: *const ::std::os::raw::c_void,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of moek_subbit_weights"][::std::mem::size_of::<moek_subbit_weights>() - 80usize];
+    ["Alignment of moek_subbit_weights"][::std::mem::align_of::<moek_subbit_weights>() - 8usize];
+    ["Offset of field: moek_subbit_weights::matrices"][::std::mem::offset_of!(moek_subbit_weights, matrices) - 0usize];
+    ["Offset of field: moek_subbit_weights::rows"][::std::mem::offset_of!(moek_subbit_weights, rows) - 4usize];
+    ["Offset of field: moek_subbit_weights::cols"][::std::mem::offset_of!(moek_subbit_weights, cols) - 8usize];
+    ["Offset of field: moek_subbit_weights::tile_cols"]
+        [::std::mem::offset_of!(moek_subbit_weights, tile_cols) - 12usize];
+    ["Offset of field: moek_subbit_weights::tiles_per_row"]
+        [::std::mem::offset_of!(moek_subbit_weights, tiles_per_row) - 16usize];
+    ["Offset of field: moek_subbit_weights::dictionary_entries"]
+        [::std::mem::offset_of!(moek_subbit_weights, dictionary_entries) - 20usize];
+    ["Offset of field: moek_subbit_weights::codes"][::std::mem::offset_of!(moek_subbit_weights, codes) - 24usize];
+    ["Offset of field: moek_subbit_weights::image_bytes"]
+        [::std::mem::offset_of!(moek_subbit_weights, image_bytes) - 32usize];
+    ["Offset of field: moek_subbit_weights::dictionary_at"]
+        [::std::mem::offset_of!(moek_subbit_weights, dictionary_at) - 40usize];
+    ["Offset of field: moek_subbit_weights::scales_at"]
+        [::std::mem::offset_of!(moek_subbit_weights, scales_at) - 48usize];
+    ["Offset of field: moek_subbit_weights::offsets_at"]
+        [::std::mem::offset_of!(moek_subbit_weights, offsets_at) - 56usize];
+    ["Offset of field: moek_subbit_weights::codes_at"][::std::mem::offset_of!(moek_subbit_weights, codes_at) - 64usize];
+    ["Offset of field: moek_subbit_weights::image"][::std::mem::offset_of!(moek_subbit_weights, image) - 72usize];
+};
+unsafe extern "C" {
+    pub fn moek_subbit_parse(
+        bytes: *const ::std::os::raw::c_void,
+        num_bytes: usize,
+        weights: *mut moek_subbit_weights,
+    ) -> moek_status;
+}
+unsafe extern "C" {
+    pub fn moek_subbit_write_image(
+        bytes: *const ::std::os::raw::c_void,
+        num_bytes: usize,
+        image: *mut ::std::os::raw::c_void,
+        image_bytes: usize,
+    ) -> moek_status;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moek_subbit_decode_args {
+    pub weights: moek_subbit_weights,
+    pub out: *mut ::std::os::raw::c_void,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of moek_subbit_decode_args"][::std::mem::size_of::<moek_subbit_decode_args>() - 88usize];
+    ["Alignment of moek_subbit_decode_args"][::std::mem::align_of::<moek_subbit_decode_args>() - 8usize];
+    ["Offset of field: moek_subbit_decode_args::weights"]
+        [::std::mem::offset_of!(moek_subbit_decode_args, weights) - 0usize];
+    ["Offset of field: moek_subbit_decode_args::out"][::std::mem::offset_of!(moek_subbit_decode_args, out) - 80usize];
+};
+unsafe extern "C" {
+    pub fn moek_subbit_decode(args: *const moek_subbit_decode_args, stream: cudaStream_t) -> moek_status;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moek_subbit_matvec_args {
+    pub weights: moek_subbit_weights,
+    pub matrix: i32,
+    pub num_tokens: i64,
+    pub expert_offsets: *const i32,
+    pub x: *const ::std::os::raw::c_void,
+    pub y: *mut ::std::os::raw::c_void,
+    pub workspace: *mut ::std::os::raw::c_void,
+    pub workspace_bytes: usize,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of moek_subbit_matvec_args"][::std::mem::size_of::<moek_subbit_matvec_args>() - 136usize];
+    ["Alignment of moek_subbit_matvec_args"][::std::mem::align_of::<moek_subbit_matvec_args>() - 8usize];
+    ["Offset of field: moek_subbit_matvec_args::weights"]
+        [::std::mem::offset_of!(moek_subbit_matvec_args, weights) - 0usize];
+    ["Offset of field: moek_subbit_matvec_args::matrix"]
+        [::std::mem::offset_of!(moek_subbit_matvec_args, matrix) - 80usize];
+    ["Offset of field: moek_subbit_matvec_args::num_tokens"]
+        [::std::mem::offset_of!(moek_subbit_matvec_args, num_tokens) - 88usize];
+    ["Offset of field: moek_subbit_matvec_args::expert_offsets"]
+        [::std::mem::offset_of!(moek_subbit_matvec_args, expert_offsets) - 96usize];
+    ["Offset of field: moek_subbit_matvec_args::x"][::std::mem::offset_of!(moek_subbit_matvec_args, x) - 104usize];
+    ["Offset of field: moek_subbit_matvec_args::y"][::std::mem::offset_of!(moek_subbit_matvec_args, y) - 112usize];
+    ["Offset of field: moek_subbit_matvec_args::workspace"]
+        [::std::mem::offset_of!(moek_subbit_matvec_args, workspace) - 120usize];
+    ["Offset of field: moek_subbit_matvec_args::workspace_bytes"]
+        [::std::mem::offset_of!(moek_subbit_matvec_args, workspace_bytes) - 128usize];
+};
+unsafe extern "C" {
+    pub fn moek_subbit_matvec_workspace_size(args: *const moek_subbit_matvec_args, bytes: *mut usize) -> moek_status;
+}
+unsafe extern "C" {
+    pub fn moek_subbit_matvec(args: *const moek_subbit_matvec_args, stream: cudaStream_t) -> moek_status;
 }

@@ -4,3 +4,4 @@ pub mod grouped_gemm;
 pub mod layer;
 pub mod permute;
 pub mod route;
+pub mod subbit;

@@ -106,6 +106,18 @@ static void cpu_side(void) {
   CHECK(strstr(moek_last_error_message(), "x") != NULL, "message names x: %s", moek_last_error_message());
   layer.activation = MOEK_EPILOGUE_IDENTITY;
   CHECK(moek_layer_workspace_size(&layer, &bytes) == MOEK_ERROR_INVALID_VALUE, "identity activation");
+
+  /* Sub-1-bit: a buffer is validated before anything else sees it. */
+  moek_subbit_weights w;
+  const unsigned char not_mkt1[64] = {'N', 'O', 'P', 'E'};
+  CHECK(moek_subbit_parse(NULL, 64, &w) == MOEK_ERROR_NULL_POINTER, "subbit parse of NULL");
+  CHECK(moek_subbit_parse(not_mkt1, sizeof not_mkt1, &w) == MOEK_ERROR_INVALID_VALUE, "subbit parse of a bad magic");
+  CHECK(strstr(moek_last_error_message(), "corrupt") != NULL, "message says corrupt: %s", moek_last_error_message());
+  moek_subbit_matvec_args mv;
+  memset(&mv, 0, sizeof mv);
+  CHECK(moek_subbit_matvec(&mv, NULL) == MOEK_ERROR_INVALID_VALUE, "subbit matvec with an empty descriptor");
+  CHECK(strstr(moek_last_error_message(), "weights.matrices") != NULL, "message names weights.matrices: %s",
+        moek_last_error_message());
 }
 
 /* Routes real data on the GPU: top-2 of 4 with a known answer, then Switch with capacity. */

@@ -1,0 +1,118 @@
+//! Sub-1-bit kernel benchmarks on the GPU for Mixtral-8x7B expert shapes: gate (or up) [14336, 4096] and
+//! down [4096, 14336], two experts (a token's top-2) in one compressed buffer, i.i.d. ternary weights at
+//! P(0) = 0.885 (about 0.71 bit/weight). Cases: the fused grouped matvec for T = 1..8 tokens (each token
+//! a row of both experts: offsets [0, T, 2T]) and the dense decode of both experts. Timed with CUDA
+//! events (criterion's `iter_custom`) and as one call's share of a CUDA graph of calls, plus a JSON of
+//! medians (MOEK_BENCH_JSON, default target/bench-subbit.json) with the bytes moved (compressed image
+//! sections read from HBM, x, y; the decode's dense output) and the dense-equivalent FLOP, for
+//! `compare_torch.py --suite subbit` (same case names; torch runs the bf16 product of dense weights).
+//! `MOEK_SUBBIT_ROWS_PER_BLOCK` (read by the library) overrides the fused kernel's rows per block.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use cudarc::driver::{sys, CudaStream};
+use half::bf16;
+use moe_kernels::subbit::{decode_on_gpu, encode, matvec, random_iid, Compressed, DeviceWeights, Experts};
+use moe_kernels::timing;
+use rand::SeedableRng;
+use std::sync::Arc;
+use std::time::Duration;
+
+mod common;
+use common::random_buffer;
+
+const GRAPH_CALLS: usize = 10;
+const EXPERTS: usize = 2;
+const TILE_COLS: usize = 2048;
+/// (name, rows, cols) of one expert's matrix.
+const SHAPES: [(&str, usize, usize); 2] = [("mixtral_gate", 14336, 4096), ("mixtral_down", 4096, 14336)];
+
+fn row(name: &str, t: usize, bytes: f64, flop: f64, dense_bytes: f64, (stream_us, graph_us): (f64, f64)) -> String {
+    format!(
+        "{{\"case\":\"{name}\",\"tokens\":{t},\"stream_us\":{stream_us:.3},\"graph_us\":{graph_us:.3},\"bytes\":{bytes},\"flop\":{flop},\"dense_weight_bytes\":{dense_bytes}}}"
+    )
+}
+
+fn benches(crit: &mut Criterion) {
+    if !moe_kernels::KERNELS_BUILT || !unsafe { sys::is_culib_present() } {
+        eprintln!("SKIPPED: sub-1-bit benchmarks need a GPU and a build with CUDA kernels");
+        return;
+    }
+    let ctx = cudarc::driver::CudaContext::new(0).unwrap();
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    let mut rows_json = Vec::new();
+    for (shape, r, c) in SHAPES {
+        let ms: Vec<_> = (0..EXPERTS).map(|_| random_iid(&mut rng, r, c, 0.885)).collect();
+        let bytes = encode(&ms, TILE_COLS).unwrap();
+        let view = Compressed::parse(&bytes).unwrap();
+        eprintln!("{shape}: {:.4} bit/weight, {} bytes", view.bits_per_parameter(), bytes.len());
+        let weights = DeviceWeights::upload(&stream, &view).unwrap();
+        let d = view.descriptor().unwrap();
+        // What streams from HBM: levels, tile offsets and codewords (the dictionary stays in L2).
+        let weight_bytes = (d.image_bytes - d.scales_at) as f64;
+        let dense_bytes = (EXPERTS * r * c * 2) as f64;
+        for t in 1..=8usize {
+            let rows = EXPERTS * t;
+            let offsets = stream.clone_htod(&[0i32, t as i32, rows as i32]).unwrap();
+            let x = random_buffer(&stream, &mut rng, rows * c);
+            let mut y = stream.alloc_zeros::<bf16>(rows * r).unwrap();
+            let mut ws = stream.alloc_zeros::<u8>(weights.matvec_workspace_bytes(rows).unwrap().max(16)).unwrap();
+            let experts = Experts::Offsets(offsets.slice(..));
+            let mut op = || {
+                matvec(
+                    &stream,
+                    &weights,
+                    &experts,
+                    rows,
+                    &x.slice(..),
+                    &mut y.slice_mut(..),
+                    Some(&mut ws.slice_mut(..)),
+                )
+            };
+            let name = format!("{shape}_T{t}");
+            let moved = weight_bytes + ((rows * c + rows * r) * 2) as f64;
+            let flop = (2 * rows * r * c) as f64;
+            rows_json.push(row(&name, t, moved, flop, dense_bytes, measure(crit, &stream, &name, &mut op)));
+        }
+        let mut dense = stream.alloc_zeros::<bf16>(EXPERTS * r * c).unwrap();
+        let mut op = || decode_on_gpu(&stream, &weights, &mut dense.slice_mut(..));
+        let name = format!("{shape}_decode");
+        rows_json.push(row(
+            &name,
+            0,
+            weight_bytes + dense_bytes,
+            0.0,
+            dense_bytes,
+            measure(crit, &stream, &name, &mut op),
+        ));
+    }
+    let path = std::env::var("MOEK_BENCH_JSON").unwrap_or_else(|_| "target/bench-subbit.json".into());
+    std::fs::write(&path, format!("[\n{}\n]\n", rows_json.join(",\n"))).unwrap();
+    eprintln!("wrote {path}");
+}
+
+/// Criterion's measurement of `op`, then its stream and graph medians in microseconds.
+fn measure(
+    crit: &mut Criterion,
+    stream: &Arc<CudaStream>,
+    name: &str,
+    mut op: impl FnMut() -> moe_kernels::Result<()>,
+) -> (f64, f64) {
+    crit.bench_function(name, |b| {
+        b.iter_custom(|n| {
+            let us = timing::mean_us(stream, 0, n as usize, &mut op).unwrap();
+            Duration::from_secs_f64(us * 1e-6 * n as f64)
+        })
+    });
+    let stream_us = timing::median_us(stream, 11, 10, &mut op).unwrap();
+    let graph_us = timing::graph_median_us(stream, GRAPH_CALLS, 7, 3, op).unwrap();
+    (stream_us, graph_us)
+}
+
+criterion_group! {
+    name = subbit_benches;
+    config = Criterion::default().warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_millis(500)).sample_size(10);
+    targets = benches
+}
+criterion_main!(subbit_benches);

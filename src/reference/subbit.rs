@@ -1,0 +1,50 @@
+//! CPU reference of the sub-1-bit kernels: the dense bf16 weights the decode kernel writes, and the
+//! matrix-vector products of the fused kernel computed from them.
+
+use crate::subbit::Compressed;
+use half::bf16;
+
+/// Every matrix of `view` as dense bf16 [M, R, C]: the CPU decoder's values (f16 levels) rounded to
+/// bf16, to nearest even. The GPU decode must equal this bit for bit.
+pub fn dense_bf16(view: &Compressed) -> Vec<bf16> {
+    (0..view.matrices).flat_map(|m| view.decode(m).dense()).map(bf16::from_f32).collect()
+}
+
+/// `y[t, r] = sum over c of x[t, c] * w[r, c]` for `w` [rows, cols] and `x` [tokens, cols], accumulated in
+/// f64 and returned in f32 ([tokens, rows]).
+pub fn matvec(w: &[bf16], rows: usize, cols: usize, x: &[bf16], tokens: usize) -> Vec<f32> {
+    let mut y = Vec::with_capacity(tokens * rows);
+    for t in 0..tokens {
+        let xt = &x[t * cols..(t + 1) * cols];
+        for r in 0..rows {
+            let wr = &w[r * cols..(r + 1) * cols];
+            let sum: f64 = wr.iter().zip(xt).map(|(a, b)| f64::from(a.to_f32()) * f64::from(b.to_f32())).sum();
+            y.push(sum as f32);
+        }
+    }
+    y
+}
+
+/// The grouped product: matrix m of `dense` ([M, R, C]) for rows `offsets[m]..offsets[m+1]` of `x`
+/// ([tokens, C]). Rows no matrix owns are NaN in the result ([tokens, R]).
+pub fn grouped_matvec(
+    dense: &[bf16],
+    rows: usize,
+    cols: usize,
+    offsets: &[i32],
+    x: &[bf16],
+    tokens: usize,
+) -> Vec<f32> {
+    let mut y = vec![f32::NAN; tokens * rows];
+    for m in 0..offsets.len().saturating_sub(1) {
+        let lo = (offsets[m].max(0) as usize).min(tokens);
+        let hi = (offsets[m + 1].max(0) as usize).clamp(lo, tokens);
+        if hi == lo {
+            continue;
+        }
+        let w = &dense[m * rows * cols..(m + 1) * rows * cols];
+        let part = matvec(w, rows, cols, &x[lo * cols..hi * cols], hi - lo);
+        y[lo * rows..hi * rows].copy_from_slice(&part);
+    }
+    y
+}
