@@ -20,7 +20,12 @@ mod launchers {
             capacity_chunk: i32,
             stream: sys::cudaStream_t,
         ) -> i32;
-        pub fn moek_cuda_plan(args: *const sys::moek_plan_args, num_chunks: i64, stream: sys::cudaStream_t) -> i32;
+        pub fn moek_cuda_plan(
+            args: *const sys::moek_plan_args,
+            num_chunks: i64,
+            fused: i32,
+            stream: sys::cudaStream_t,
+        ) -> i32;
         pub fn moek_cuda_permute(args: *const sys::moek_permute_args, stream: sys::cudaStream_t) -> i32;
         pub fn moek_cuda_combine(args: *const sys::moek_combine_args, stream: sys::cudaStream_t) -> i32;
         pub fn moek_cuda_grouped_gemm(
@@ -47,16 +52,17 @@ pub(crate) fn route(args: &sys::moek_route_args, capacity_chunk: i32, stream: sy
     }
 }
 
-/// Enqueues a permutation plan (arguments already validated).
-pub(crate) fn plan(args: &sys::moek_plan_args, num_chunks: i64, stream: sys::cudaStream_t) -> LaunchCode {
+/// Enqueues a permutation plan in `num_chunks` chunks, by the fused one-launch kernel or the chunked
+/// pair of kernels (arguments already validated).
+pub(crate) fn plan(args: &sys::moek_plan_args, num_chunks: i64, fused: bool, stream: sys::cudaStream_t) -> LaunchCode {
     #[cfg(moek_cuda)]
     {
         // SAFETY: validated by permute::plan_raw; the buffers are the caller's, sized per the header.
-        unsafe { launchers::moek_cuda_plan(args, num_chunks, stream) }
+        unsafe { launchers::moek_cuda_plan(args, num_chunks, i32::from(fused), stream) }
     }
     #[cfg(not(moek_cuda))]
     {
-        let _ = (args, num_chunks, stream);
+        let _ = (args, num_chunks, fused, stream);
         NO_KERNELS
     }
 }

@@ -30,6 +30,53 @@ fn plan_chunks(pairs: i64, num_experts: i32) -> i64 {
     ((pairs + min_pairs - 1) / min_pairs).clamp(1, max_chunks)
 }
 
+/// Which kernels compute a plan (cuda/plan.cu). [`plan`] chooses by itself (see [`plan_path`]); tests
+/// and benchmarks force one through [`plan_with_path`] to compare them.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlanPath {
+    /// One launch, one block per chunk, every block counting every pair itself; no workspace.
+    Fused,
+    /// A count kernel writing per-chunk histograms to the workspace, then the place kernel (one launch
+    /// when there is one chunk).
+    Chunked,
+}
+
+/// Most pairs the fused plan takes by default: it reads every id in every block, so its cost grows
+/// with T * k times the chunks. `MOEK_PLAN_FUSED_MAX_PAIRS` overrides it (read once).
+const PLAN_FUSED_MAX_PAIRS: i64 = 32768;
+/// Most experts the fused plan takes by default: up to here its shared memory (E x (warps + 3) counters)
+/// fits 32 warps.
+const PLAN_FUSED_MAX_EXPERTS: i32 = 1024;
+
+/// The path of a plan of `pairs` pairs over `num_experts` experts: fused up to `max_pairs` pairs and
+/// [`PLAN_FUSED_MAX_EXPERTS`] experts, chunked beyond; `forced` (`MOEK_PLAN_FUSED=1` or `0`) wins.
+pub(crate) fn plan_path(pairs: i64, num_experts: i32, max_pairs: i64, forced: Option<PlanPath>) -> PlanPath {
+    match forced {
+        Some(path) => path,
+        None if pairs <= max_pairs && num_experts <= PLAN_FUSED_MAX_EXPERTS => PlanPath::Fused,
+        None => PlanPath::Chunked,
+    }
+}
+
+/// The environment's plan settings, read once: the fused path's pair limit and a forced path.
+fn plan_overrides() -> (i64, Option<PlanPath>) {
+    static OVERRIDES: std::sync::OnceLock<(i64, Option<PlanPath>)> = std::sync::OnceLock::new();
+    *OVERRIDES.get_or_init(|| {
+        let max_pairs = std::env::var("MOEK_PLAN_FUSED_MAX_PAIRS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&v: &i64| v >= 0)
+            .unwrap_or(PLAN_FUSED_MAX_PAIRS);
+        let forced = match std::env::var("MOEK_PLAN_FUSED").ok().as_deref() {
+            Some("1") => Some(PlanPath::Fused),
+            Some("0") => Some(PlanPath::Chunked),
+            _ => None,
+        };
+        (max_pairs, forced)
+    })
+}
+
 /// What defines a plan, apart from the number of tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PlanConfig {
@@ -141,6 +188,11 @@ pub(crate) fn plan_workspace_bytes(a: &sys::moek_plan_args) -> Result<usize> {
 
 /// Validates a plan's arguments in full, then enqueues it. Shared by the C entry point and [`plan`].
 pub(crate) fn plan_raw(a: &sys::moek_plan_args, stream: sys::cudaStream_t) -> Result<()> {
+    plan_raw_on(a, None, stream)
+}
+
+/// [`plan_raw`] on the given path (`None`: the automatic choice).
+fn plan_raw_on(a: &sys::moek_plan_args, path: Option<PlanPath>, stream: sys::cudaStream_t) -> Result<()> {
     plan_max_rows(a)?;
     let tokens = a.num_tokens > 0;
     let ranks = a.num_ranks > 1;
@@ -157,8 +209,11 @@ pub(crate) fn plan_raw(a: &sys::moek_plan_args, stream: sys::cudaStream_t) -> Re
         bail!(WorkspaceTooSmall, "workspace_bytes = {} but this call needs {need}", a.workspace_bytes);
     }
     check::pointer("workspace", a.workspace, true, 4)?;
-    let chunks = plan_chunks(a.num_tokens * i64::from(a.k), a.num_experts);
-    crate::cuda::status(crate::cuda::plan(a, chunks, stream))
+    let pairs = a.num_tokens * i64::from(a.k);
+    let chunks = plan_chunks(pairs, a.num_experts);
+    let (max_pairs, forced) = plan_overrides();
+    let path = plan_path(pairs, a.num_experts, max_pairs, path.or(forced));
+    crate::cuda::status(crate::cuda::plan(a, chunks, path == PlanPath::Fused, stream))
 }
 
 /// Checks the shape shared by permute and combine.
@@ -232,6 +287,20 @@ pub fn plan(
     topk_ids: &CudaView<'_, i32>,
     out: &mut PlanOutput<'_>,
 ) -> Result<()> {
+    plan_with_path(stream, cfg, num_tokens, topk_ids, out, None)
+}
+
+/// [`plan`] on a forced path (`None`: the automatic choice, as [`plan`]), for tests and benchmarks.
+/// The outputs are the same on either path.
+#[doc(hidden)]
+pub fn plan_with_path(
+    stream: &Arc<CudaStream>,
+    cfg: &PlanConfig,
+    num_tokens: usize,
+    topk_ids: &CudaView<'_, i32>,
+    out: &mut PlanOutput<'_>,
+    path: Option<PlanPath>,
+) -> Result<()> {
     let mut a = cfg.to_args(num_tokens);
     let max_rows = plan_max_rows(&a)? as usize;
     let (e, pairs, ranks) = (cfg.num_experts as usize, num_tokens * cfg.k as usize, cfg.ranks());
@@ -266,7 +335,7 @@ pub fn plan(
     a.error_count = errors as *mut i32;
     a.workspace = ws as *mut _;
     a.workspace_bytes = ws_len;
-    plan_raw(&a, stream.cu_stream() as sys::cudaStream_t)
+    plan_raw_on(&a, path, stream.cu_stream() as sys::cudaStream_t)
 }
 
 /// The plan's device outputs permute and combine read.
@@ -368,4 +437,27 @@ pub fn combine<T: Element>(
         out: out_ptr as *mut _,
     };
     combine_raw(&a, stream.cu_stream() as sys::cudaStream_t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_path_is_fused_for_small_plans_unless_forced() {
+        let auto = |pairs, e| plan_path(pairs, e, PLAN_FUSED_MAX_PAIRS, None);
+        // The T = 4096, k = 8, E = 256 benchmark case sits at the default limit.
+        assert_eq!(auto(4096 * 8, 256), PlanPath::Fused);
+        assert_eq!(auto(4096 * 8 + 1, 256), PlanPath::Chunked);
+        assert_eq!(auto(0, 1), PlanPath::Fused);
+        assert_eq!(auto(100, PLAN_FUSED_MAX_EXPERTS), PlanPath::Fused);
+        assert_eq!(auto(100, PLAN_FUSED_MAX_EXPERTS + 1), PlanPath::Chunked);
+        // A limit of 0 leaves only empty plans fused; a forced path wins over everything.
+        assert_eq!(plan_path(1, 8, 0, None), PlanPath::Chunked);
+        for (pairs, e) in [(0, 1), (1 << 30, 8192), (1000, 8)] {
+            for path in [PlanPath::Fused, PlanPath::Chunked] {
+                assert_eq!(plan_path(pairs, e, PLAN_FUSED_MAX_PAIRS, Some(path)), path);
+            }
+        }
+    }
 }

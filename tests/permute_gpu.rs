@@ -1,14 +1,15 @@
 //! GPU permutation against the CPU reference on fresh random inputs: plans on odd shapes (skewed loads,
-//! empty experts, dropped and out-of-range ids, capacity, row alignment, ranks), permute and combine in
-//! f32/bf16/f16 for H in {8, 2880, 7168}, combine's run-to-run bit identity, and a CUDA-graph replay.
-//! Skips (with a notice) where there is no GPU.
+//! empty experts, dropped and out-of-range ids, capacity, row alignment, ranks) on both plan paths
+//! (fused and chunked, forced), permute and combine in f32/bf16/f16 for H in {8, 2880, 7168},
+//! combine's run-to-run bit identity, and a CUDA-graph replay. Skips (with a notice) where there is no
+//! GPU.
 
 mod common;
 
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 use half::{bf16, f16};
 use moe_kernels::dtype::Element;
-use moe_kernels::permute::{combine, permute, plan, PlanConfig, PlanOutput, PlanView};
+use moe_kernels::permute::{combine, permute, plan_with_path, PlanConfig, PlanOutput, PlanPath, PlanView};
 use moe_kernels::reference::permute as reference;
 use rand::Rng;
 use std::sync::Arc;
@@ -46,6 +47,18 @@ impl DevicePlan {
     }
 
     fn run(&mut self, stream: &Arc<CudaStream>, cfg: &PlanConfig, t: usize, ids: &CudaSlice<i32>) {
+        self.run_on(stream, cfg, t, &ids.slice(..), None);
+    }
+
+    /// The plan on a forced path (`None`: the automatic choice).
+    fn run_on(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        cfg: &PlanConfig,
+        t: usize,
+        ids: &CudaView<'_, i32>,
+        path: Option<PlanPath>,
+    ) {
         let ranks = cfg.num_ranks > 1;
         let mut out = PlanOutput {
             expert_counts: self.counts.slice_mut(..),
@@ -57,7 +70,7 @@ impl DevicePlan {
             error_count: self.errors.slice_mut(..),
             workspace: self.workspace.slice_mut(..),
         };
-        plan(stream, cfg, t, &ids.slice(..), &mut out).unwrap();
+        plan_with_path(stream, cfg, t, ids, &mut out, path).unwrap();
     }
 
     fn view(&self) -> PlanView<'_> {
@@ -127,7 +140,9 @@ fn plans_match_the_reference_on_odd_shapes() {
     let mut rng = common::rng("plans_match_the_reference_on_odd_shapes");
     let mut failures = Vec::new();
     let mut cases = 0;
-    for &t in &[0usize, 1, 7, 4096, 33000] {
+    // T * k spans one chunk and several, and the fused path's default limit (32768 pairs: T = 4096 with
+    // k = 8 below it, 4097 above); both paths are forced on every case.
+    for &t in &[0usize, 1, 7, 300, 4096, 4097, 33000] {
         // E = 1024 and 8192: one thread per expert and fewer warps per chunk (cuda/plan.cu).
         for &e in &[1u32, 8, 60, 384, 1024, 8192] {
             for &k in &[1u32, 2, 8, 64] {
@@ -142,14 +157,23 @@ fn plans_match_the_reference_on_odd_shapes() {
                         },
                     ];
                     let ids = ids_of(&mut rng, shape, t * k as usize, e);
-                    let d_ids = stream.clone_htod(if ids.is_empty() { &[0][..] } else { &ids[..] }).unwrap();
+                    // One leading element: the ids start 4 bytes into the buffer for odd shapes, so the
+                    // fused path's scalar loads (ids not 16-byte aligned) are checked too.
+                    let lead = (shape % 2) as usize;
+                    let mut padded = vec![7; lead];
+                    padded.extend_from_slice(&ids);
+                    padded.push(0);
+                    let d_ids = stream.clone_htod(&padded).unwrap();
+                    let view = d_ids.slice(lead..lead + ids.len());
                     for cfg in variants {
-                        cases += 1;
-                        let mut d = DevicePlan::new(&stream, &cfg, t);
-                        d.run(&stream, &cfg, t, &d_ids);
                         let expected = reference::plan(&cfg, t, &ids);
-                        if let Err(m) = d.check(&stream, &cfg, t, &expected) {
-                            failures.push(format!("T={t} E={e} k={k} shape={shape} {cfg:?}: {m}"));
+                        for path in [PlanPath::Fused, PlanPath::Chunked] {
+                            cases += 1;
+                            let mut d = DevicePlan::new(&stream, &cfg, t);
+                            d.run_on(&stream, &cfg, t, &view, Some(path));
+                            if let Err(m) = d.check(&stream, &cfg, t, &expected) {
+                                failures.push(format!("T={t} E={e} k={k} shape={shape} {path:?} {cfg:?}: {m}"));
+                            }
                         }
                     }
                 }
