@@ -1,7 +1,8 @@
 //! Permutation benchmarks on the GPU, timed with CUDA events (criterion's `iter_custom`), plus a JSON
 //! of medians (MOEK_BENCH_JSON, default target/bench-permute.json) for benches/RESULTS.md. Each case is
 //! timed back to back on a stream and as one call's share of a CUDA graph of 20 calls. The plan at
-//! T = 4096 is timed on each path too (`_fused`, `_chunked`).
+//! T = 4096 is timed on each path too (`_fused`, `_chunked`); permute and combine at decode sizes of
+//! the layer presets (rows cut over several warps) as well as at T = 16384.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use cudarc::driver::{sys, CudaSlice, CudaStream};
@@ -150,27 +151,40 @@ fn benches(crit: &mut Criterion) {
         // Bytes: ids read, pair_row and row_source written (counts and offsets are negligible).
         rows.push(row(&name, t, (t * 8 * 12) as f64, times(&stream, || p.plan(&stream, path))));
     }
-    let (t, h) = (16384usize, 7168usize);
-    let mut p = Problem::new(&stream, t, 256, 8, h);
-    // Bytes that must move: permute reads each token row once and writes k rows; combine reads k rows
-    // per token and writes one.
-    let moved = (t * h * 2 + t * 8 * h * 2) as f64;
-    crit.bench_function("permute_bf16_T16384_H7168_k8", |b| {
-        b.iter_custom(|n| {
-            Duration::from_secs_f64(
-                timing::mean_us(&stream, 0, n as usize, || p.permute(&stream)).unwrap() * 1e-6 * n as f64,
-            )
-        })
-    });
-    rows.push(row("permute_bf16_T16384_H7168_k8", t, moved, times(&stream, || p.permute(&stream))));
-    crit.bench_function("combine_bf16_T16384_H7168_k8", |b| {
-        b.iter_custom(|n| {
-            Duration::from_secs_f64(
-                timing::mean_us(&stream, 0, n as usize, || p.combine(&stream)).unwrap() * 1e-6 * n as f64,
-            )
-        })
-    });
-    rows.push(row("combine_bf16_T16384_H7168_k8", t, moved, times(&stream, || p.combine(&stream))));
+    // (T, E, k, H): T = 16384 is prefill (one warp per token); the rest are the layer presets' decode
+    // sizes (DeepSeek-V3's 32 local experts, Qwen3-30B-A3B, Mixtral), where rows are cut over warps.
+    let cases = [
+        (16384usize, 256u32, 8u32, 7168usize, "T16384_H7168_k8"),
+        (1, 32, 8, 7168, "T1_H7168_k8"),
+        (64, 32, 8, 7168, "T64_H7168_k8"),
+        (256, 32, 8, 7168, "T256_H7168_k8"),
+        (64, 128, 8, 2048, "T64_H2048_k8"),
+        (64, 8, 2, 4096, "T64_H4096_k2"),
+    ];
+    for (t, e, k, h, shape) in cases {
+        let mut p = Problem::new(&stream, t, e, k, h);
+        // Bytes that must move: permute reads each token row once and writes k rows; combine reads k rows
+        // per token and writes one.
+        let moved = (t * h * 2 + t * k as usize * h * 2) as f64;
+        let name = format!("permute_bf16_{shape}");
+        crit.bench_function(&name, |b| {
+            b.iter_custom(|n| {
+                Duration::from_secs_f64(
+                    timing::mean_us(&stream, 0, n as usize, || p.permute(&stream)).unwrap() * 1e-6 * n as f64,
+                )
+            })
+        });
+        rows.push(row(&name, t, moved, times(&stream, || p.permute(&stream))));
+        let name = format!("combine_bf16_{shape}");
+        crit.bench_function(&name, |b| {
+            b.iter_custom(|n| {
+                Duration::from_secs_f64(
+                    timing::mean_us(&stream, 0, n as usize, || p.combine(&stream)).unwrap() * 1e-6 * n as f64,
+                )
+            })
+        });
+        rows.push(row(&name, t, moved, times(&stream, || p.combine(&stream))));
+    }
     let path = std::env::var("MOEK_BENCH_JSON").unwrap_or_else(|_| "target/bench-permute.json".into());
     std::fs::write(&path, format!("[\n{}\n]\n", rows.join(",\n"))).unwrap();
     eprintln!("wrote {path}");

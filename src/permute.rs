@@ -216,6 +216,47 @@ fn plan_raw_on(a: &sys::moek_plan_args, path: Option<PlanPath>, stream: sys::cud
     crate::cuda::status(crate::cuda::plan(a, chunks, path == PlanPath::Fused, stream))
 }
 
+/// Warps per SM the row split of permute and combine aims at by default (see [`row_split`]).
+/// `MOEK_PERMUTE_WARPS_PER_SM` overrides it (a tuning knob for benchmarks, read once).
+const ROW_WARPS_PER_SM: i64 = 8;
+/// SMs assumed when the device cannot be asked (an H100/H200's count).
+const DEFAULT_SM_COUNT: i64 = 132;
+
+/// How permute and combine cut each token's row over warps (cuda/permute.cu): `slices` warps per token,
+/// each `width` 16-byte vectors wide (the last one narrower).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RowSplit {
+    pub slices: i64,
+    pub width: i64,
+}
+
+/// The row split for `num_tokens` rows of `vectors` 16-byte vectors: enough slices that about
+/// `target_warps` warps run (one warp per token leaves the GPU latency-bound at small T: at T = 64 only
+/// 64 warps walk whole rows), each slice a multiple of 32 vectors (one per lane) so that no lane idles
+/// and the access pattern stays that of whole rows. From `target_warps` tokens on, one slice per token.
+pub(crate) fn row_split(num_tokens: i64, vectors: i64, target_warps: i64) -> RowSplit {
+    let vectors = vectors.max(1);
+    let wanted = if num_tokens > 0 { (target_warps.max(1) + num_tokens - 1) / num_tokens } else { 1 };
+    let slices = wanted.clamp(1, (vectors + 31) / 32);
+    let width = ((vectors + slices - 1) / slices + 31) / 32 * 32;
+    RowSplit { slices: (vectors + width - 1) / width, width }
+}
+
+/// The row split of a permute or combine call on the current device.
+fn device_row_split(dtype: sys::moek_dtype, num_tokens: i64, hidden: i64) -> RowSplit {
+    static WARPS_PER_SM: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let per_sm = *WARPS_PER_SM.get_or_init(|| {
+        std::env::var("MOEK_PERMUTE_WARPS_PER_SM")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&v| v > 0)
+            .unwrap_or(ROW_WARPS_PER_SM)
+    });
+    let sms = crate::cuda::sm_count().map_or(DEFAULT_SM_COUNT, i64::from);
+    let element = dtype::size_of(dtype).unwrap_or(2) as i64;
+    row_split(num_tokens, hidden * element / 16, per_sm * sms)
+}
+
 /// Checks the shape shared by permute and combine.
 fn check_rows(dtype: sys::moek_dtype, num_tokens: i64, k: i32, hidden: i64, max_rows: i64) -> Result<()> {
     if dtype::size_of(dtype).is_none() {
@@ -249,7 +290,8 @@ pub(crate) fn permute_raw(a: &sys::moek_permute_args, stream: sys::cudaStream_t)
     check::pointer("expert_offsets", a.expert_offsets, true, 4)?;
     check::pointer("pair_scale", a.pair_scale, false, 4)?;
     check::pointer("out", a.out, rows, 16)?;
-    crate::cuda::status(crate::cuda::permute(a, stream))
+    let split = device_row_split(a.dtype, a.num_tokens, a.hidden);
+    crate::cuda::status(crate::cuda::permute(a, split.slices, split.width, stream))
 }
 
 /// Validates combine's arguments, then enqueues it.
@@ -261,7 +303,8 @@ pub(crate) fn combine_raw(a: &sys::moek_combine_args, stream: sys::cudaStream_t)
     check::pointer("weights", a.weights, false, 4)?;
     check::pointer("residual", a.residual, false, 16)?;
     check::pointer("out", a.out, tokens, 16)?;
-    crate::cuda::status(crate::cuda::combine(a, stream))
+    let split = device_row_split(a.dtype, a.num_tokens, a.hidden);
+    crate::cuda::status(crate::cuda::combine(a, split.slices, split.width, stream))
 }
 
 /// Device buffers a plan writes. Sizes: E, E + 1, max_rows, T * k, R, R + 1, 1, and
@@ -442,6 +485,43 @@ pub fn combine<T: Element>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_split_covers_each_row_in_lane_multiples() {
+        for t in [0i64, 1, 2, 7, 64, 500, 1055, 1056, 16384, i64::from(i32::MAX)] {
+            for vectors in [1i64, 2, 31, 32, 33, 360, 720, 896, 1792, 100_000] {
+                for target in [1i64, 528, 1056, 8448] {
+                    let s = row_split(t, vectors, target);
+                    let case = format!("T={t} vectors={vectors} target={target}: {s:?}");
+                    assert!(s.slices >= 1 && s.width >= 32 && s.width % 32 == 0, "{case}");
+                    assert!(s.slices * s.width >= vectors, "{case}: the row is not covered");
+                    assert!((s.slices - 1) * s.width < vectors, "{case}: an empty slice");
+                    // Never more warps than asked for (rounding only lowers the count).
+                    assert!(t == 0 || s.slices <= (target + t - 1) / t, "{case}");
+                    if t >= target || t == 0 {
+                        assert_eq!(s.slices, 1, "{case}: large T keeps one warp per token");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn row_split_at_the_measured_decode_shapes() {
+        // H200 (132 SMs) at the default 8 warps per SM; bf16 rows (8 elements a vector).
+        let target = 8 * 132;
+        // DeepSeek-V3 slice, T = 64, H = 7168: 14 warps of 64 vectors per token instead of one of 896.
+        assert_eq!(row_split(64, 7168 / 8, target), RowSplit { slices: 14, width: 64 });
+        // One token: every 32 vectors a warp.
+        assert_eq!(row_split(1, 7168 / 8, target), RowSplit { slices: 28, width: 32 });
+        // Qwen3-30B-A3B (H = 2048) and Mixtral (H = 4096), T = 64: as thin as a lane each.
+        assert_eq!(row_split(64, 2048 / 8, target), RowSplit { slices: 8, width: 32 });
+        assert_eq!(row_split(64, 4096 / 8, target), RowSplit { slices: 16, width: 32 });
+        // gpt-oss's H = 2880 (360 vectors): the last slice is narrower (8 vectors).
+        assert_eq!(row_split(7, 2880 / 8, target), RowSplit { slices: 12, width: 32 });
+        // Prefill: one warp per token, the whole row (as before the split existed).
+        assert_eq!(row_split(16384, 7168 / 8, target), RowSplit { slices: 1, width: 896 });
+    }
 
     #[test]
     fn plan_path_is_fused_for_small_plans_unless_forced() {
