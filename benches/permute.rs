@@ -1,11 +1,13 @@
 //! Permutation benchmarks on the GPU, timed with CUDA events (criterion's `iter_custom`), plus a JSON
 //! of medians (MOEK_BENCH_JSON, default target/bench-permute.json) for benches/RESULTS.md. Each case is
-//! timed back to back on a stream and as one call's share of a CUDA graph of 20 calls.
+//! timed back to back on a stream and as one call's share of a CUDA graph of 20 calls. The plan at
+//! T = 4096 is timed on each path too (`_fused`, `_chunked`); permute and combine at decode sizes of
+//! the layer presets (rows cut over several warps) as well as at T = 16384.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use cudarc::driver::{sys, CudaSlice, CudaStream};
 use half::bf16;
-use moe_kernels::permute::{combine, permute, plan, PlanConfig, PlanOutput, PlanView};
+use moe_kernels::permute::{combine, permute, plan_with_path, PlanConfig, PlanOutput, PlanPath, PlanView};
 use moe_kernels::timing;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
@@ -56,11 +58,12 @@ impl Problem {
             weights: stream.clone_htod(&w).unwrap(),
             out: stream.alloc_zeros((t * hidden).max(1)).unwrap(),
         };
-        p.plan(stream).unwrap();
+        p.plan(stream, None).unwrap();
         p
     }
 
-    fn plan(&mut self, stream: &Arc<CudaStream>) -> moe_kernels::Result<()> {
+    /// The plan on a forced path (`None`: the automatic choice).
+    fn plan(&mut self, stream: &Arc<CudaStream>, path: Option<PlanPath>) -> moe_kernels::Result<()> {
         let mut out = PlanOutput {
             expert_counts: self.counts.slice_mut(..),
             expert_offsets: self.offsets.slice_mut(..),
@@ -71,7 +74,7 @@ impl Problem {
             error_count: self.errors.slice_mut(..),
             workspace: self.workspace.slice_mut(..),
         };
-        plan(stream, &self.cfg, self.t, &self.ids.slice(..), &mut out)
+        plan_with_path(stream, &self.cfg, self.t, &self.ids.slice(..), &mut out, path)
     }
 
     fn permute(&mut self, stream: &Arc<CudaStream>) -> moe_kernels::Result<()> {
@@ -130,40 +133,58 @@ fn benches(crit: &mut Criterion) {
     unsafe { ctx.disable_event_tracking() };
     let stream = ctx.new_stream().unwrap();
     let mut rows = Vec::new();
-    for t in [4096usize, 32768] {
+    for (t, path, suffix) in [
+        (4096usize, None, ""),
+        (4096, Some(PlanPath::Fused), "_fused"),
+        (4096, Some(PlanPath::Chunked), "_chunked"),
+        (32768, None, ""),
+    ] {
         let mut p = Problem::new(&stream, t, 256, 8, 8);
-        let name = format!("plan_E256_k8_T{t}");
+        let name = format!("plan_E256_k8_T{t}{suffix}");
         crit.bench_function(&name, |b| {
             b.iter_custom(|n| {
                 Duration::from_secs_f64(
-                    timing::mean_us(&stream, 0, n as usize, || p.plan(&stream)).unwrap() * 1e-6 * n as f64,
+                    timing::mean_us(&stream, 0, n as usize, || p.plan(&stream, path)).unwrap() * 1e-6 * n as f64,
                 )
             })
         });
         // Bytes: ids read, pair_row and row_source written (counts and offsets are negligible).
-        rows.push(row(&name, t, (t * 8 * 12) as f64, times(&stream, || p.plan(&stream))));
+        rows.push(row(&name, t, (t * 8 * 12) as f64, times(&stream, || p.plan(&stream, path))));
     }
-    let (t, h) = (16384usize, 7168usize);
-    let mut p = Problem::new(&stream, t, 256, 8, h);
-    // Bytes that must move: permute reads each token row once and writes k rows; combine reads k rows
-    // per token and writes one.
-    let moved = (t * h * 2 + t * 8 * h * 2) as f64;
-    crit.bench_function("permute_bf16_T16384_H7168_k8", |b| {
-        b.iter_custom(|n| {
-            Duration::from_secs_f64(
-                timing::mean_us(&stream, 0, n as usize, || p.permute(&stream)).unwrap() * 1e-6 * n as f64,
-            )
-        })
-    });
-    rows.push(row("permute_bf16_T16384_H7168_k8", t, moved, times(&stream, || p.permute(&stream))));
-    crit.bench_function("combine_bf16_T16384_H7168_k8", |b| {
-        b.iter_custom(|n| {
-            Duration::from_secs_f64(
-                timing::mean_us(&stream, 0, n as usize, || p.combine(&stream)).unwrap() * 1e-6 * n as f64,
-            )
-        })
-    });
-    rows.push(row("combine_bf16_T16384_H7168_k8", t, moved, times(&stream, || p.combine(&stream))));
+    // (T, E, k, H): T = 16384 is prefill (one warp per token); the rest are the layer presets' decode
+    // sizes (DeepSeek-V3's 32 local experts, Qwen3-30B-A3B, Mixtral), where rows are cut over warps.
+    let cases = [
+        (16384usize, 256u32, 8u32, 7168usize, "T16384_H7168_k8"),
+        (1, 32, 8, 7168, "T1_H7168_k8"),
+        (64, 32, 8, 7168, "T64_H7168_k8"),
+        (256, 32, 8, 7168, "T256_H7168_k8"),
+        (64, 128, 8, 2048, "T64_H2048_k8"),
+        (64, 8, 2, 4096, "T64_H4096_k2"),
+    ];
+    for (t, e, k, h, shape) in cases {
+        let mut p = Problem::new(&stream, t, e, k, h);
+        // Bytes that must move: permute reads each token row once and writes k rows; combine reads k rows
+        // per token and writes one.
+        let moved = (t * h * 2 + t * k as usize * h * 2) as f64;
+        let name = format!("permute_bf16_{shape}");
+        crit.bench_function(&name, |b| {
+            b.iter_custom(|n| {
+                Duration::from_secs_f64(
+                    timing::mean_us(&stream, 0, n as usize, || p.permute(&stream)).unwrap() * 1e-6 * n as f64,
+                )
+            })
+        });
+        rows.push(row(&name, t, moved, times(&stream, || p.permute(&stream))));
+        let name = format!("combine_bf16_{shape}");
+        crit.bench_function(&name, |b| {
+            b.iter_custom(|n| {
+                Duration::from_secs_f64(
+                    timing::mean_us(&stream, 0, n as usize, || p.combine(&stream)).unwrap() * 1e-6 * n as f64,
+                )
+            })
+        });
+        rows.push(row(&name, t, moved, times(&stream, || p.combine(&stream))));
+    }
     let path = std::env::var("MOEK_BENCH_JSON").unwrap_or_else(|_| "target/bench-permute.json".into());
     std::fs::write(&path, format!("[\n{}\n]\n", rows.join(",\n"))).unwrap();
     eprintln!("wrote {path}");

@@ -2,12 +2,30 @@
 // warp-level reductions.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 namespace moek {
+
+// Host side: attribute Attr of the current device, asked once per device and process (launchers read
+// it on every call); 0 when it cannot be asked. Never synchronises, so it may run during graph capture.
+template <cudaDeviceAttr Attr>
+int current_device_attribute() {
+  static std::atomic<int> cache[64];  // per device: 0 unknown, else the value + 1
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 0;
+  int known = cache[device].load(std::memory_order_relaxed);
+  if (known == 0) {
+    int value = 0;
+    if (cudaDeviceGetAttribute(&value, Attr, device) != cudaSuccess) return 0;
+    known = value + 1;
+    cache[device].store(known, std::memory_order_relaxed);
+  }
+  return known - 1;
+}
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }

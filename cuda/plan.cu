@@ -9,11 +9,18 @@
 // each pair at offset + pairs of its expert in earlier chunks + in earlier warps' slices + earlier in its
 // own warp's slice, which is the pair's rank in pair order: the plan is deterministic. With one chunk
 // the count kernel is skipped and the whole plan is one launch.
+//
+// That is the chunked path. For small T * k (src/permute.rs, plan_path) the fused path replaces the
+// count kernel and step (1): plan_fused_kernel, one launch with the same chunks, has every block count
+// all pairs itself with shared-memory atomics (before its chunk, after it, and per warp slice of its
+// chunk), then run steps (2)-(4) as above. Both paths share steps (2)-(4) (lay_out_and_place), so their
+// outputs are identical.
 // Arguments were validated by src/permute.rs.
 #include <atomic>
 #include <cstdlib>
 
 #include "chunk_scan.cuh"
+#include "common.cuh"
 #include "moe_kernels.h"
 
 namespace moek {
@@ -87,15 +94,21 @@ struct PlaceArgs {
   int32_t *expert_counts, *expert_offsets, *rank_counts, *rank_offsets, *row_source, *pair_row, *error_count;
 };
 
-// Shared memory of the place kernel, carved from one dynamic array.
+// Shared memory of the place and fused kernels, carved from one dynamic array.
 struct PlaceSmem {
   int32_t* offset;   // [E]: first row of each expert
   int32_t* slice;    // [warps][E]: pairs of the expert in the warp's slice, then its position base
   int32_t* scratch;  // [blockDim]: scans and partial sums
-  __device__ PlaceSmem(int32_t* base, int E, int warps)
-      : offset(base), slice(base + E), scratch(base + E + warps * E) {}
-  static size_t bytes(int E, int warps, int threads) {
-    return sizeof(int32_t) * (static_cast<size_t>(E) * (1 + warps) + threads);
+  int32_t* before;   // [E] (fused kernel only): the expert's pairs in earlier chunks
+  int32_t* after;    // [E] (fused kernel only): the expert's pairs in later chunks
+  __device__ PlaceSmem(int32_t* base, int E, int warps, int threads)
+      : offset(base),
+        slice(base + E),
+        scratch(base + E + warps * E),
+        before(scratch + threads),
+        after(before + E) {}
+  static size_t bytes(int E, int warps, int threads, bool fused) {
+    return sizeof(int32_t) * (static_cast<size_t>(E) * (1 + warps + (fused ? 2 : 0)) + threads);
   }
 };
 
@@ -175,60 +188,23 @@ __device__ __forceinline__ void sum_chunks(const PlaceArgs& a, int e, int64_t fi
   }
 }
 
-__global__ void plan_place_kernel(PlaceArgs a) {
-  extern __shared__ int32_t smem[];
+// What both plan kernels do once every warp's slice is counted (s.slice[w][e]: the expert's pairs in
+// warp w's slice of this block's chunk): per expert, the total and the pairs before the chunk come from
+// totals(e, total, before), which every thread calls once per round of blockDim experts (e >= E
+// included, so that it may synchronise the block); then the offsets (every block computes the same;
+// block 0 writes them, the counts, the padding rows and the rank sums) and each warp's position base;
+// then every pair of the warp's slice [begin, end) is placed, in order.
+template <typename Totals>
+__device__ __forceinline__ void lay_out_and_place(const PlaceArgs& a, const PlaceSmem& s, int64_t begin, int64_t end,
+                                                  int32_t* my_slice, Totals totals) {
   const int warps = blockDim.x / 32;
-  const int warp = threadIdx.x / 32;
   const int E = a.E;
-  PlaceSmem s(smem, E, warps);
-  const Chunk chunk(a.pairs, a.num_chunks, blockIdx.x);
-  int64_t begin, end;
-  warp_slice(chunk, warps, warp, begin, end);
-  int32_t* my_slice = s.slice + warp * E;
-
-  // (1) Per-warp histogram of the slice.
-  __shared__ int32_t s_bad;  // out-of-range ids of the chunk (used with one chunk)
-  for (int i = threadIdx.x; i < warps * E; i += blockDim.x) s.slice[i] = 0;
-  if (threadIdx.x == 0) s_bad = 0;
-  __syncthreads();
-  const int32_t lane_bad = walk_slice(a.ids, begin, end, E, my_slice, [](int64_t, int32_t, int32_t) {});
-  if (a.num_chunks == 1 && lane_bad != 0) atomicAdd(&s_bad, lane_bad);
-  wait_for_prerequisite_grid();  // the chunk histograms (num_chunks > 1) are complete from here on
-  __syncthreads();
-
-  // (2) Per expert: total pairs and pairs in earlier chunks. With several chunks, `split` threads share
-  // an expert, each summing every split-th chunk histogram; partial sums meet in scratch.
-  const int split = a.num_chunks > 1 && E <= static_cast<int>(blockDim.x) / 2 ? blockDim.x / E : 1;
-  int32_t part_total = 0, part_before = 0;
-  if (a.num_chunks > 1 && split > 1 && static_cast<int>(threadIdx.x) < split * E) {
-    sum_chunks(a, threadIdx.x % E, threadIdx.x / E, split, part_total, part_before);
-  }
   // The scan below needs the whole block in step; experts are taken blockDim at a time.
   int32_t carry = 0;
   for (int base = 0; base < E; base += blockDim.x) {
     const int e = base + threadIdx.x;
     int32_t total = 0, before = 0;
-    if (a.num_chunks > 1 && split > 1) {
-      // split > 1 means E <= blockDim / 2: one pass, partials gathered through scratch.
-      s.scratch[threadIdx.x] = part_total;
-      __syncthreads();
-      if (e < E) {
-        for (int j = 0; j < split; ++j) total += s.scratch[j * E + e];
-      }
-      __syncthreads();
-      s.scratch[threadIdx.x] = part_before;
-      __syncthreads();
-      if (e < E) {
-        for (int j = 0; j < split; ++j) before += s.scratch[j * E + e];
-      }
-      __syncthreads();
-    } else if (e < E) {
-      if (a.num_chunks > 1) {
-        sum_chunks(a, e, 0, 1, total, before);
-      } else {
-        for (int w = 0; w < warps; ++w) total += s.slice[w * E + e];
-      }
-    }
+    totals(e, total, before);
     int32_t kept = 0, padded = 0;
     if (e < E) {
       kept = a.capacity > 0 ? min(total, a.capacity) : total;
@@ -254,31 +230,19 @@ __global__ void plan_place_kernel(PlaceArgs a) {
   if (blockIdx.x == 0 && threadIdx.x == 0) a.expert_offsets[E] = carry;
   __syncthreads();  // offsets, slice bases and (block 0) expert_counts visible to the whole block
 
-  // (3) Block 0: per-rank sums and the error count.
-  if (blockIdx.x == 0) {
-    if (a.ranks > 1) {
-      const int per = E / a.ranks;
-      for (int r = threadIdx.x; r < a.ranks; r += blockDim.x) {
-        int32_t sum = 0;
-        for (int e = r * per; e < (r + 1) * per; ++e) sum += a.expert_counts[e];
-        a.rank_counts[r] = sum;
-        a.rank_offsets[r] = s.offset[r * per];
-      }
-      if (threadIdx.x == 0) a.rank_offsets[a.ranks] = carry;
+  // Block 0: per-rank sums.
+  if (blockIdx.x == 0 && a.ranks > 1) {
+    const int per = E / a.ranks;
+    for (int r = threadIdx.x; r < a.ranks; r += blockDim.x) {
+      int32_t sum = 0;
+      for (int e = r * per; e < (r + 1) * per; ++e) sum += a.expert_counts[e];
+      a.rank_counts[r] = sum;
+      a.rank_offsets[r] = s.offset[r * per];
     }
-    if (warp == 0) {
-      int32_t bad = 0;
-      if (a.num_chunks > 1) {
-        for (int64_t c = threadIdx.x; c < a.num_chunks; c += 32) bad += a.bad[c];
-      } else if (threadIdx.x == 0) {
-        bad = s_bad;
-      }
-      for (int off = 16; off > 0; off >>= 1) bad += __shfl_xor_sync(0xffffffffu, bad, off);
-      if (threadIdx.x == 0) *a.error_count = bad;
-    }
+    if (threadIdx.x == 0) a.rank_offsets[a.ranks] = carry;
   }
 
-  // (4) Place every pair of the slice, in order; pairs without a valid id or past the capacity get -1.
+  // Place every pair of the slice, in order; pairs without a valid id or past the capacity get -1.
   walk_slice(a.ids, begin, end, E, my_slice, [&](int64_t p, int32_t id, int32_t position) {
     if (id < 0 || (a.capacity > 0 && position >= a.capacity)) {
       a.pair_row[p] = -1;
@@ -286,6 +250,155 @@ __global__ void plan_place_kernel(PlaceArgs a) {
       const int32_t row = s.offset[id] + position;
       a.row_source[row] = static_cast<int32_t>(p);
       a.pair_row[p] = row;
+    }
+  });
+}
+
+// The chunked path's second kernel, one block per chunk (see the top of the file).
+// Launch bounds: MOEK_PLAN_WARPS=32 must fit the register file (64 registers a thread).
+__global__ void __launch_bounds__(1024) plan_place_kernel(PlaceArgs a) {
+  extern __shared__ int32_t smem[];
+  const int warps = blockDim.x / 32;
+  const int warp = threadIdx.x / 32;
+  const int E = a.E;
+  const PlaceSmem s(smem, E, warps, blockDim.x);
+  const Chunk chunk(a.pairs, a.num_chunks, blockIdx.x);
+  int64_t begin, end;
+  warp_slice(chunk, warps, warp, begin, end);
+  int32_t* my_slice = s.slice + warp * E;
+
+  // (1) Per-warp histogram of the slice.
+  __shared__ int32_t s_bad;  // out-of-range ids of the chunk (used with one chunk)
+  for (int i = threadIdx.x; i < warps * E; i += blockDim.x) s.slice[i] = 0;
+  if (threadIdx.x == 0) s_bad = 0;
+  __syncthreads();
+  const int32_t lane_bad = walk_slice(a.ids, begin, end, E, my_slice, [](int64_t, int32_t, int32_t) {});
+  if (a.num_chunks == 1 && lane_bad != 0) atomicAdd(&s_bad, lane_bad);
+  wait_for_prerequisite_grid();  // the chunk histograms (num_chunks > 1) are complete from here on
+  __syncthreads();
+
+  // Block 0: the error count.
+  if (blockIdx.x == 0 && warp == 0) {
+    int32_t bad = 0;
+    if (a.num_chunks > 1) {
+      for (int64_t c = threadIdx.x; c < a.num_chunks; c += 32) bad += a.bad[c];
+    } else if (threadIdx.x == 0) {
+      bad = s_bad;
+    }
+    for (int off = 16; off > 0; off >>= 1) bad += __shfl_xor_sync(0xffffffffu, bad, off);
+    if (threadIdx.x == 0) *a.error_count = bad;
+  }
+
+  // (2) Per expert: total pairs and pairs in earlier chunks. With several chunks, `split` threads share
+  // an expert, each summing every split-th chunk histogram; partial sums meet in scratch.
+  const int split = a.num_chunks > 1 && E <= static_cast<int>(blockDim.x) / 2 ? blockDim.x / E : 1;
+  int32_t part_total = 0, part_before = 0;
+  if (a.num_chunks > 1 && split > 1 && static_cast<int>(threadIdx.x) < split * E) {
+    sum_chunks(a, threadIdx.x % E, threadIdx.x / E, split, part_total, part_before);
+  }
+  // (3), (4): offsets, then placement.
+  lay_out_and_place(a, s, begin, end, my_slice, [&](int e, int32_t& total, int32_t& before) {
+    if (a.num_chunks > 1 && split > 1) {
+      // split > 1 means E <= blockDim / 2: one round, partials gathered through scratch.
+      s.scratch[threadIdx.x] = part_total;
+      __syncthreads();
+      if (e < E) {
+        for (int j = 0; j < split; ++j) total += s.scratch[j * E + e];
+      }
+      __syncthreads();
+      s.scratch[threadIdx.x] = part_before;
+      __syncthreads();
+      if (e < E) {
+        for (int j = 0; j < split; ++j) before += s.scratch[j * E + e];
+      }
+      __syncthreads();
+    } else if (e < E) {
+      if (a.num_chunks > 1) {
+        sum_chunks(a, e, 0, 1, total, before);
+      } else {
+        for (int w = 0; w < warps; ++w) total += s.slice[w * E + e];
+      }
+    }
+  });
+}
+
+// Calls f(p, id) for every pair p of the block's stride (p = threadIdx.x, + blockDim, ...), ids loaded
+// kBatch 16-byte vectors at a time where `ids` is 16-byte aligned (one round of memory latency for 32
+// ids a thread instead of one per id).
+template <typename F>
+__device__ __forceinline__ void for_each_id(const int32_t* __restrict__ ids, int64_t pairs, F f) {
+  const bool aligned = (reinterpret_cast<uintptr_t>(ids) & 15) == 0;
+  const int64_t quads = aligned ? pairs / 4 : 0;
+  const int4* ids4 = reinterpret_cast<const int4*>(ids);
+  for (int64_t q0 = threadIdx.x; q0 < quads; q0 += static_cast<int64_t>(blockDim.x) * kBatch) {
+    int4 v[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int64_t q = q0 + j * static_cast<int64_t>(blockDim.x);
+      if (q < quads) v[j] = __ldg(ids4 + q);
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int64_t q = q0 + j * static_cast<int64_t>(blockDim.x);
+      if (q < quads) {
+        f(4 * q, v[j].x);
+        f(4 * q + 1, v[j].y);
+        f(4 * q + 2, v[j].z);
+        f(4 * q + 3, v[j].w);
+      }
+    }
+  }
+  for (int64_t p = 4 * quads + threadIdx.x; p < pairs; p += blockDim.x) f(p, __ldg(ids + p));
+}
+
+// The fused path: the whole plan in one launch, one block per chunk and no workspace. Every block
+// counts every pair itself (shared-memory atomics: integer counts, so their order does not matter):
+// pairs before its chunk, after it, and per warp slice of its own chunk. That costs each block a read
+// of all ids, which is cheap for small T * k and removes the count kernel, the wait for it and the
+// reads of its histograms (a chain of latencies that is most of the chunked path's time there).
+// Launch bounds: 32 warps must fit the register file (65536 / 1024 threads = 64 registers each).
+__global__ void __launch_bounds__(1024) plan_fused_kernel(PlaceArgs a) {
+  extern __shared__ int32_t smem[];
+  const int warps = blockDim.x / 32;
+  const int warp = threadIdx.x / 32;
+  const int E = a.E;
+  const PlaceSmem s(smem, E, warps, blockDim.x);
+  const Chunk chunk(a.pairs, a.num_chunks, blockIdx.x);
+  int64_t begin, end;
+  warp_slice(chunk, warps, warp, begin, end);
+  int32_t* my_slice = s.slice + warp * E;
+
+  __shared__ int32_t s_bad;  // out-of-range ids of all pairs (used by block 0)
+  for (int i = threadIdx.x; i < warps * E; i += blockDim.x) s.slice[i] = 0;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) s.before[e] = s.after[e] = 0;
+  if (threadIdx.x == 0) s_bad = 0;
+  __syncthreads();
+  // Pairs of the chunk: warp w's slice is [begin + w * len, + len) (warp_slice); 32-bit offsets, as
+  // pair indices are (src/permute.rs checks T * k < 2^31).
+  const uint32_t len = static_cast<uint32_t>((chunk.end - chunk.begin + warps - 1) / warps);
+  int32_t bad = 0;
+  for_each_id(a.ids, a.pairs, [&](int64_t p, int32_t id) {
+    if (!valid_expert(id, E)) {
+      bad += id != MOEK_DROPPED_ID;
+      return;
+    }
+    int32_t* counter = p < chunk.begin ? s.before + id
+                       : p >= chunk.end
+                           ? s.after + id
+                           : s.slice + (static_cast<uint32_t>(p - chunk.begin) / len) * E + id;
+    atomicAdd(counter, 1);
+  });
+  if (blockIdx.x == 0) {
+    for (int off = 16; off > 0; off >>= 1) bad += __shfl_xor_sync(0xffffffffu, bad, off);
+    if ((threadIdx.x & 31) == 0 && bad != 0) atomicAdd(&s_bad, bad);
+  }
+  __syncthreads();
+  if (blockIdx.x == 0 && threadIdx.x == 0) *a.error_count = s_bad;
+  lay_out_and_place(a, s, begin, end, my_slice, [&](int e, int32_t& total, int32_t& before) {
+    if (e < E) {
+      before = s.before[e];
+      total = before + s.after[e];
+      for (int w = 0; w < warps; ++w) total += s.slice[w * E + e];
     }
   });
 }
@@ -298,34 +411,26 @@ bool programmatic_launch() {
     return v == nullptr || std::atoi(v) != 0;
   }();
   if (!enabled) return false;
-  static std::atomic<int> major_of[64];  // per device: 0 unknown, else the compute capability's major + 1
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  if (device < 0 || device >= 64) return false;
-  int known = major_of[device].load(std::memory_order_relaxed);
-  if (known == 0) {
-    int major = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-    known = major + 1;
-    major_of[device].store(known, std::memory_order_relaxed);
-  }
-  return known - 1 >= 9;
+  return current_device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9;
 }
 
 // Warps per block of the place kernel: 16 by default; MOEK_PLAN_WARPS (1..32) overrides it for tuning.
-int place_max_warps() {
-  static const int warps = [] {
-    const char* v = std::getenv("MOEK_PLAN_WARPS");
+// The fused kernel: 32 by default (its blocks read every id), MOEK_PLAN_FUSED_WARPS (1..32).
+int max_warps(bool fused) {
+  auto read = [](const char* name, int fallback) {
+    const char* v = std::getenv(name);
     const int w = v != nullptr ? std::atoi(v) : 0;
-    return w >= 1 && w <= 32 ? w : 16;
-  }();
-  return warps;
+    return w >= 1 && w <= 32 ? w : fallback;
+  };
+  static const int place = read("MOEK_PLAN_WARPS", 16);
+  static const int fused_warps = read("MOEK_PLAN_FUSED_WARPS", 32);
+  return fused ? fused_warps : place;
 }
 
-// Warps of the place kernel: as many as the shared-memory limit allows, at most place_max_warps().
-int place_warps(int E) {
-  for (int w = place_max_warps(); w > 1; --w) {
-    if (PlaceSmem::bytes(E, w, 32 * w) <= kPlaceSmemLimit) return w;
+// Warps of the place or fused kernel: as many as the shared-memory limit allows, at most max_warps().
+int place_warps(int E, bool fused) {
+  for (int w = max_warps(fused); w > 1; --w) {
+    if (PlaceSmem::bytes(E, w, 32 * w, fused) <= kPlaceSmemLimit) return w;
   }
   return 1;
 }
@@ -333,23 +438,25 @@ int place_warps(int E) {
 }  // namespace
 }  // namespace moek
 
-// Workspace: hist[num_chunks][E], then bad[num_chunks] (unused with one chunk).
-extern "C" int moek_cuda_plan(const moek_plan_args* a, int64_t num_chunks, cudaStream_t stream) {
+// Workspace (chunked path): hist[num_chunks][E], then bad[num_chunks] (unused with one chunk). The fused
+// path (src/permute.rs, plan_path, chooses) uses none.
+extern "C" int moek_cuda_plan(const moek_plan_args* a, int64_t num_chunks, int fused, cudaStream_t stream) {
   using namespace moek;
   const int E = a->num_experts;
   const int64_t pairs = a->num_tokens * a->k;
   if (num_chunks < 1) return cudaErrorInvalidValue;
   int32_t* hist = static_cast<int32_t*>(a->workspace);
   int32_t* bad = hist + num_chunks * E;
-  if (num_chunks > 1) {
+  if (num_chunks > 1 && !fused) {
     plan_count_kernel<<<static_cast<unsigned>(num_chunks), kCountThreads, E * sizeof(int32_t), stream>>>(
         a->topk_ids, pairs, E, num_chunks, hist, bad);
   }
-  const int warps = place_warps(E);
-  const size_t smem = PlaceSmem::bytes(E, warps, 32 * warps);
+  const int warps = place_warps(E, fused != 0);
+  const size_t smem = PlaceSmem::bytes(E, warps, 32 * warps, fused != 0);
+  auto kernel = fused ? plan_fused_kernel : plan_place_kernel;
   if (smem > 48 * 1024) {  // above the default limit: opt in (per device, so on every such call)
-    const cudaError_t err = cudaFuncSetAttribute(plan_place_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
   PlaceArgs p;
@@ -377,10 +484,10 @@ extern "C" int moek_cuda_plan(const moek_plan_args* a, int64_t num_chunks, cudaS
   cudaLaunchAttribute overlap[1];
   overlap[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   overlap[0].val.programmaticStreamSerializationAllowed = 1;
-  if (num_chunks > 1 && programmatic_launch()) {
+  if (num_chunks > 1 && !fused && programmatic_launch()) {
     config.attrs = overlap;
     config.numAttrs = 1;
   }
-  const cudaError_t err = cudaLaunchKernelEx(&config, plan_place_kernel, p);
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, p);
   return err != cudaSuccess ? err : cudaGetLastError();
 }

@@ -20,9 +20,25 @@ mod launchers {
             capacity_chunk: i32,
             stream: sys::cudaStream_t,
         ) -> i32;
-        pub fn moek_cuda_plan(args: *const sys::moek_plan_args, num_chunks: i64, stream: sys::cudaStream_t) -> i32;
-        pub fn moek_cuda_permute(args: *const sys::moek_permute_args, stream: sys::cudaStream_t) -> i32;
-        pub fn moek_cuda_combine(args: *const sys::moek_combine_args, stream: sys::cudaStream_t) -> i32;
+        pub fn moek_cuda_plan(
+            args: *const sys::moek_plan_args,
+            num_chunks: i64,
+            fused: i32,
+            stream: sys::cudaStream_t,
+        ) -> i32;
+        pub fn moek_cuda_permute(
+            args: *const sys::moek_permute_args,
+            slices: i64,
+            width: i64,
+            stream: sys::cudaStream_t,
+        ) -> i32;
+        pub fn moek_cuda_combine(
+            args: *const sys::moek_combine_args,
+            slices: i64,
+            width: i64,
+            stream: sys::cudaStream_t,
+        ) -> i32;
+        pub fn moek_cuda_sm_count() -> i32;
         pub fn moek_cuda_grouped_gemm(
             args: *const sys::moek_grouped_gemm_args,
             splits: i32,
@@ -54,45 +70,62 @@ pub(crate) fn route(args: &sys::moek_route_args, capacity_chunk: i32, stream: sy
     }
 }
 
-/// Enqueues a permutation plan (arguments already validated).
-pub(crate) fn plan(args: &sys::moek_plan_args, num_chunks: i64, stream: sys::cudaStream_t) -> LaunchCode {
+/// Enqueues a permutation plan in `num_chunks` chunks, by the fused one-launch kernel or the chunked
+/// pair of kernels (arguments already validated).
+pub(crate) fn plan(args: &sys::moek_plan_args, num_chunks: i64, fused: bool, stream: sys::cudaStream_t) -> LaunchCode {
     #[cfg(moek_cuda)]
     {
         // SAFETY: validated by permute::plan_raw; the buffers are the caller's, sized per the header.
-        unsafe { launchers::moek_cuda_plan(args, num_chunks, stream) }
+        unsafe { launchers::moek_cuda_plan(args, num_chunks, i32::from(fused), stream) }
     }
     #[cfg(not(moek_cuda))]
     {
-        let _ = (args, num_chunks, stream);
+        let _ = (args, num_chunks, fused, stream);
         NO_KERNELS
     }
 }
 
-/// Enqueues permute (arguments already validated).
-pub(crate) fn permute(args: &sys::moek_permute_args, stream: sys::cudaStream_t) -> LaunchCode {
+/// Enqueues permute (arguments already validated), each token's row cut into `slices` warps of
+/// `width` 16-byte vectors.
+pub(crate) fn permute(args: &sys::moek_permute_args, slices: i64, width: i64, stream: sys::cudaStream_t) -> LaunchCode {
     #[cfg(moek_cuda)]
     {
         // SAFETY: validated by permute::permute_raw; the buffers are the caller's, sized per the header.
-        unsafe { launchers::moek_cuda_permute(args, stream) }
+        unsafe { launchers::moek_cuda_permute(args, slices, width, stream) }
     }
     #[cfg(not(moek_cuda))]
     {
-        let _ = (args, stream);
+        let _ = (args, slices, width, stream);
         NO_KERNELS
     }
 }
 
-/// Enqueues combine (arguments already validated).
-pub(crate) fn combine(args: &sys::moek_combine_args, stream: sys::cudaStream_t) -> LaunchCode {
+/// Enqueues combine (arguments already validated), cut as [`permute`].
+pub(crate) fn combine(args: &sys::moek_combine_args, slices: i64, width: i64, stream: sys::cudaStream_t) -> LaunchCode {
     #[cfg(moek_cuda)]
     {
         // SAFETY: validated by permute::combine_raw; the buffers are the caller's, sized per the header.
-        unsafe { launchers::moek_cuda_combine(args, stream) }
+        unsafe { launchers::moek_cuda_combine(args, slices, width, stream) }
     }
     #[cfg(not(moek_cuda))]
     {
-        let _ = (args, stream);
+        let _ = (args, slices, width, stream);
         NO_KERNELS
+    }
+}
+
+/// Streaming multiprocessors of the current device, when it can be asked (cached per device by the
+/// launcher library; no synchronisation).
+pub(crate) fn sm_count() -> Option<u32> {
+    #[cfg(moek_cuda)]
+    {
+        // SAFETY: only queries the current device's attributes.
+        let n = unsafe { launchers::moek_cuda_sm_count() };
+        u32::try_from(n).ok().filter(|&n| n > 0)
+    }
+    #[cfg(not(moek_cuda))]
+    {
+        None
     }
 }
 

@@ -30,6 +30,53 @@ fn plan_chunks(pairs: i64, num_experts: i32) -> i64 {
     ((pairs + min_pairs - 1) / min_pairs).clamp(1, max_chunks)
 }
 
+/// Which kernels compute a plan (cuda/plan.cu). [`plan`] chooses by itself (see [`plan_path`]); tests
+/// and benchmarks force one through [`plan_with_path`] to compare them.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlanPath {
+    /// One launch, one block per chunk, every block counting every pair itself; no workspace.
+    Fused,
+    /// A count kernel writing per-chunk histograms to the workspace, then the place kernel (one launch
+    /// when there is one chunk).
+    Chunked,
+}
+
+/// Most pairs the fused plan takes by default: it reads every id in every block, so its cost grows
+/// with T * k times the chunks. `MOEK_PLAN_FUSED_MAX_PAIRS` overrides it (read once).
+const PLAN_FUSED_MAX_PAIRS: i64 = 32768;
+/// Most experts the fused plan takes by default: up to here its shared memory (E x (warps + 3) counters)
+/// fits 32 warps.
+const PLAN_FUSED_MAX_EXPERTS: i32 = 1024;
+
+/// The path of a plan of `pairs` pairs over `num_experts` experts: fused up to `max_pairs` pairs and
+/// [`PLAN_FUSED_MAX_EXPERTS`] experts, chunked beyond; `forced` (`MOEK_PLAN_FUSED=1` or `0`) wins.
+pub(crate) fn plan_path(pairs: i64, num_experts: i32, max_pairs: i64, forced: Option<PlanPath>) -> PlanPath {
+    match forced {
+        Some(path) => path,
+        None if pairs <= max_pairs && num_experts <= PLAN_FUSED_MAX_EXPERTS => PlanPath::Fused,
+        None => PlanPath::Chunked,
+    }
+}
+
+/// The environment's plan settings, read once: the fused path's pair limit and a forced path.
+fn plan_overrides() -> (i64, Option<PlanPath>) {
+    static OVERRIDES: std::sync::OnceLock<(i64, Option<PlanPath>)> = std::sync::OnceLock::new();
+    *OVERRIDES.get_or_init(|| {
+        let max_pairs = std::env::var("MOEK_PLAN_FUSED_MAX_PAIRS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&v: &i64| v >= 0)
+            .unwrap_or(PLAN_FUSED_MAX_PAIRS);
+        let forced = match std::env::var("MOEK_PLAN_FUSED").ok().as_deref() {
+            Some("1") => Some(PlanPath::Fused),
+            Some("0") => Some(PlanPath::Chunked),
+            _ => None,
+        };
+        (max_pairs, forced)
+    })
+}
+
 /// What defines a plan, apart from the number of tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PlanConfig {
@@ -141,6 +188,11 @@ pub(crate) fn plan_workspace_bytes(a: &sys::moek_plan_args) -> Result<usize> {
 
 /// Validates a plan's arguments in full, then enqueues it. Shared by the C entry point and [`plan`].
 pub(crate) fn plan_raw(a: &sys::moek_plan_args, stream: sys::cudaStream_t) -> Result<()> {
+    plan_raw_on(a, None, stream)
+}
+
+/// [`plan_raw`] on the given path (`None`: the automatic choice).
+fn plan_raw_on(a: &sys::moek_plan_args, path: Option<PlanPath>, stream: sys::cudaStream_t) -> Result<()> {
     plan_max_rows(a)?;
     let tokens = a.num_tokens > 0;
     let ranks = a.num_ranks > 1;
@@ -157,8 +209,52 @@ pub(crate) fn plan_raw(a: &sys::moek_plan_args, stream: sys::cudaStream_t) -> Re
         bail!(WorkspaceTooSmall, "workspace_bytes = {} but this call needs {need}", a.workspace_bytes);
     }
     check::pointer("workspace", a.workspace, true, 4)?;
-    let chunks = plan_chunks(a.num_tokens * i64::from(a.k), a.num_experts);
-    crate::cuda::status(crate::cuda::plan(a, chunks, stream))
+    let pairs = a.num_tokens * i64::from(a.k);
+    let chunks = plan_chunks(pairs, a.num_experts);
+    let (max_pairs, forced) = plan_overrides();
+    let path = plan_path(pairs, a.num_experts, max_pairs, path.or(forced));
+    crate::cuda::status(crate::cuda::plan(a, chunks, path == PlanPath::Fused, stream))
+}
+
+/// Warps per SM the row split of permute and combine aims at by default (see [`row_split`]).
+/// `MOEK_PERMUTE_WARPS_PER_SM` overrides it (a tuning knob for benchmarks, read once).
+const ROW_WARPS_PER_SM: i64 = 8;
+/// SMs assumed when the device cannot be asked (an H100/H200's count).
+const DEFAULT_SM_COUNT: i64 = 132;
+
+/// How permute and combine cut each token's row over warps (cuda/permute.cu): `slices` warps per token,
+/// each `width` 16-byte vectors wide (the last one narrower).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RowSplit {
+    pub slices: i64,
+    pub width: i64,
+}
+
+/// The row split for `num_tokens` rows of `vectors` 16-byte vectors: enough slices that about
+/// `target_warps` warps run (one warp per token leaves the GPU latency-bound at small T: at T = 64 only
+/// 64 warps walk whole rows), each slice a multiple of 32 vectors (one per lane) so that no lane idles
+/// and the access pattern stays that of whole rows. From `target_warps` tokens on, one slice per token.
+pub(crate) fn row_split(num_tokens: i64, vectors: i64, target_warps: i64) -> RowSplit {
+    let vectors = vectors.max(1);
+    let wanted = if num_tokens > 0 { (target_warps.max(1) + num_tokens - 1) / num_tokens } else { 1 };
+    let slices = wanted.clamp(1, (vectors + 31) / 32);
+    let width = ((vectors + slices - 1) / slices + 31) / 32 * 32;
+    RowSplit { slices: (vectors + width - 1) / width, width }
+}
+
+/// The row split of a permute or combine call on the current device.
+fn device_row_split(dtype: sys::moek_dtype, num_tokens: i64, hidden: i64) -> RowSplit {
+    static WARPS_PER_SM: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let per_sm = *WARPS_PER_SM.get_or_init(|| {
+        std::env::var("MOEK_PERMUTE_WARPS_PER_SM")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&v| v > 0)
+            .unwrap_or(ROW_WARPS_PER_SM)
+    });
+    let sms = crate::cuda::sm_count().map_or(DEFAULT_SM_COUNT, i64::from);
+    let element = dtype::size_of(dtype).unwrap_or(2) as i64;
+    row_split(num_tokens, hidden * element / 16, per_sm * sms)
 }
 
 /// Checks the shape shared by permute and combine.
@@ -194,7 +290,8 @@ pub(crate) fn permute_raw(a: &sys::moek_permute_args, stream: sys::cudaStream_t)
     check::pointer("expert_offsets", a.expert_offsets, true, 4)?;
     check::pointer("pair_scale", a.pair_scale, false, 4)?;
     check::pointer("out", a.out, rows, 16)?;
-    crate::cuda::status(crate::cuda::permute(a, stream))
+    let split = device_row_split(a.dtype, a.num_tokens, a.hidden);
+    crate::cuda::status(crate::cuda::permute(a, split.slices, split.width, stream))
 }
 
 /// Validates combine's arguments, then enqueues it.
@@ -206,7 +303,8 @@ pub(crate) fn combine_raw(a: &sys::moek_combine_args, stream: sys::cudaStream_t)
     check::pointer("weights", a.weights, false, 4)?;
     check::pointer("residual", a.residual, false, 16)?;
     check::pointer("out", a.out, tokens, 16)?;
-    crate::cuda::status(crate::cuda::combine(a, stream))
+    let split = device_row_split(a.dtype, a.num_tokens, a.hidden);
+    crate::cuda::status(crate::cuda::combine(a, split.slices, split.width, stream))
 }
 
 /// Device buffers a plan writes. Sizes: E, E + 1, max_rows, T * k, R, R + 1, 1, and
@@ -231,6 +329,20 @@ pub fn plan(
     num_tokens: usize,
     topk_ids: &CudaView<'_, i32>,
     out: &mut PlanOutput<'_>,
+) -> Result<()> {
+    plan_with_path(stream, cfg, num_tokens, topk_ids, out, None)
+}
+
+/// [`plan`] on a forced path (`None`: the automatic choice, as [`plan`]), for tests and benchmarks.
+/// The outputs are the same on either path.
+#[doc(hidden)]
+pub fn plan_with_path(
+    stream: &Arc<CudaStream>,
+    cfg: &PlanConfig,
+    num_tokens: usize,
+    topk_ids: &CudaView<'_, i32>,
+    out: &mut PlanOutput<'_>,
+    path: Option<PlanPath>,
 ) -> Result<()> {
     let mut a = cfg.to_args(num_tokens);
     let max_rows = plan_max_rows(&a)? as usize;
@@ -266,7 +378,7 @@ pub fn plan(
     a.error_count = errors as *mut i32;
     a.workspace = ws as *mut _;
     a.workspace_bytes = ws_len;
-    plan_raw(&a, stream.cu_stream() as sys::cudaStream_t)
+    plan_raw_on(&a, path, stream.cu_stream() as sys::cudaStream_t)
 }
 
 /// The plan's device outputs permute and combine read.
@@ -368,4 +480,64 @@ pub fn combine<T: Element>(
         out: out_ptr as *mut _,
     };
     combine_raw(&a, stream.cu_stream() as sys::cudaStream_t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_split_covers_each_row_in_lane_multiples() {
+        for t in [0i64, 1, 2, 7, 64, 500, 1055, 1056, 16384, i64::from(i32::MAX)] {
+            for vectors in [1i64, 2, 31, 32, 33, 360, 720, 896, 1792, 100_000] {
+                for target in [1i64, 528, 1056, 8448] {
+                    let s = row_split(t, vectors, target);
+                    let case = format!("T={t} vectors={vectors} target={target}: {s:?}");
+                    assert!(s.slices >= 1 && s.width >= 32 && s.width % 32 == 0, "{case}");
+                    assert!(s.slices * s.width >= vectors, "{case}: the row is not covered");
+                    assert!((s.slices - 1) * s.width < vectors, "{case}: an empty slice");
+                    // Never more warps than asked for (rounding only lowers the count).
+                    assert!(t == 0 || s.slices <= (target + t - 1) / t, "{case}");
+                    if t >= target || t == 0 {
+                        assert_eq!(s.slices, 1, "{case}: large T keeps one warp per token");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn row_split_at_the_measured_decode_shapes() {
+        // H200 (132 SMs) at the default 8 warps per SM; bf16 rows (8 elements a vector).
+        let target = 8 * 132;
+        // DeepSeek-V3 slice, T = 64, H = 7168: 14 warps of 64 vectors per token instead of one of 896.
+        assert_eq!(row_split(64, 7168 / 8, target), RowSplit { slices: 14, width: 64 });
+        // One token: every 32 vectors a warp.
+        assert_eq!(row_split(1, 7168 / 8, target), RowSplit { slices: 28, width: 32 });
+        // Qwen3-30B-A3B (H = 2048) and Mixtral (H = 4096), T = 64: as thin as a lane each.
+        assert_eq!(row_split(64, 2048 / 8, target), RowSplit { slices: 8, width: 32 });
+        assert_eq!(row_split(64, 4096 / 8, target), RowSplit { slices: 16, width: 32 });
+        // gpt-oss's H = 2880 (360 vectors): the last slice is narrower (8 vectors).
+        assert_eq!(row_split(7, 2880 / 8, target), RowSplit { slices: 12, width: 32 });
+        // Prefill: one warp per token, the whole row (as before the split existed).
+        assert_eq!(row_split(16384, 7168 / 8, target), RowSplit { slices: 1, width: 896 });
+    }
+
+    #[test]
+    fn plan_path_is_fused_for_small_plans_unless_forced() {
+        let auto = |pairs, e| plan_path(pairs, e, PLAN_FUSED_MAX_PAIRS, None);
+        // The T = 4096, k = 8, E = 256 benchmark case sits at the default limit.
+        assert_eq!(auto(4096 * 8, 256), PlanPath::Fused);
+        assert_eq!(auto(4096 * 8 + 1, 256), PlanPath::Chunked);
+        assert_eq!(auto(0, 1), PlanPath::Fused);
+        assert_eq!(auto(100, PLAN_FUSED_MAX_EXPERTS), PlanPath::Fused);
+        assert_eq!(auto(100, PLAN_FUSED_MAX_EXPERTS + 1), PlanPath::Chunked);
+        // A limit of 0 leaves only empty plans fused; a forced path wins over everything.
+        assert_eq!(plan_path(1, 8, 0, None), PlanPath::Chunked);
+        for (pairs, e) in [(0, 1), (1 << 30, 8192), (1000, 8)] {
+            for path in [PlanPath::Fused, PlanPath::Chunked] {
+                assert_eq!(plan_path(pairs, e, PLAN_FUSED_MAX_PAIRS, Some(path)), path);
+            }
+        }
+    }
 }

@@ -1,14 +1,15 @@
 //! GPU permutation against the CPU reference on fresh random inputs: plans on odd shapes (skewed loads,
-//! empty experts, dropped and out-of-range ids, capacity, row alignment, ranks), permute and combine in
-//! f32/bf16/f16 for H in {8, 2880, 7168}, combine's run-to-run bit identity, and a CUDA-graph replay.
-//! Skips (with a notice) where there is no GPU.
+//! empty experts, dropped and out-of-range ids, capacity, row alignment, ranks) on both plan paths
+//! (fused and chunked, forced), permute and combine in f32/bf16/f16 for H in {8, 2048, 2880, 7168} at
+//! small T (rows cut over several warps) and larger T, combine bit for bit against its exact fp32
+//! arithmetic and run to run, and a CUDA-graph replay. Skips (with a notice) where there is no GPU.
 
 mod common;
 
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 use half::{bf16, f16};
 use moe_kernels::dtype::Element;
-use moe_kernels::permute::{combine, permute, plan, PlanConfig, PlanOutput, PlanView};
+use moe_kernels::permute::{combine, permute, plan_with_path, PlanConfig, PlanOutput, PlanPath, PlanView};
 use moe_kernels::reference::permute as reference;
 use rand::Rng;
 use std::sync::Arc;
@@ -46,6 +47,18 @@ impl DevicePlan {
     }
 
     fn run(&mut self, stream: &Arc<CudaStream>, cfg: &PlanConfig, t: usize, ids: &CudaSlice<i32>) {
+        self.run_on(stream, cfg, t, &ids.slice(..), None);
+    }
+
+    /// The plan on a forced path (`None`: the automatic choice).
+    fn run_on(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        cfg: &PlanConfig,
+        t: usize,
+        ids: &CudaView<'_, i32>,
+        path: Option<PlanPath>,
+    ) {
         let ranks = cfg.num_ranks > 1;
         let mut out = PlanOutput {
             expert_counts: self.counts.slice_mut(..),
@@ -57,7 +70,7 @@ impl DevicePlan {
             error_count: self.errors.slice_mut(..),
             workspace: self.workspace.slice_mut(..),
         };
-        plan(stream, cfg, t, &ids.slice(..), &mut out).unwrap();
+        plan_with_path(stream, cfg, t, ids, &mut out, path).unwrap();
     }
 
     fn view(&self) -> PlanView<'_> {
@@ -127,7 +140,9 @@ fn plans_match_the_reference_on_odd_shapes() {
     let mut rng = common::rng("plans_match_the_reference_on_odd_shapes");
     let mut failures = Vec::new();
     let mut cases = 0;
-    for &t in &[0usize, 1, 7, 4096, 33000] {
+    // T * k spans one chunk and several, and the fused path's default limit (32768 pairs: T = 4096 with
+    // k = 8 below it, 4097 above); both paths are forced on every case.
+    for &t in &[0usize, 1, 7, 300, 4096, 4097, 33000] {
         // E = 1024 and 8192: one thread per expert and fewer warps per chunk (cuda/plan.cu).
         for &e in &[1u32, 8, 60, 384, 1024, 8192] {
             for &k in &[1u32, 2, 8, 64] {
@@ -142,14 +157,23 @@ fn plans_match_the_reference_on_odd_shapes() {
                         },
                     ];
                     let ids = ids_of(&mut rng, shape, t * k as usize, e);
-                    let d_ids = stream.clone_htod(if ids.is_empty() { &[0][..] } else { &ids[..] }).unwrap();
+                    // One leading element: the ids start 4 bytes into the buffer for odd shapes, so the
+                    // fused path's scalar loads (ids not 16-byte aligned) are checked too.
+                    let lead = (shape % 2) as usize;
+                    let mut padded = vec![7; lead];
+                    padded.extend_from_slice(&ids);
+                    padded.push(0);
+                    let d_ids = stream.clone_htod(&padded).unwrap();
+                    let view = d_ids.slice(lead..lead + ids.len());
                     for cfg in variants {
-                        cases += 1;
-                        let mut d = DevicePlan::new(&stream, &cfg, t);
-                        d.run(&stream, &cfg, t, &d_ids);
                         let expected = reference::plan(&cfg, t, &ids);
-                        if let Err(m) = d.check(&stream, &cfg, t, &expected) {
-                            failures.push(format!("T={t} E={e} k={k} shape={shape} {cfg:?}: {m}"));
+                        for path in [PlanPath::Fused, PlanPath::Chunked] {
+                            cases += 1;
+                            let mut d = DevicePlan::new(&stream, &cfg, t);
+                            d.run_on(&stream, &cfg, t, &view, Some(path));
+                            if let Err(m) = d.check(&stream, &cfg, t, &expected) {
+                                failures.push(format!("T={t} E={e} k={k} shape={shape} {path:?} {cfg:?}: {m}"));
+                            }
                         }
                     }
                 }
@@ -159,10 +183,53 @@ fn plans_match_the_reference_on_odd_shapes() {
     assert!(failures.is_empty(), "{} of {cases} plans differ:\n{}", failures.len(), failures.join("\n"));
 }
 
+/// What combine computes, element by element: the residual (or 0), then every kept slot's weight × y
+/// in slot order, each one fused multiply-add in fp32, rounded to T once. However the kernel cuts a row
+/// over warps, it must give exactly these bits.
+fn combine_exact<T: Element>(
+    pair_row: &[i32],
+    y: &[T],
+    hidden: usize,
+    k: usize,
+    weights: &[f32],
+    residual: &[T],
+) -> Vec<T> {
+    let rows = (y.len() / hidden) as i32;
+    let mut out = Vec::with_capacity(residual.len());
+    for t in 0..pair_row.len() / k {
+        for h in 0..hidden {
+            let mut acc = residual[t * hidden + h].to_f32();
+            for s in 0..k {
+                let row = pair_row[t * k + s];
+                if (0..rows).contains(&row) {
+                    acc = weights[t * k + s].mul_add(y[row as usize * hidden + h].to_f32(), acc);
+                }
+            }
+            out.push(T::from_f32(acc));
+        }
+    }
+    out
+}
+
 /// Permute and combine for one element type, against the reference.
 fn check_rows<T: Element + PartialEq + std::fmt::Debug>(stream: &Arc<CudaStream>, rng: &mut impl Rng) -> Vec<String> {
     let mut failures = Vec::new();
-    for &(t, e, k, hidden) in &[(1usize, 1u32, 1u32, 8usize), (7, 60, 2, 2880), (129, 384, 8, 7168), (300, 8, 2, 8)] {
+    // Small T with wide rows: each token's row cut over several warps (src/permute.rs, row_split), the
+    // last slice narrower where H = 2880; k = 64 takes the combine's slot batches 8 times. T = 129: fewer
+    // slices; T = 300 (H = 8) and 2000 (H = 64): one warp per token, the whole row.
+    let shapes = [
+        (1usize, 1u32, 1u32, 8usize),
+        (1, 32, 8, 7168),
+        (3, 128, 8, 2048),
+        (2, 256, 64, 2880),
+        (7, 60, 2, 2880),
+        (64, 32, 8, 7168),
+        (64, 8, 2, 4096),
+        (129, 384, 8, 7168),
+        (300, 8, 2, 8),
+        (2000, 16, 4, 64),
+    ];
+    for &(t, e, k, hidden) in &shapes {
         let cfg = PlanConfig { row_align: 16, ..PlanConfig::new(e, k) };
         let pairs = t * k as usize;
         let max_rows = cfg.max_rows(t).unwrap();
@@ -244,6 +311,10 @@ fn check_rows<T: Element + PartialEq + std::fmt::Debug>(stream: &Arc<CudaStream>
         }
         if results[0] != results[1] {
             failures.push(format!("{label} combine: two runs differ"));
+        }
+        let exact = combine_exact(&expected_plan.pair_row, &y, hidden, k as usize, &scale, &residual);
+        if let Some(i) = results[0].iter().zip(&exact).position(|(g, w)| g != w) {
+            failures.push(format!("{label} combine: element {i}: {:?} vs exact fp32 {:?}", results[0][i], exact[i]));
         }
         let tolerance = if std::mem::size_of::<T>() == 4 { 1e-5 } else { 1.0 / 128.0 };
         for (i, (g, w)) in results[0].iter().zip(&want).enumerate() {
