@@ -42,9 +42,11 @@ pub enum PlanPath {
     Chunked,
 }
 
-/// Most pairs the fused plan takes by default: it reads every id in every block, so its cost grows
-/// with T * k times the chunks. `MOEK_PLAN_FUSED_MAX_PAIRS` overrides it (read once).
-const PLAN_FUSED_MAX_PAIRS: i64 = 32768;
+/// Most pairs the fused plan takes by default: none. It reads every id in every block, and on the H200
+/// (2026-11-28) it lost wherever it was measured: the E = 256, k = 8, T = 4096 plan took 10.6 us fused
+/// and 8.1 us chunked, and the whole layer at T = 64 was 0.3-3.3 us slower with it. It stays for
+/// sweeps: `MOEK_PLAN_FUSED_MAX_PAIRS` (read once) or `MOEK_PLAN_FUSED=1` turn it on.
+const PLAN_FUSED_MAX_PAIRS: i64 = -1;
 /// Most experts the fused plan takes by default: up to here its shared memory (E x (warps + 3) counters)
 /// fits 32 warps.
 const PLAN_FUSED_MAX_EXPERTS: i32 = 1024;
@@ -524,9 +526,13 @@ mod tests {
     }
 
     #[test]
-    fn plan_path_is_fused_for_small_plans_unless_forced() {
-        let auto = |pairs, e| plan_path(pairs, e, PLAN_FUSED_MAX_PAIRS, None);
-        // The T = 4096, k = 8, E = 256 benchmark case sits at the default limit.
+    fn plan_path_is_chunked_by_default_and_fused_below_a_set_limit() {
+        // Off by default (measured slower), even for an empty plan.
+        let default = |pairs, e| plan_path(pairs, e, PLAN_FUSED_MAX_PAIRS, None);
+        assert_eq!(default(0, 1), PlanPath::Chunked);
+        assert_eq!(default(4096 * 8, 256), PlanPath::Chunked);
+        // With a limit (MOEK_PLAN_FUSED_MAX_PAIRS): fused up to it and the expert cap.
+        let auto = |pairs, e| plan_path(pairs, e, 32768, None);
         assert_eq!(auto(4096 * 8, 256), PlanPath::Fused);
         assert_eq!(auto(4096 * 8 + 1, 256), PlanPath::Chunked);
         assert_eq!(auto(0, 1), PlanPath::Fused);
