@@ -10,16 +10,14 @@
 //! the K slices.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use cudarc::driver::{sys, CudaStream};
+use cudarc::driver::sys;
 use half::bf16;
 use moe_kernels::grouped_gemm::{grouped_gemm, Epilogue, ExpertRows, GemmConfig};
-use moe_kernels::timing;
 use rand::{Rng, SeedableRng};
-use std::sync::Arc;
 use std::time::Duration;
 
 mod common;
-use common::{random_buffer, wanted};
+use common::{measure, random_buffer, wanted, write_json};
 
 const GRAPH_CALLS: usize = 10;
 const TOKENS: [usize; 6] = [1, 16, 64, 256, 4096, 16384];
@@ -104,7 +102,13 @@ fn benches(crit: &mut Criterion) {
             let bytes = ((touched * 2 * i * h + rows * h + rows * i) * 2) as f64;
             let flop = (2 * rows * 2 * i * h) as f64;
             if wanted(&name) {
-                rows_json.push(row(&name, t, bytes, flop, measure(crit, &stream, &name, &mut run_gate_up)));
+                rows_json.push(row(
+                    &name,
+                    t,
+                    bytes,
+                    flop,
+                    measure(crit, &stream, &name, GRAPH_CALLS, &mut run_gate_up),
+                ));
             }
 
             let mut run_down = || {
@@ -124,31 +128,11 @@ fn benches(crit: &mut Criterion) {
             let bytes = ((touched * h * i + rows * i + rows * h) * 2) as f64;
             let flop = (2 * rows * h * i) as f64;
             if wanted(&name) {
-                rows_json.push(row(&name, t, bytes, flop, measure(crit, &stream, &name, &mut run_down)));
+                rows_json.push(row(&name, t, bytes, flop, measure(crit, &stream, &name, GRAPH_CALLS, &mut run_down)));
             }
         }
     }
-    let path = std::env::var("MOEK_BENCH_JSON").unwrap_or_else(|_| "target/bench-grouped-gemm.json".into());
-    std::fs::write(&path, format!("[\n{}\n]\n", rows_json.join(",\n"))).unwrap();
-    eprintln!("wrote {path}");
-}
-
-/// Criterion's measurement of `op`, then its stream and graph medians in microseconds.
-fn measure(
-    crit: &mut Criterion,
-    stream: &Arc<CudaStream>,
-    name: &str,
-    mut op: impl FnMut() -> moe_kernels::Result<()>,
-) -> (f64, f64) {
-    crit.bench_function(name, |b| {
-        b.iter_custom(|n| {
-            let us = timing::mean_us(stream, 0, n as usize, &mut op).unwrap();
-            Duration::from_secs_f64(us * 1e-6 * n as f64)
-        })
-    });
-    let stream_us = timing::median_us(stream, 11, 10, &mut op).unwrap();
-    let graph_us = timing::graph_median_us(stream, GRAPH_CALLS, 7, 3, op).unwrap();
-    (stream_us, graph_us)
+    write_json("target/bench-grouped-gemm.json", &rows_json);
 }
 
 criterion_group! {

@@ -9,16 +9,14 @@
 //! `MOEK_SUBBIT_ROWS_PER_BLOCK` (read by the library) overrides the fused kernel's rows per block.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use cudarc::driver::{sys, CudaStream};
+use cudarc::driver::sys;
 use half::bf16;
 use moe_kernels::subbit::{decode_on_gpu, encode, matvec, random_iid, Compressed, DeviceWeights, Experts};
-use moe_kernels::timing;
 use rand::SeedableRng;
-use std::sync::Arc;
 use std::time::Duration;
 
 mod common;
-use common::random_buffer;
+use common::{measure, random_buffer, write_json};
 
 const GRAPH_CALLS: usize = 10;
 const EXPERTS: usize = 2;
@@ -73,7 +71,14 @@ fn benches(crit: &mut Criterion) {
             let name = format!("{shape}_T{t}");
             let moved = weight_bytes + ((rows * c + rows * r) * 2) as f64;
             let flop = (2 * rows * r * c) as f64;
-            rows_json.push(row(&name, t, moved, flop, dense_bytes, measure(crit, &stream, &name, &mut op)));
+            rows_json.push(row(
+                &name,
+                t,
+                moved,
+                flop,
+                dense_bytes,
+                measure(crit, &stream, &name, GRAPH_CALLS, &mut op),
+            ));
         }
         let mut dense = stream.alloc_zeros::<bf16>(EXPERTS * r * c).unwrap();
         let mut op = || decode_on_gpu(&stream, &weights, &mut dense.slice_mut(..));
@@ -84,30 +89,10 @@ fn benches(crit: &mut Criterion) {
             weight_bytes + dense_bytes,
             0.0,
             dense_bytes,
-            measure(crit, &stream, &name, &mut op),
+            measure(crit, &stream, &name, GRAPH_CALLS, &mut op),
         ));
     }
-    let path = std::env::var("MOEK_BENCH_JSON").unwrap_or_else(|_| "target/bench-subbit.json".into());
-    std::fs::write(&path, format!("[\n{}\n]\n", rows_json.join(",\n"))).unwrap();
-    eprintln!("wrote {path}");
-}
-
-/// Criterion's measurement of `op`, then its stream and graph medians in microseconds.
-fn measure(
-    crit: &mut Criterion,
-    stream: &Arc<CudaStream>,
-    name: &str,
-    mut op: impl FnMut() -> moe_kernels::Result<()>,
-) -> (f64, f64) {
-    crit.bench_function(name, |b| {
-        b.iter_custom(|n| {
-            let us = timing::mean_us(stream, 0, n as usize, &mut op).unwrap();
-            Duration::from_secs_f64(us * 1e-6 * n as f64)
-        })
-    });
-    let stream_us = timing::median_us(stream, 11, 10, &mut op).unwrap();
-    let graph_us = timing::graph_median_us(stream, GRAPH_CALLS, 7, 3, op).unwrap();
-    (stream_us, graph_us)
+    write_json("target/bench-subbit.json", &rows_json);
 }
 
 criterion_group! {

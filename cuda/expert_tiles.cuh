@@ -50,11 +50,10 @@ constexpr int32_t kTileSaturation = (1 << 30) - 1;
 
 __device__ __forceinline__ int32_t saturating_add(int32_t a, int32_t b) { return min(a + b, kTileSaturation); }
 
-// Finds the expert and rows of m-tile `mt`; false (the same in every thread) when the experts have fewer
-// tiles. `prefix` is shared memory for E + 1 ints; called by all THREADS threads of the block, it ends
-// with a barrier, after which `prefix` may be reused.
+// prefix[e] = m-tiles (of BM rows) of experts 0..e-1, prefix[E] = their total; returned to every thread.
+// All THREADS threads call it; it ends with a barrier.
 template <int BM, int THREADS>
-__device__ bool find_m_tile(const ExpertRows& r, int32_t mt, int32_t* prefix, MTile& tile) {
+__device__ int32_t scan_m_tiles(const ExpertRows& r, int32_t* prefix) {
   constexpr int WARPS = THREADS / 32;
   __shared__ int32_t warp_sums[WARPS];
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
@@ -88,7 +87,17 @@ __device__ bool find_m_tile(const ExpertRows& r, int32_t mt, int32_t* prefix, MT
     carry = saturating_add(carry, chunk_total);
     __syncthreads();  // warp_sums is rewritten by the next chunk; prefix is complete after the last
   }
-  if (mt >= carry) return false;
+  return carry;
+}
+
+// Finds the expert and rows of m-tile `mt`; false (the same in every thread) when the experts have fewer
+// tiles. `prefix` is shared memory for E + 1 ints; called by all THREADS threads of the block, it ends
+// with a barrier, after which `prefix` may be reused.
+template <int BM, int THREADS>
+__device__ bool find_m_tile(const ExpertRows& r, int32_t mt, int32_t* prefix, MTile& tile) {
+  const int32_t total = scan_m_tiles<BM, THREADS>(r, prefix);
+  const int E = r.num_experts;
+  if (mt >= total) return false;
   // The last expert whose first tile is at or before mt: it has a tile there (prefix[E] > mt).
   int lo = 0, hi = E - 1;
   while (lo < hi) {

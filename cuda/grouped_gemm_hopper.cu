@@ -85,46 +85,6 @@ inline __host__ __device__ int out_cols_per_tile(bool swiglu) { return swiglu ? 
 // Wide's register split (Narrow's 256 threads have 255 registers each without it).
 constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;  // 128 * 40 + 256 * 232 <= 64K
 
-// prefix[e] = m-tiles (of BM rows) of experts 0..e-1, prefix[E] = their total; returned to every thread.
-// All THREADS threads call it; it ends with a barrier.
-template <int BM, int THREADS>
-__device__ int32_t scan_m_tiles(const ExpertRows& r, int32_t* prefix) {
-  constexpr int WARPS = THREADS / 32;
-  __shared__ int32_t warp_sums[WARPS];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
-  const int E = r.num_experts;
-  int32_t carry = 0;
-  if (threadIdx.x == 0) prefix[0] = 0;
-  for (int base = 0; base < E; base += THREADS) {
-    const int e = base + threadIdx.x;
-    int32_t v = 0;
-    if (e < E) {
-      int64_t start;
-      int32_t count;
-      r.rows(e, start, count);
-      v = (count + BM - 1) / BM;
-    }
-    int32_t inclusive = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int32_t up = __shfl_up_sync(0xffffffffu, inclusive, o);
-      if (lane >= o) inclusive = saturating_add(inclusive, up);
-    }
-    if (lane == 31) warp_sums[warp] = inclusive;
-    __syncthreads();
-    int32_t before = 0, chunk_total = 0;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) {
-      if (w < warp) before = saturating_add(before, warp_sums[w]);
-      chunk_total = saturating_add(chunk_total, warp_sums[w]);
-    }
-    if (e < E) prefix[e + 1] = saturating_add(carry, saturating_add(before, inclusive));
-    carry = saturating_add(carry, chunk_total);
-    __syncthreads();
-  }
-  return carry;
-}
-
 // One output tile.
 struct Tile {
   int32_t expert;
