@@ -291,6 +291,9 @@ const SPLIT_TRAFFIC_RATIO: u64 = 4;
 /// tiles: one expert of 64 rows (a shared expert at decode) makes 16-32 wgmma tiles that cannot fill
 /// 132 SMs and cannot split K, where a portable tile with split-K can.
 const HOPPER_MIN_TILES: u64 = 64;
+/// The SMs of an H100/H200, for tile choices that must not depend on the device (the workspace query
+/// does not ask it): fewer sure MEDIUM_K64 tiles than this take the SMALL tile.
+const SM_COUNT_HINT: u64 = 132;
 
 /// Rows per expert from which AUTO takes the sm_90a kernel's 128-row tiles where it is available.
 const HOPPER_MIN_ROWS_PER_EXPERT: i64 = 128;
@@ -316,27 +319,29 @@ fn resolved_tile(a: &sys::moek_grouped_gemm_args, ask_device: bool) -> sys::moek
     } else {
         a.max_rows / i64::from(a.num_experts)
     };
-    // The output tiles of a BM x 256 wgmma tile that exist even when every row sits on one expert.
-    let sure_tiles = |bm: u64| {
+    // The output tiles of a BM x BN tile that surely exist (every row on one expert).
+    let sure_tiles = |bm: u64, bn: u64| {
         let m = if a.layout == sys::moek_gemm_layout_MOEK_GEMM_MASKED {
             a.num_experts.max(0) as u64 * (a.capacity.max(0) as u64).div_ceil(bm)
         } else {
             (a.max_rows.max(0) as u64).div_ceil(bm)
         };
-        m.saturating_mul((a.n.max(0) as u64).div_ceil(256))
+        m.saturating_mul((a.n.max(0) as u64).div_ceil(bn))
     };
     let hopper = |bm: u64| {
         per_expert >= HOPPER64_MIN_ROWS_PER_EXPERT
             && ask_device
             && !overrides().hopper_off
-            && sure_tiles(bm) >= HOPPER_MIN_TILES
+            && sure_tiles(bm, 256) >= HOPPER_MIN_TILES
             && hopper_available_raw(a.num_experts)
     };
     match per_expert {
         ..=32 => sys::moek_gemm_tile_MOEK_GEMM_TILE_SMALL,
         p if p < HOPPER_MIN_ROWS_PER_EXPERT && hopper(64) => sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER_64,
         // 64 x 128 with BK = 64: Mixtral T = 256 (64 rows per expert) ran 532 / 299 us against 777 / 419
-        // on the BK = 32 MEDIUM tile (H200 sweep, 2026-11-28).
+        // on the BK = 32 MEDIUM tile (H200 sweep, 2026-11-28). Where its tiles would not cover the SMs
+        // (a lone shared expert of 64 rows: 32-56 tiles), the 32 x 64 SMALL tile makes four times as many.
+        33..=64 if sure_tiles(64, 128) < SM_COUNT_HINT => sys::moek_gemm_tile_MOEK_GEMM_TILE_SMALL,
         33..=64 => TILE_MEDIUM_K64,
         _ if hopper(128) => sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER,
         _ => sys::moek_gemm_tile_MOEK_GEMM_TILE_LARGE,

@@ -114,13 +114,14 @@ fn workspace_query_follows_the_split() {
         // Sized from the tiles sure to exist (all rows on one expert) and the H200 sweep (see
         // SPLIT_TARGET_CTAS): Mixtral's down projection at T = 1 (2 rows, at least 64 SMALL tiles of
         // K = 14336) splits 4 ways; a DeepSeek-V3 expert's gate|up at T = 1 (64 tiles, K = 7168) 4 ways;
-        // a 64-row shared expert of the same shape (32 MEDIUM_K64 tiles) 4 ways too (K per slice).
+        // a 64-row shared expert of the same shape takes the SMALL tile (32 MEDIUM_K64 tiles would not
+        // cover the SMs; 128 SMALL ones) and splits 3 ways.
         let down = GemmConfig::new(8, 4096, 14336);
         assert_eq!(slices(down, 2), 4);
         let deepseek_gate_up = GemmConfig { epilogue: Epilogue::SwiGlu, ..GemmConfig::new(32, 4096, 7168) };
         assert_eq!(slices(deepseek_gate_up, 1), 4);
         let shared_gate_up = GemmConfig { epilogue: Epilogue::SwiGlu, ..GemmConfig::new(1, 4096, 7168) };
-        assert_eq!(slices(shared_gate_up, 64), 4);
+        assert_eq!(slices(shared_gate_up, 64), 3);
         // Not split: Mixtral's gate|up at T = 1 (448 tiles), short K (a DeepSeek-V3 down projection,
         // K = 2048; Qwen3's down, K = 768), Mixtral's down at T = 16 (up to 512 tiles when spread),
         // prefill, and Qwen3's gate|up at T = 16 (128 rows could sit on one expert but are not cut).
