@@ -302,6 +302,16 @@ const HOPPER_MIN_ROWS_PER_EXPERT: i64 = 128;
 /// streams the weights at the floor already.
 const HOPPER64_MIN_ROWS_PER_EXPERT: i64 = 33;
 
+/// The m-tiles of BM rows that exist however the rows fall: all rows on one expert (contiguous), or
+/// every expert's capacity (masked).
+fn sure_m_tiles(a: &sys::moek_grouped_gemm_args, bm: u64) -> u64 {
+    if a.layout == sys::moek_gemm_layout_MOEK_GEMM_MASKED {
+        a.num_experts.max(0) as u64 * (a.capacity.max(0) as u64).div_ceil(bm)
+    } else {
+        (a.max_rows.max(0) as u64).div_ceil(bm)
+    }
+}
+
 /// The tile `a` runs with: its own, the environment's for AUTO, else AUTO resolved by the average rows
 /// per expert. The launcher (cuda/grouped_gemm.cu) receives this, never AUTO. `ask_device`: whether
 /// AUTO may ask the current device for the sm_90a kernel (from [`HOPPER64_MIN_ROWS_PER_EXPERT`] rows
@@ -320,14 +330,7 @@ fn resolved_tile(a: &sys::moek_grouped_gemm_args, ask_device: bool) -> sys::moek
         a.max_rows / i64::from(a.num_experts)
     };
     // The output tiles of a BM x BN tile that surely exist (every row on one expert).
-    let sure_tiles = |bm: u64, bn: u64| {
-        let m = if a.layout == sys::moek_gemm_layout_MOEK_GEMM_MASKED {
-            a.num_experts.max(0) as u64 * (a.capacity.max(0) as u64).div_ceil(bm)
-        } else {
-            (a.max_rows.max(0) as u64).div_ceil(bm)
-        };
-        m.saturating_mul((a.n.max(0) as u64).div_ceil(bn))
-    };
+    let sure_tiles = |bm: u64, bn: u64| sure_m_tiles(a, bm).saturating_mul((a.n.max(0) as u64).div_ceil(bn));
     let hopper = |bm: u64| {
         per_expert >= HOPPER64_MIN_ROWS_PER_EXPERT
             && ask_device
@@ -381,12 +384,9 @@ fn auto_splits(a: &sys::moek_grouped_gemm_args, tile: sys::moek_gemm_tile, rows:
     let (bm, bn, _) = tile_shape(tile);
     let (e, n, k) = (a.num_experts as u64, a.n as u64, a.k as u64);
     // (fewest, most) m-tiles; each expert's rows start a new tile, each real m-tile holds a row.
-    let (m_min, m_max) = if a.layout == sys::moek_gemm_layout_MOEK_GEMM_MASKED {
-        let m = e * (a.capacity as u64).div_ceil(bm);
-        (m, m)
-    } else {
-        (rows.div_ceil(bm), ((rows + e * (bm - 1)) / bm).min(rows))
-    };
+    let m_min = sure_m_tiles(a, bm);
+    let m_max =
+        if a.layout == sys::moek_gemm_layout_MOEK_GEMM_MASKED { m_min } else { ((rows + e * (bm - 1)) / bm).min(rows) };
     // SwiGLU: a tile covers bn / 2 outputs of n / 2, the same count.
     let n_tiles = n.div_ceil(bn);
     let ctas = m_min.saturating_mul(n_tiles);

@@ -599,7 +599,8 @@ pub fn moe_layer_staged<L: LogitsElem>(
     check::length("out", out.len(), t * h)?;
     stream.context().bind_to_thread()?;
     let (x_ptr, _g0) = inputs.x.device_ptr(stream);
-    let routing_ptrs = match &inputs.routing {
+    // Device pointers (with their guards) of whichever routing input was given; the others stay NULL.
+    let (logits, bias, ids, weights) = match &inputs.routing {
         Routing::Logits { logits, bias } => {
             (Some(logits.device_ptr(stream)), bias.as_ref().map(|b| b.device_ptr(stream)), None, None)
         }
@@ -615,10 +616,10 @@ pub fn moe_layer_staged<L: LogitsElem>(
     let (out_ptr, _g5) = out.device_ptr_mut(stream);
     let ptr = |p: &Option<(u64, _)>| p.as_ref().map_or(std::ptr::null(), |(p, _)| *p as *const std::ffi::c_void);
     a.x = x_ptr as *const _;
-    a.logits = ptr(&routing_ptrs.0);
-    a.bias = ptr(&routing_ptrs.1) as *const f32;
-    a.topk_ids = ptr(&routing_ptrs.2) as *const i32;
-    a.topk_weights = ptr(&routing_ptrs.3) as *const f32;
+    a.logits = ptr(&logits);
+    a.bias = ptr(&bias) as *const f32;
+    a.topk_ids = ptr(&ids) as *const i32;
+    a.topk_weights = ptr(&weights) as *const f32;
     a.w_gate_up = w1 as *const _;
     a.w_down = w2 as *const _;
     if let Some(((p1, _), (p2, _))) = &shared_ptrs {
