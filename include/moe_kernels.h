@@ -51,7 +51,9 @@ typedef enum moek_status {
   MOEK_ERROR_BUFFER_TOO_SMALL = 12,     /* a buffer shorter than the shape needs (Rust API) */
   MOEK_ERROR_INVALID_VALUE = 13,        /* a scalar argument that is not finite or out of range */
   MOEK_ERROR_NO_CUDA_KERNELS = 14,      /* the library was built without its CUDA kernels */
-  MOEK_ERROR_CUDA = 15                  /* a CUDA call failed while enqueueing the work */
+  MOEK_ERROR_CUDA = 15,                 /* a CUDA call failed while enqueueing the work */
+  MOEK_ERROR_INVALID_RANKS = 16         /* num_ranks or rank out of range, or num_ranks not dividing
+                                           num_experts (expert parallelism) */
 } moek_status;
 
 /* Element types of tensors. */
@@ -501,6 +503,97 @@ moek_status moek_subbit_matvec_workspace_size(const moek_subbit_matvec_args *arg
 
 /* Enqueues the fused decode + matvec. Reads the image, x and the offsets; writes y and the workspace. */
 moek_status moek_subbit_matvec(const moek_subbit_matvec_args *args, cudaStream_t stream);
+
+/* ------------------------------------------------------------------------------------------------
+ * Expert parallelism across the GPUs of one host: dispatch (every token's row to the rank that owns
+ * each of its experts) and combine (the expert outputs back to their token's rank, weighted-summed).
+ *
+ * Ranks 0..R-1 each own E/R consecutive experts: rank r owns experts r*E/R .. (r+1)*E/R - 1 ("local
+ * experts" 0..E/R-1 there). Every rank holds one symmetric buffer of moek_ep_layout's symmetric_bytes
+ * that every other rank can address (peer access inside one process, or CUDA IPC handles opened in
+ * each process): `peers[q]` is rank q's buffer as this rank's device addresses it, peers[rank] this
+ * rank's own. The kernels store rows straight into the peers' buffers over NVLink and signal with
+ * flags (release/acquire at system scope); no host synchronisation, so both calls can be captured
+ * into a CUDA graph.
+ *
+ * Contract, per call:
+ * - Every rank calls moek_ep_dispatch, then (after its expert computation, on the same stream)
+ *   moek_ep_combine, the same number of times and in the same order as every other rank; a call
+ *   waits on the device for its peers' matching call. All ranks' work must be able to run at once
+ *   (one stream per GPU; do not serialise the ranks behind one host thread's synchronisation).
+ * - The symmetric buffer and the workspace of every rank are zero-filled once before the first call,
+ *   and every rank's zero fill completes before any rank's first dispatch.
+ * - Received rows of dispatch: in the symmetric buffer at received_offset, [max_received_rows, H],
+ *   grouped by local expert (experts in order; inside an expert, source ranks in order; inside a
+ *   source, its pairs in increasing p = t * k + s): local expert j owns rows
+ *   received_expert_offsets[j] .. received_expert_offsets[j+1] - 1 (the contiguous layout of the
+ *   grouped GEMM). They stay valid until this rank's next dispatch.
+ * - A pair whose id is MOEK_DROPPED_ID or outside 0..E-1 is not sent and adds nothing in combine.
+ * - Combine reads the expert outputs for the received rows (same layout, H wide; may be the
+ *   received rows themselves, overwritten in place), returns each row to its source, and writes
+ *   out[t] = residual[t] + sum over s of topk_weights[t,s] * output of pair (t,s), accumulated in fp32
+ *   in slot order (bit-identical from run to run).
+ * ---------------------------------------------------------------------------------------------- */
+
+#define MOEK_EP_MAX_RANKS 64
+
+/* The shape every rank agrees on. */
+typedef struct moek_ep_config {
+  int32_t num_ranks;         /* R, 1..MOEK_EP_MAX_RANKS, divides num_experts */
+  int32_t rank;              /* this rank, 0..R-1 (the size queries ignore it) */
+  int32_t num_experts;       /* E, 1..MOEK_PLAN_MAX_EXPERTS */
+  int32_t k;                 /* slots per token, 1..MOEK_PLAN_MAX_K */
+  int64_t hidden;            /* H: elements per row, a multiple of 8 */
+  int64_t max_tokens;        /* most tokens any rank passes to one call, >= 0 */
+  moek_dtype dtype;          /* of the rows: f32, bf16 or f16 */
+} moek_ep_config;
+
+/* Sizes and where things live, the same on every rank. */
+typedef struct moek_ep_layout {
+  size_t symmetric_bytes;    /* of each rank's symmetric buffer (256-byte aligned) */
+  size_t received_offset;    /* byte offset of the received rows in the symmetric buffer */
+  int64_t max_received_rows; /* R * max_tokens * k: rows a rank can receive (all pairs to its experts) */
+  size_t workspace_bytes;    /* of each rank's (local, not shared) workspace, 256-byte aligned */
+} moek_ep_layout;
+
+/* Checks the configuration (every field but rank) and writes the layout. */
+moek_status moek_ep_layout_query(const moek_ep_config *config, moek_ep_layout *layout);
+
+/* What both calls of one rank take. */
+typedef struct moek_ep_group {
+  moek_ep_config config;
+  void *const *peers;        /* host array [R]: every rank's symmetric buffer, as this rank addresses it;
+                                each 256-byte aligned and at least symmetric_bytes long */
+  size_t symmetric_bytes;    /* the size of every rank's symmetric buffer (checked against the layout) */
+  void *workspace;           /* device, this rank's, zero-filled once before the first call */
+  size_t workspace_bytes;
+} moek_ep_group;
+
+typedef struct moek_ep_dispatch_args {
+  moek_ep_group group;
+  int64_t num_tokens;        /* T of this rank, 0..max_tokens (ranks may differ) */
+  const void *x;             /* device [T, H], 16-byte aligned */
+  const int32_t *topk_ids;   /* device [T, k], global expert ids */
+  int32_t *received_expert_offsets; /* device [E/R + 1], written: the received rows' expert offsets */
+} moek_ep_dispatch_args;
+
+/* Enqueues the dispatch: this rank's plan, the exchange of per-expert counts with every rank, the row
+ * stores into the owners' buffers, and the wait for every rank's rows. */
+moek_status moek_ep_dispatch(const moek_ep_dispatch_args *args, cudaStream_t stream);
+
+typedef struct moek_ep_combine_args {
+  moek_ep_group group;
+  int64_t num_tokens;        /* T of this rank's matching dispatch */
+  const void *expert_out;    /* device [received rows, H], 16-byte aligned: the output for received row i
+                                (may point at the received rows in the symmetric buffer) */
+  const float *topk_weights; /* device [T, k] or NULL (weight 1) */
+  const void *residual;      /* device [T, H] or NULL; may be the same buffer as out */
+  void *out;                 /* device [T, H], 16-byte aligned, written */
+} moek_ep_combine_args;
+
+/* Enqueues the combine: stores each received row's output into its source rank's buffer, waits for
+ * every rank's, then the fixed-order weighted sum per token. */
+moek_status moek_ep_combine(const moek_ep_combine_args *args, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

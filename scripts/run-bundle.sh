@@ -6,6 +6,8 @@
 # Logs go to $OUT/run.log, step results to $OUT/results.json, benchmark JSON and the comparison table
 # to $OUT/bench-*.json, $OUT/torch-*.json and $OUT/table.md. A summary table is printed last.
 set -u
+# NVLink multicast can take a shared host's GPUs down (shared/GPU.md): keep it off everywhere.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 here="$(cd "$(dirname "$0")" && pwd)"
 OUT="${OUT:-/tmp/moek-out}"
 mkdir -p "$OUT"
@@ -55,7 +57,12 @@ for s in "${steps[@]}"; do
         name=$(basename "$b"); name=${name#bench-}
         wanted "$name" || continue
         MOEK_BENCH_JSON="$OUT/bench-$name.json" step "bench:$name" "$b" --bench
-        step "torch:$name" bash -c "python3 '$here/compare_torch.py' --suite $name --ours '$OUT/bench-$name.json' --out '$OUT/torch-$name.json' >> '$OUT/table.md'"
+        if [ "$name" = ep ]; then
+          # Several GPUs: NCCL's all_to_all_single with the same bytes (skipped with fewer than 2 GPUs).
+          [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && step "nccl:$name" bash -c "python3 '$here/compare_nccl.py' --ours '$OUT/bench-$name.json' --out '$OUT/nccl-$name.json' >> '$OUT/table.md'"
+        else
+          step "torch:$name" bash -c "python3 '$here/compare_torch.py' --suite $name --ours '$OUT/bench-$name.json' --out '$OUT/torch-$name.json' >> '$OUT/table.md'"
+        fi
       done ;;
     *) echo "unknown step $s" >&2 ;;
   esac

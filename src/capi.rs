@@ -4,7 +4,7 @@
 
 use crate::error::{bail, last_error_ptr, status_text, to_status, Result};
 use crate::subbit::gpu as subbit;
-use crate::{grouped_gemm, layer, permute, route, sys};
+use crate::{ep, grouped_gemm, layer, permute, route, sys};
 use std::os::raw::c_char;
 use std::os::raw::c_void;
 
@@ -248,6 +248,52 @@ pub unsafe extern "C" fn moek_subbit_matvec(
     to_status(unsafe { read_args(args, "args") }.and_then(|a| subbit::matvec_raw(a, stream)))
 }
 
+/// See `moek_ep_layout_query` in the header.
+///
+/// # Safety
+/// `config` is NULL or valid; `layout` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn moek_ep_layout_query(
+    config: *const sys::moek_ep_config,
+    layout: *mut sys::moek_ep_layout,
+) -> sys::moek_status {
+    unsafe {
+        query(config, layout, "layout", |c| {
+            let l = ep::layout(c)?;
+            Ok(sys::moek_ep_layout {
+                symmetric_bytes: l.symmetric_bytes,
+                received_offset: l.received_offset,
+                max_received_rows: l.max_received_rows as i64,
+                workspace_bytes: l.workspace_bytes,
+            })
+        })
+    }
+}
+
+/// See `moek_ep_dispatch` in the header.
+///
+/// # Safety
+/// `args` is NULL or valid, and its pointers satisfy the header's contract.
+#[no_mangle]
+pub unsafe extern "C" fn moek_ep_dispatch(
+    args: *const sys::moek_ep_dispatch_args,
+    stream: sys::cudaStream_t,
+) -> sys::moek_status {
+    to_status(unsafe { read_args(args, "args") }.and_then(|a| ep::dispatch_raw(a, stream)))
+}
+
+/// See `moek_ep_combine` in the header.
+///
+/// # Safety
+/// `args` is NULL or valid, and its pointers satisfy the header's contract.
+#[no_mangle]
+pub unsafe extern "C" fn moek_ep_combine(
+    args: *const sys::moek_ep_combine_args,
+    stream: sys::cudaStream_t,
+) -> sys::moek_status {
+    to_status(unsafe { read_args(args, "args") }.and_then(|a| ep::combine_raw(a, stream)))
+}
+
 // Compile-time proof that the definitions above have the header's signatures.
 const _: [unsafe extern "C" fn(sys::moek_status) -> *const c_char; 2] = [sys::moek_status_string, moek_status_string];
 const _: [unsafe extern "C" fn() -> *const c_char; 2] = [sys::moek_last_error_message, moek_last_error_message];
@@ -286,3 +332,9 @@ type SubbitSizeFn = unsafe extern "C" fn(*const sys::moek_subbit_matvec_args, *m
 const _: [SubbitSizeFn; 2] = [sys::moek_subbit_matvec_workspace_size, moek_subbit_matvec_workspace_size];
 type SubbitMatvecFn = unsafe extern "C" fn(*const sys::moek_subbit_matvec_args, sys::cudaStream_t) -> sys::moek_status;
 const _: [SubbitMatvecFn; 2] = [sys::moek_subbit_matvec, moek_subbit_matvec];
+type EpLayoutFn = unsafe extern "C" fn(*const sys::moek_ep_config, *mut sys::moek_ep_layout) -> sys::moek_status;
+const _: [EpLayoutFn; 2] = [sys::moek_ep_layout_query, moek_ep_layout_query];
+type EpDispatchFn = unsafe extern "C" fn(*const sys::moek_ep_dispatch_args, sys::cudaStream_t) -> sys::moek_status;
+const _: [EpDispatchFn; 2] = [sys::moek_ep_dispatch, moek_ep_dispatch];
+type EpCombineFn = unsafe extern "C" fn(*const sys::moek_ep_combine_args, sys::cudaStream_t) -> sys::moek_status;
+const _: [EpCombineFn; 2] = [sys::moek_ep_combine, moek_ep_combine];

@@ -52,6 +52,20 @@ mod launchers {
             rows_per_block: i32,
             stream: sys::cudaStream_t,
         ) -> i32;
+        pub fn moek_cuda_ep_counts(a: *const crate::ep::launch::EpLaunch, stream: sys::cudaStream_t) -> i32;
+        pub fn moek_cuda_ep_send(
+            a: *const crate::ep::launch::EpLaunch,
+            x: *const std::ffi::c_void,
+            topk_ids: *const i32,
+            blocks: i32,
+            stream: sys::cudaStream_t,
+        ) -> i32;
+        pub fn moek_cuda_ep_return(
+            a: *const crate::ep::launch::EpLaunch,
+            expert_out: *const std::ffi::c_void,
+            blocks: i32,
+            stream: sys::cudaStream_t,
+        ) -> i32;
     }
 }
 
@@ -204,6 +218,37 @@ pub(crate) fn subbit_matvec(
     #[cfg(not(moek_cuda))]
     {
         let _ = (args, rows_per_block, stream);
+        NO_KERNELS
+    }
+}
+
+/// The three steps of expert-parallel dispatch and combine (cuda/ep.cu), arguments already validated.
+pub(crate) enum EpStep {
+    /// Exchange per-expert counts and derive where rows land (one block).
+    Counts,
+    /// Store this rank's rows into the owners' buffers, signal, wait for everyone's.
+    Send { x: *const std::ffi::c_void, topk_ids: *const i32, blocks: i32 },
+    /// Store the expert outputs back into their sources' buffers, signal, wait.
+    Return { expert_out: *const std::ffi::c_void, blocks: i32 },
+}
+
+/// Enqueues one step of expert-parallel dispatch or combine.
+pub(crate) fn ep_step(a: &crate::ep::launch::EpLaunch, step: EpStep, stream: sys::cudaStream_t) -> LaunchCode {
+    #[cfg(moek_cuda)]
+    {
+        // SAFETY: validated by ep::dispatch_raw / ep::combine_raw: the peers' buffers and the workspace
+        // are at least the layout's sizes, and the plan the steps read was enqueued before them.
+        unsafe {
+            match step {
+                EpStep::Counts => launchers::moek_cuda_ep_counts(a, stream),
+                EpStep::Send { x, topk_ids, blocks } => launchers::moek_cuda_ep_send(a, x, topk_ids, blocks, stream),
+                EpStep::Return { expert_out, blocks } => launchers::moek_cuda_ep_return(a, expert_out, blocks, stream),
+            }
+        }
+    }
+    #[cfg(not(moek_cuda))]
+    {
+        let _ = (a, step, stream);
         NO_KERNELS
     }
 }

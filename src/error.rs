@@ -24,6 +24,7 @@ pub enum Status {
     InvalidValue = sys::moek_status_MOEK_ERROR_INVALID_VALUE,
     NoCudaKernels = sys::moek_status_MOEK_ERROR_NO_CUDA_KERNELS,
     Cuda = sys::moek_status_MOEK_ERROR_CUDA,
+    InvalidRanks = sys::moek_status_MOEK_ERROR_INVALID_RANKS,
 }
 
 impl Status {
@@ -54,6 +55,7 @@ pub(crate) fn status_text(status: sys::moek_status) -> &'static CStr {
             c"built without CUDA kernels (no nvcc at build time; see scripts/setup-cuda.sh)"
         }
         sys::moek_status_MOEK_ERROR_CUDA => c"a CUDA call failed",
+        sys::moek_status_MOEK_ERROR_INVALID_RANKS => c"invalid num_ranks or rank",
         _ => c"unknown status",
     }
 }

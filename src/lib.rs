@@ -31,6 +31,7 @@ mod check;
 mod cuda;
 pub mod device;
 pub mod dtype;
+pub mod ep;
 pub mod error;
 pub mod grouped_gemm;
 pub mod layer;

@@ -17,6 +17,7 @@ pub const MOEK_GEMM_MAX_EXPERTS: u32 = 8192;
 pub const MOEK_GEMM_MAX_N: u32 = 2097152;
 pub const MOEK_GEMM_MAX_SPLIT_K: u32 = 64;
 pub const MOEK_SUBBIT_MAX_TOKENS: u32 = 8;
+pub const MOEK_EP_MAX_RANKS: u32 = 64;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct CUstream_st {
@@ -39,6 +40,7 @@ pub const moek_status_MOEK_ERROR_BUFFER_TOO_SMALL: moek_status = 12;
 pub const moek_status_MOEK_ERROR_INVALID_VALUE: moek_status = 13;
 pub const moek_status_MOEK_ERROR_NO_CUDA_KERNELS: moek_status = 14;
 pub const moek_status_MOEK_ERROR_CUDA: moek_status = 15;
+pub const moek_status_MOEK_ERROR_INVALID_RANKS: moek_status = 16;
 pub type moek_status = ::std::os::raw::c_uint;
 pub const moek_dtype_MOEK_DTYPE_F32: moek_dtype = 0;
 pub const moek_dtype_MOEK_DTYPE_BF16: moek_dtype = 1;
@@ -490,4 +492,125 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn moek_subbit_matvec(args: *const moek_subbit_matvec_args, stream: cudaStream_t) -> moek_status;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moek_ep_config {
+    pub num_ranks: i32,
+    pub rank: i32,
+    pub num_experts: i32,
+    pub k: i32,
+    pub hidden: i64,
+    pub max_tokens: i64,
+    pub dtype: moek_dtype,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of moek_ep_config"][::std::mem::size_of::<moek_ep_config>() - 40usize];
+    ["Alignment of moek_ep_config"][::std::mem::align_of::<moek_ep_config>() - 8usize];
+    ["Offset of field: moek_ep_config::num_ranks"][::std::mem::offset_of!(moek_ep_config, num_ranks) - 0usize];
+    ["Offset of field: moek_ep_config::rank"][::std::mem::offset_of!(moek_ep_config, rank) - 4usize];
+    ["Offset of field: moek_ep_config::num_experts"][::std::mem::offset_of!(moek_ep_config, num_experts) - 8usize];
+    ["Offset of field: moek_ep_config::k"][::std::mem::offset_of!(moek_ep_config, k) - 12usize];
+    ["Offset of field: moek_ep_config::hidden"][::std::mem::offset_of!(moek_ep_config, hidden) - 16usize];
+    ["Offset of field: moek_ep_config::max_tokens"][::std::mem::offset_of!(moek_ep_config, max_tokens) - 24usize];
+    ["Offset of field: moek_ep_config::dtype"][::std::mem::offset_of!(moek_ep_config, dtype) - 32usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moek_ep_layout {
+    pub symmetric_bytes: usize,
+    pub received_offset: usize,
+    pub max_received_rows: i64,
+    pub workspace_bytes: usize,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of moek_ep_layout"][::std::mem::size_of::<moek_ep_layout>() - 32usize];
+    ["Alignment of moek_ep_layout"][::std::mem::align_of::<moek_ep_layout>() - 8usize];
+    ["Offset of field: moek_ep_layout::symmetric_bytes"]
+        [::std::mem::offset_of!(moek_ep_layout, symmetric_bytes) - 0usize];
+    ["Offset of field: moek_ep_layout::received_offset"]
+        [::std::mem::offset_of!(moek_ep_layout, received_offset) - 8usize];
+    ["Offset of field: moek_ep_layout::max_received_rows"]
+        [::std::mem::offset_of!(moek_ep_layout, max_received_rows) - 16usize];
+    ["Offset of field: moek_ep_layout::workspace_bytes"]
+        [::std::mem::offset_of!(moek_ep_layout, workspace_bytes) - 24usize];
+};
+unsafe extern "C" {
+    pub fn moek_ep_layout_query(config: *const moek_ep_config, layout: *mut moek_ep_layout) -> moek_status;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moek_ep_group {
+    pub config: moek_ep_config,
+    pub peers: *const *mut ::std::os::raw::c_void,
+    pub symmetric_bytes: usize,
+    pub workspace: *mut ::std::os::raw::c_void,
+    pub workspace_bytes: usize,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of moek_ep_group"][::std::mem::size_of::<moek_ep_group>() - 72usize];
+    ["Alignment of moek_ep_group"][::std::mem::align_of::<moek_ep_group>() - 8usize];
+    ["Offset of field: moek_ep_group::config"][::std::mem::offset_of!(moek_ep_group, config) - 0usize];
+    ["Offset of field: moek_ep_group::peers"][::std::mem::offset_of!(moek_ep_group, peers) - 40usize];
+    ["Offset of field: moek_ep_group::symmetric_bytes"]
+        [::std::mem::offset_of!(moek_ep_group, symmetric_bytes) - 48usize];
+    ["Offset of field: moek_ep_group::workspace"][::std::mem::offset_of!(moek_ep_group, workspace) - 56usize];
+    ["Offset of field: moek_ep_group::workspace_bytes"]
+        [::std::mem::offset_of!(moek_ep_group, workspace_bytes) - 64usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moek_ep_dispatch_args {
+    pub group: moek_ep_group,
+    pub num_tokens: i64,
+    pub x: *const ::std::os::raw::c_void,
+    pub topk_ids: *const i32,
+    pub received_expert_offsets: *mut i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of moek_ep_dispatch_args"][::std::mem::size_of::<moek_ep_dispatch_args>() - 104usize];
+    ["Alignment of moek_ep_dispatch_args"][::std::mem::align_of::<moek_ep_dispatch_args>() - 8usize];
+    ["Offset of field: moek_ep_dispatch_args::group"][::std::mem::offset_of!(moek_ep_dispatch_args, group) - 0usize];
+    ["Offset of field: moek_ep_dispatch_args::num_tokens"]
+        [::std::mem::offset_of!(moek_ep_dispatch_args, num_tokens) - 72usize];
+    ["Offset of field: moek_ep_dispatch_args::x"][::std::mem::offset_of!(moek_ep_dispatch_args, x) - 80usize];
+    ["Offset of field: moek_ep_dispatch_args::topk_ids"]
+        [::std::mem::offset_of!(moek_ep_dispatch_args, topk_ids) - 88usize];
+    ["Offset of field: moek_ep_dispatch_args::received_expert_offsets"]
+        [::std::mem::offset_of!(moek_ep_dispatch_args, received_expert_offsets) - 96usize];
+};
+unsafe extern "C" {
+    pub fn moek_ep_dispatch(args: *const moek_ep_dispatch_args, stream: cudaStream_t) -> moek_status;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moek_ep_combine_args {
+    pub group: moek_ep_group,
+    pub num_tokens: i64,
+    pub expert_out: *const ::std::os::raw::c_void,
+    pub topk_weights: *const f32,
+    pub residual: *const ::std::os::raw::c_void,
+    pub out: *mut ::std::os::raw::c_void,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of moek_ep_combine_args"][::std::mem::size_of::<moek_ep_combine_args>() - 112usize];
+    ["Alignment of moek_ep_combine_args"][::std::mem::align_of::<moek_ep_combine_args>() - 8usize];
+    ["Offset of field: moek_ep_combine_args::group"][::std::mem::offset_of!(moek_ep_combine_args, group) - 0usize];
+    ["Offset of field: moek_ep_combine_args::num_tokens"]
+        [::std::mem::offset_of!(moek_ep_combine_args, num_tokens) - 72usize];
+    ["Offset of field: moek_ep_combine_args::expert_out"]
+        [::std::mem::offset_of!(moek_ep_combine_args, expert_out) - 80usize];
+    ["Offset of field: moek_ep_combine_args::topk_weights"]
+        [::std::mem::offset_of!(moek_ep_combine_args, topk_weights) - 88usize];
+    ["Offset of field: moek_ep_combine_args::residual"]
+        [::std::mem::offset_of!(moek_ep_combine_args, residual) - 96usize];
+    ["Offset of field: moek_ep_combine_args::out"][::std::mem::offset_of!(moek_ep_combine_args, out) - 104usize];
+};
+unsafe extern "C" {
+    pub fn moek_ep_combine(args: *const moek_ep_combine_args, stream: cudaStream_t) -> moek_status;
 }

@@ -1,5 +1,6 @@
 //! Plain CPU implementations of every operation: the oracle of the tests, and a fallback users can call.
 
+pub mod ep;
 pub mod grouped_gemm;
 pub mod layer;
 pub mod permute;

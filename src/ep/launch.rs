@@ -1,0 +1,195 @@
+//! How a validated dispatch or combine becomes launches: the workspace carve, the kernels' argument
+//! block (mirrored in cuda/ep.cu) and the order of the steps.
+
+use super::{align_up, EpLayout, MAX_RANKS};
+use crate::cuda::{self, EpStep};
+use crate::error::Result;
+use crate::{permute, sys};
+use std::ffi::c_void;
+
+/// The kernels' argument block; the same fields in the same order as `EpLaunch` in cuda/ep.cu.
+#[repr(C)]
+pub(crate) struct EpLaunch {
+    peers: [*mut u8; MAX_RANKS],
+    num_ranks: i32,
+    rank: i32,
+    num_experts: i32,
+    k: i32,
+    row_bytes: i64,
+    counts_offset: i64,
+    received_offset: i64,
+    returned_offset: i64,
+    expert_counts: *const i32,
+    expert_offsets: *const i32,
+    row_source: *const i32,
+    state: *mut u32,
+    send_base: *mut i32,
+    segment_start: *mut i32,
+    segment_source_row: *mut i32,
+    received_offsets: *mut i32,
+}
+
+/// Byte offsets of the pieces of a rank's workspace (each 256-byte aligned).
+pub(crate) struct Carve {
+    /// u32 [4]: the call's sequence number and two block counters; must start zeroed.
+    state: usize,
+    expert_counts: usize,
+    expert_offsets: usize,
+    row_source: usize,
+    pair_row: usize,
+    error_count: usize,
+    send_base: usize,
+    segment_start: usize,
+    segment_source_row: usize,
+    plan_workspace: usize,
+    plan_workspace_bytes: usize,
+    /// Bytes of the whole workspace.
+    pub(crate) total: usize,
+}
+
+impl Carve {
+    /// The carve for a configuration already checked by [`super::layout`] (up to the workspace).
+    pub(crate) fn new(c: &sys::moek_ep_config) -> Result<Carve> {
+        let e = c.num_experts as usize;
+        let pairs = c.max_tokens as usize * c.k as usize;
+        let plan_workspace_bytes = permute::plan_workspace_bytes(&plan_args(c, c.max_tokens))?;
+        let mut at = 0;
+        let mut take = |bytes: usize| {
+            let start = at;
+            at += align_up(bytes.max(1));
+            start
+        };
+        let state = take(16);
+        let expert_counts = take(e * 4);
+        let expert_offsets = take((e + 1) * 4);
+        let row_source = take(pairs * 4);
+        let pair_row = take(pairs * 4);
+        let error_count = take(4);
+        let send_base = take(e * 4);
+        let segment_start = take((e + 1) * 4);
+        let segment_source_row = take(e * 4);
+        let plan_workspace = take(plan_workspace_bytes);
+        Ok(Carve {
+            state,
+            expert_counts,
+            expert_offsets,
+            row_source,
+            pair_row,
+            error_count,
+            send_base,
+            segment_start,
+            segment_source_row,
+            plan_workspace,
+            plan_workspace_bytes,
+            total: at,
+        })
+    }
+}
+
+/// The plan of this rank's pairs over all E experts, one row per kept pair (no padding), so that a
+/// pair's row is also where its expert output returns to.
+fn plan_args(c: &sys::moek_ep_config, num_tokens: i64) -> sys::moek_plan_args {
+    let mut a = permute::PlanConfig::new(c.num_experts as u32, c.k as u32).to_args(num_tokens as usize);
+    a.num_tokens = num_tokens;
+    a
+}
+
+fn launch_block(a: &sys::moek_ep_group, lay: &EpLayout, peers: &[usize], carve: &Carve) -> EpLaunch {
+    let c = &a.config;
+    let ws = a.workspace as *mut u8;
+    // SAFETY (of the adds below): every offset lies inside the workspace, checked to be at least the
+    // carve's total.
+    let at = |off: usize| unsafe { ws.add(off) };
+    let mut table = [std::ptr::null_mut(); MAX_RANKS];
+    for (slot, &p) in table.iter_mut().zip(peers) {
+        *slot = p as *mut u8;
+    }
+    let elem = crate::dtype::size_of(c.dtype).expect("checked by layout");
+    EpLaunch {
+        peers: table,
+        num_ranks: c.num_ranks,
+        rank: c.rank,
+        num_experts: c.num_experts,
+        k: c.k,
+        row_bytes: c.hidden * elem as i64,
+        counts_offset: lay.counts_offset as i64,
+        received_offset: lay.received_offset as i64,
+        returned_offset: lay.returned_offset as i64,
+        expert_counts: at(carve.expert_counts) as *const i32,
+        expert_offsets: at(carve.expert_offsets) as *const i32,
+        row_source: at(carve.row_source) as *const i32,
+        state: at(carve.state) as *mut u32,
+        send_base: at(carve.send_base) as *mut i32,
+        segment_start: at(carve.segment_start) as *mut i32,
+        segment_source_row: at(carve.segment_source_row) as *mut i32,
+        received_offsets: std::ptr::null_mut(),
+    }
+}
+
+/// Blocks of a copy step over at most `rows` rows: 8 warps a block, 4 blocks per SM at most, and at
+/// least one (the last block signals the peers even when nothing is sent).
+fn copy_blocks(rows: usize) -> i32 {
+    let sms = cuda::sm_count().unwrap_or(132) as usize;
+    rows.div_ceil(8).clamp(1, 4 * sms) as i32
+}
+
+/// Plan, counts exchange, row stores (arguments validated by [`super::dispatch_raw`]).
+pub(crate) fn dispatch(
+    a: &sys::moek_ep_dispatch_args,
+    lay: &EpLayout,
+    peers: &[usize],
+    stream: sys::cudaStream_t,
+) -> Result<()> {
+    let c = &a.group.config;
+    let carve = Carve::new(c)?;
+    let ws = a.group.workspace as *mut u8;
+    // SAFETY: offsets inside the workspace (its size was checked against the carve).
+    let at = |off: usize| unsafe { ws.add(off) };
+    let mut plan = plan_args(c, a.num_tokens);
+    plan.topk_ids = a.topk_ids;
+    plan.expert_counts = at(carve.expert_counts) as *mut i32;
+    plan.expert_offsets = at(carve.expert_offsets) as *mut i32;
+    plan.row_source = at(carve.row_source) as *mut i32;
+    plan.pair_row = at(carve.pair_row) as *mut i32;
+    plan.error_count = at(carve.error_count) as *mut i32;
+    plan.workspace = at(carve.plan_workspace) as *mut c_void;
+    plan.workspace_bytes = carve.plan_workspace_bytes;
+    permute::plan_raw(&plan, stream)?;
+    let mut block = launch_block(&a.group, lay, peers, &carve);
+    block.received_offsets = a.received_expert_offsets;
+    cuda::status(cuda::ep_step(&block, EpStep::Counts, stream))?;
+    let rows = a.num_tokens as usize * c.k as usize;
+    let send = EpStep::Send { x: a.x, topk_ids: a.topk_ids, blocks: copy_blocks(rows) };
+    cuda::status(cuda::ep_step(&block, send, stream))
+}
+
+/// Return stores, then the fixed-order weighted sum (arguments validated by [`super::combine_raw`]).
+pub(crate) fn combine(
+    a: &sys::moek_ep_combine_args,
+    lay: &EpLayout,
+    peers: &[usize],
+    stream: sys::cudaStream_t,
+) -> Result<()> {
+    let c = &a.group.config;
+    let carve = Carve::new(c)?;
+    let block = launch_block(&a.group, lay, peers, &carve);
+    let back = EpStep::Return { expert_out: a.expert_out, blocks: copy_blocks(lay.max_received_rows) };
+    cuda::status(cuda::ep_step(&block, back, stream))?;
+    let own = peers[c.rank as usize] as *const u8;
+    let pairs = a.num_tokens * i64::from(c.k);
+    let sum = sys::moek_combine_args {
+        dtype: c.dtype,
+        num_tokens: a.num_tokens,
+        k: c.k,
+        hidden: c.hidden,
+        max_rows: pairs,
+        // SAFETY: inside this rank's symmetric buffer (checked to be at least the layout's size).
+        y: unsafe { own.add(lay.returned_offset) } as *const c_void,
+        // SAFETY: inside the workspace.
+        pair_row: unsafe { (a.group.workspace as *const u8).add(carve.pair_row) } as *const i32,
+        weights: a.topk_weights,
+        residual: a.residual,
+        out: a.out,
+    };
+    permute::combine_raw(&sum, stream)
+}
