@@ -224,7 +224,31 @@ __global__ void __launch_bounds__(kCopyThreads) ep_return_kernel(const EpLaunch 
 
 using moek::EpLaunch;
 
-extern "C" int moek_cuda_ep_counts(const EpLaunch* a, cudaStream_t stream) {
+extern "C" int moek_cuda_combine_preload(moek_dtype dtype);
+
+// Loads, on the current device, every kernel that is launched while an earlier one of the same call may
+// be spinning on a flag: the send and return kernels and combine's. With lazy module loading (CUDA's
+// default) a kernel's first launch waits for the device's running kernels; when one process drives all
+// ranks, that wait would hold the host thread before it enqueues the other ranks' work, and the
+// spinning kernel waits for exactly that work: a deadlock. Done once per device and dtype.
+extern "C" int moek_cuda_ep_preload(moek_dtype dtype) {
+  static std::atomic<uint32_t> loaded[64];  // per device: a bit per dtype
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  const uint32_t bit = 1u << (static_cast<int>(dtype) & 7);
+  if (device >= 0 && device < 64 && (loaded[device].load() & bit) != 0) return cudaSuccess;
+  cudaFuncAttributes attr;
+  if ((e = cudaFuncGetAttributes(&attr, moek::ep_send_kernel)) != cudaSuccess) return e;
+  if ((e = cudaFuncGetAttributes(&attr, moek::ep_return_kernel)) != cudaSuccess) return e;
+  if ((e = static_cast<cudaError_t>(moek_cuda_combine_preload(dtype))) != cudaSuccess) return e;
+  if (device >= 0 && device < 64) loaded[device].fetch_or(bit);
+  return cudaSuccess;
+}
+
+extern "C" int moek_cuda_ep_counts(const EpLaunch* a, moek_dtype dtype, cudaStream_t stream) {
+  const int loaded = moek_cuda_ep_preload(dtype);
+  if (loaded != cudaSuccess) return loaded;
   // E <= MOEK_PLAN_MAX_EXPERTS (8192): at most 32.9 KB, under the default 48 KB limit.
   const size_t smem = (static_cast<size_t>(a->num_experts) + 33) * sizeof(int32_t);
   moek::ep_counts_kernel<<<1, 1024, smem, stream>>>(*a);

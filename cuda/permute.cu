@@ -226,6 +226,20 @@ extern "C" int moek_cuda_combine(const moek_combine_args* a, int64_t slices, int
                                                     moek::RowSplit{slices, width}, stream);
 }
 
+// Loads the combine kernel of `dtype` on the current device now (see moek_cuda_ep_preload in cuda/ep.cu:
+// with lazy module loading, a first launch waits for the device's running kernels).
+extern "C" int moek_cuda_combine_preload(moek_dtype dtype) {
+  cudaFuncAttributes attr;
+  switch (dtype) {
+    case MOEK_DTYPE_F32:
+      return cudaFuncGetAttributes(&attr, moek::combine_kernel<float>);
+    case MOEK_DTYPE_BF16:
+      return cudaFuncGetAttributes(&attr, moek::combine_kernel<__nv_bfloat16>);
+    default:
+      return cudaFuncGetAttributes(&attr, moek::combine_kernel<__half>);
+  }
+}
+
 // Streaming multiprocessors of the current device (0 when it cannot be asked): src/permute.rs sizes
 // the row split with it.
 extern "C" int moek_cuda_sm_count() { return moek::current_device_attribute<cudaDevAttrMultiProcessorCount>(); }

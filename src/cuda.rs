@@ -52,7 +52,11 @@ mod launchers {
             rows_per_block: i32,
             stream: sys::cudaStream_t,
         ) -> i32;
-        pub fn moek_cuda_ep_counts(a: *const crate::ep::launch::EpLaunch, stream: sys::cudaStream_t) -> i32;
+        pub fn moek_cuda_ep_counts(
+            a: *const crate::ep::launch::EpLaunch,
+            dtype: sys::moek_dtype,
+            stream: sys::cudaStream_t,
+        ) -> i32;
         pub fn moek_cuda_ep_send(
             a: *const crate::ep::launch::EpLaunch,
             x: *const std::ffi::c_void,
@@ -224,8 +228,9 @@ pub(crate) fn subbit_matvec(
 
 /// The three steps of expert-parallel dispatch and combine (cuda/ep.cu), arguments already validated.
 pub(crate) enum EpStep {
-    /// Exchange per-expert counts and derive where rows land (one block).
-    Counts,
+    /// Exchange per-expert counts and derive where rows land (one block); first makes sure the later
+    /// steps' kernels for rows of `dtype` are loaded (see cuda/ep.cu, moek_cuda_ep_preload).
+    Counts { dtype: sys::moek_dtype },
     /// Store this rank's rows into the owners' buffers, signal, wait for everyone's.
     Send { x: *const std::ffi::c_void, topk_ids: *const i32, blocks: i32 },
     /// Store the expert outputs back into their sources' buffers, signal, wait.
@@ -240,7 +245,7 @@ pub(crate) fn ep_step(a: &crate::ep::launch::EpLaunch, step: EpStep, stream: sys
         // are at least the layout's sizes, and the plan the steps read was enqueued before them.
         unsafe {
             match step {
-                EpStep::Counts => launchers::moek_cuda_ep_counts(a, stream),
+                EpStep::Counts { dtype } => launchers::moek_cuda_ep_counts(a, dtype, stream),
                 EpStep::Send { x, topk_ids, blocks } => launchers::moek_cuda_ep_send(a, x, topk_ids, blocks, stream),
                 EpStep::Return { expert_out, blocks } => launchers::moek_cuda_ep_return(a, expert_out, blocks, stream),
             }

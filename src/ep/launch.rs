@@ -157,7 +157,7 @@ pub(crate) fn dispatch(
     permute::plan_raw(&plan, stream)?;
     let mut block = launch_block(&a.group, lay, peers, &carve);
     block.received_offsets = a.received_expert_offsets;
-    cuda::status(cuda::ep_step(&block, EpStep::Counts, stream))?;
+    cuda::status(cuda::ep_step(&block, EpStep::Counts { dtype: c.dtype }, stream))?;
     let rows = a.num_tokens as usize * c.k as usize;
     let send = EpStep::Send { x: a.x, topk_ids: a.topk_ids, blocks: copy_blocks(rows) };
     cuda::status(cuda::ep_step(&block, send, stream))

@@ -121,9 +121,10 @@ impl PeerGroup {
             let workspace = s.alloc_zeros::<u8>(layout.workspace_bytes)?;
             buffers.push((symmetric, workspace));
         }
-        // Every zero fill completes before any rank can store into a peer.
+        // Every zero fill (cuMemsetD8 runs on the legacy stream) completes before any rank can store
+        // into a peer.
         for s in streams {
-            s.synchronize()?;
+            s.context().synchronize()?;
         }
         let peers: Vec<*mut c_void> = buffers.iter().map(|(b, _)| b.ptr as *mut c_void).collect();
         let ranks = buffers
