@@ -53,9 +53,24 @@ __device__ __forceinline__ void add_release(uint32_t* p, uint32_t v) {
   asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// A wait this long means a broken dependency (a bug, or counters not zeroed): trap, so that the launch
+// fails with an error instead of hanging the GPU. Real waits last microseconds to milliseconds.
+constexpr uint64_t kWaitLimitNs = 10'000'000'000ull;
+
 // Spins until *p >= target (the counters only grow).
 __device__ __forceinline__ void wait_at_least(const uint32_t* p, uint32_t target) {
-  while (load_acquire(p) < target) __nanosleep(64);
+  if (load_acquire(p) >= target) return;
+  const uint64_t start = global_ns();
+  while (load_acquire(p) < target) {
+    __nanosleep(64);
+    if (global_ns() - start > kWaitLimitNs) __trap();
+  }
 }
 
 // Publishes a finished item: every thread's stores, then one release increment. The barrier orders the
