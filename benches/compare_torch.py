@@ -167,7 +167,7 @@ LAYER_PRESETS = [
     ("qwen3_30b_a3b", 128, 2048, 768, 8, "softmax_renorm"),
     ("deepseek_v3_slice32", 32, 7168, 2048, 8, "deepseek"),
 ]
-LAYER_TOKENS = [64, 4096, 16384]
+LAYER_TOKENS = [1, 16, 64, 256, 4096, 16384]
 
 
 def torch_layer(x, logits, bias, w_gate_up, w_down, k, routing):
@@ -217,7 +217,8 @@ def layer_table(ours, results):
           "TFLOP/s | weight floor us | fraction of floor |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in ours.items():
-        tc = results["cases"].get(name, {})
+        # The fused and automatic cases compare with the same torch layer as the composed one.
+        tc = results["cases"].get(name.removesuffix("_fused").removesuffix("_auto"), {})
         us = r["graph_us"]
         floor = r["bytes"] / (ceiling * 1e3)
         print(
@@ -358,7 +359,14 @@ def main():
         for name, fn in subbit_cases().items():
             results["cases"][name] = {"eager_us": time_us(fn), "graph_us": graph_us(fn)}
     elif args.suite == "layer":
+        # Only the torch cases our run measured (MOEK_BENCH_TOKENS may have narrowed it).
+        wanted = None
+        if args.ours:
+            strip = lambda n: n.removesuffix("_fused").removesuffix("_auto")
+            wanted = {strip(r["case"]) for r in json.load(open(args.ours))}
         for name, fn in layer_cases().items():
+            if wanted is not None and name not in wanted:
+                continue
             try:
                 results["cases"][name] = {"eager_us": time_us(fn), "graph_us": graph_us(fn)}
             except RuntimeError as e:  # an older torch without _grouped_mm

@@ -3,9 +3,13 @@
 //! bf16. Timed with CUDA events (criterion's `iter_custom`) and as a CUDA graph of one layer call, plus
 //! a JSON of medians (MOEK_BENCH_JSON, default target/bench-layer.json) with the bytes of the weights
 //! the tokens touch and the FLOP, for `compare_torch.py --suite layer` (same case names).
+//!
+//! Both implementations run: `layer_{preset}_T{t}` is the composed one, `..._fused` the fused kernel
+//! (`..._auto` the automatic choice). `MOEK_BENCH_LAYER_IMPLS=composed,fused,auto` picks which (default
+//! composed,fused), `MOEK_BENCH_TOKENS=1,16,64` the token counts (default 1, 16, 64, 256, 4096, 16384).
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use moe_kernels::layer::{moe_layer, LayerBuffers, LayerConfig, LayerInputs, Routing};
+use moe_kernels::layer::{moe_layer, LayerBuffers, LayerConfig, LayerImpl, LayerInputs, Routing};
 use moe_kernels::reference::route::route as reference_route;
 use moe_kernels::timing;
 use rand::{Rng, SeedableRng};
@@ -14,7 +18,24 @@ use std::time::Duration;
 mod common;
 use common::random_buffer;
 
-const TOKENS: [usize; 3] = [64, 4096, 16384];
+const TOKENS: [usize; 6] = [1, 16, 64, 256, 4096, 16384];
+
+/// A comma-separated environment list, each entry parsed by `parse` (unset: `default`).
+fn env_list<T>(name: &str, default: Vec<T>, parse: impl Fn(&str) -> Option<T>) -> Vec<T> {
+    match std::env::var(name) {
+        Ok(v) => v.split(',').map(|s| parse(s).unwrap_or_else(|| panic!("{name}: cannot parse {s:?}"))).collect(),
+        Err(_) => default,
+    }
+}
+
+/// A case name's suffix per implementation (the composed one keeps the names of earlier results).
+fn suffix(implementation: LayerImpl) -> &'static str {
+    match implementation {
+        LayerImpl::Composed => "",
+        LayerImpl::Fused => "_fused",
+        LayerImpl::Auto => "_auto",
+    }
+}
 
 /// The presets of examples/moe_layer.rs that compare_torch.py also builds (SwiGLU experts).
 fn presets() -> Vec<(&'static str, LayerConfig, bool)> {
@@ -38,9 +59,11 @@ fn benches(crit: &mut Criterion) {
     let stream = ctx.new_stream().unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut rows = Vec::new();
+    let tokens = env_list("MOEK_BENCH_TOKENS", TOKENS.to_vec(), |s| s.trim().parse().ok());
+    let impls = env_list("MOEK_BENCH_LAYER_IMPLS", vec![LayerImpl::Composed, LayerImpl::Fused], LayerImpl::from_name);
     for (name, cfg, with_bias) in presets() {
         let (e, h, i) = (cfg.routing.num_experts as usize, cfg.hidden, cfg.intermediate);
-        let max_t = *TOKENS.iter().max().unwrap();
+        let max_t = tokens.iter().copied().max().unwrap_or(1);
         let w_gate_up = random_buffer(&stream, &mut rng, e * cfg.gate_up_rows() * h);
         let w_down = random_buffer(&stream, &mut rng, e * h * i);
         let x = random_buffer(&stream, &mut rng, max_t * h);
@@ -50,8 +73,9 @@ fn benches(crit: &mut Criterion) {
         let bias = stream.clone_htod(&bias_host).unwrap();
         let mut out = stream.alloc_zeros(max_t * h).unwrap();
         let mut buffers = LayerBuffers::new(&stream, &cfg, max_t).unwrap();
-        for t in TOKENS {
-            let case = format!("layer_{name}_T{t}");
+        for (t, implementation) in tokens.iter().flat_map(|&t| impls.iter().map(move |&i| (t, i))) {
+            let case = format!("layer_{name}_T{t}{}", suffix(implementation));
+            let cfg = LayerConfig { implementation, ..cfg };
             let inputs = LayerInputs {
                 x: x.slice(..t * h),
                 routing: Routing::Logits { logits: logits.slice(..t * e), bias: with_bias.then(|| bias.slice(..)) },

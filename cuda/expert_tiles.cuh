@@ -90,16 +90,11 @@ __device__ int32_t scan_m_tiles(const ExpertRows& r, int32_t* prefix) {
   return carry;
 }
 
-// Finds the expert and rows of m-tile `mt`; false (the same in every thread) when the experts have fewer
-// tiles. `prefix` is shared memory for E + 1 ints; called by all THREADS threads of the block, it ends
-// with a barrier, after which `prefix` may be reused.
-template <int BM, int THREADS>
-__device__ bool find_m_tile(const ExpertRows& r, int32_t mt, int32_t* prefix, MTile& tile) {
-  const int32_t total = scan_m_tiles<BM, THREADS>(r, prefix);
-  const int E = r.num_experts;
-  if (mt >= total) return false;
+// The expert and rows of m-tile `mt` (below prefix[E]) from a prefix scan_m_tiles wrote; reads
+// `prefix` only, so a persistent kernel scans once and locates many tiles.
+__device__ __forceinline__ MTile locate_m_tile(const ExpertRows& r, int bm, int32_t mt, const int32_t* prefix) {
   // The last expert whose first tile is at or before mt: it has a tile there (prefix[E] > mt).
-  int lo = 0, hi = E - 1;
+  int lo = 0, hi = r.num_experts - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
     if (prefix[mid] <= mt) {
@@ -112,9 +107,21 @@ __device__ bool find_m_tile(const ExpertRows& r, int32_t mt, int32_t* prefix, MT
   int32_t count;
   r.rows(lo, start, count);
   const int32_t local = mt - prefix[lo];
+  MTile tile;
   tile.expert = lo;
-  tile.row0 = start + static_cast<int64_t>(local) * BM;
-  tile.rows = min(BM, count - local * BM);
+  tile.row0 = start + static_cast<int64_t>(local) * bm;
+  tile.rows = min(bm, count - local * bm);
+  return tile;
+}
+
+// Finds the expert and rows of m-tile `mt`; false (the same in every thread) when the experts have fewer
+// tiles. `prefix` is shared memory for E + 1 ints; called by all THREADS threads of the block, it ends
+// with a barrier, after which `prefix` may be reused.
+template <int BM, int THREADS>
+__device__ bool find_m_tile(const ExpertRows& r, int32_t mt, int32_t* prefix, MTile& tile) {
+  const int32_t total = scan_m_tiles<BM, THREADS>(r, prefix);
+  if (mt >= total) return false;
+  tile = locate_m_tile(r, BM, mt, prefix);
   __syncthreads();  // everyone has read prefix
   return true;
 }

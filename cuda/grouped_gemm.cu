@@ -40,6 +40,9 @@ extern "C" int moek_cuda_grouped_gemm(const moek_grouped_gemm_args* a, int32_t s
   p.splits = splits;
   p.partial = splits > 1 ? static_cast<float*>(a->workspace) : nullptr;
   p.rows_total = masked ? a->capacity * a->num_experts : a->max_rows;
+  p.a_rows = nullptr;  // A is not gathered here (only the fused layer gathers)
+  p.gather_k = 1;
+  p.gather_tokens = 0;
   const moek_gemm_tile tile = a->tile;
   if (tile == MOEK_GEMM_TILE_HOPPER || tile == MOEK_GEMM_TILE_HOPPER_64) {
     p.splits = 1;

@@ -39,6 +39,12 @@ struct GemmParams {
   int32_t splits;          // K slices (gridDim.z); 1: no split, the epilogue stores `out`
   float* partial;          // splits > 1: [splits, rows_total, n] fp32 slice products (the workspace)
   int64_t rows_total;      // rows of A and the output (max_rows, or E * capacity)
+  // Gathered A (the fused layer's gate|up, cuda/fused_layer.cu): row r of the product reads row
+  // a_rows[r] / gather_k of `a` (a plan's row_source: pair -> token), or zeros where that is negative
+  // or not below gather_tokens. Read only by gemm_tile<..., GATHER = true>.
+  const int32_t* a_rows;
+  int32_t gather_k;
+  int64_t gather_tokens;
 };
 
 // A tile shape: BM x BN outputs per CTA, BK of K per pipeline stage, WARPS_M x WARPS_N warps.
@@ -88,23 +94,22 @@ __device__ __forceinline__ float activate(int epilogue, float x) {
   }
 }
 
-template <typename Tin, typename Tout, typename Cfg>
-__global__ void __launch_bounds__(Cfg::THREADS) grouped_gemm_kernel(const GemmParams p) {
+// One BM x BN output tile (n-tile `n_tile`, K slice `split` of p.splits) of m-tile `tile`, computed by
+// all Cfg::THREADS threads of the block in `smem` (Cfg::PIPE_BYTES). The grouped GEMM kernel below runs
+// one per CTA; the fused layer's persistent kernel runs many in turn (it separates them with a barrier:
+// the prologue here overwrites the ring the previous tile's last stage was read from). GATHER: A's rows
+// come through p.a_rows (see GemmParams).
+template <typename Tin, typename Tout, typename Cfg, bool GATHER = false>
+__device__ __forceinline__ void gemm_tile(const GemmParams& p, const MTile& tile, int n_tile, int split,
+                                          unsigned char* smem) {
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, CH = Cfg::CH, STAGES = Cfg::STAGES;
   constexpr int MI = Cfg::MI, NI = Cfg::NI;
-  extern __shared__ __align__(128) unsigned char smem[];
-
-  MTile tile;
-  if (!find_m_tile<BM, Cfg::THREADS>(p.experts, static_cast<int32_t>(blockIdx.x), reinterpret_cast<int32_t*>(smem),
-                                     tile)) {
-    return;
-  }
   const bool swiglu = p.epilogue == MOEK_EPILOGUE_SWIGLU;
   const int64_t K = p.k;
   const int k_tiles_all = static_cast<int>((K + BK - 1) / BK);
   // This CTA's k-tiles (all of them without a split).
-  const int kt_begin = static_cast<int>(static_cast<int64_t>(k_tiles_all) * blockIdx.z / p.splits);
-  const int k_tiles = static_cast<int>(static_cast<int64_t>(k_tiles_all) * (blockIdx.z + 1) / p.splits) - kt_begin;
+  const int kt_begin = static_cast<int>(static_cast<int64_t>(k_tiles_all) * split / p.splits);
+  const int k_tiles = static_cast<int>(static_cast<int64_t>(k_tiles_all) * (split + 1) / p.splits) - kt_begin;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32;
   const int warp_m = warp / Cfg::WARPS_N, warp_n = warp % Cfg::WARPS_N;
 
@@ -118,9 +123,16 @@ __global__ void __launch_bounds__(Cfg::THREADS) grouped_gemm_kernel(const GemmPa
 #pragma unroll
   for (int i = 0; i < Cfg::A_LOADS; ++i) {
     const int row = tid / CH + i * (Cfg::THREADS / CH);
-    const bool ok = row < tile.rows;
+    bool ok = row < tile.rows;
+    int64_t a_row = tile.row0 + (ok ? row : 0);
+    if (GATHER) {
+      const int32_t pair = ok ? __ldg(p.a_rows + a_row) : -1;
+      const int64_t token = pair / p.gather_k;
+      ok = pair >= 0 && token < p.gather_tokens;
+      a_row = ok ? token : 0;
+    }
     a_ok |= static_cast<uint32_t>(ok) << i;
-    a_src[i] = a_base + (tile.row0 + (ok ? row : 0)) * K + chunk * 8;
+    a_src[i] = a_base + a_row * K + chunk * 8;
   }
   const Tin* b_expert = b_base + static_cast<int64_t>(tile.expert) * p.n * K;
 #pragma unroll
@@ -129,11 +141,11 @@ __global__ void __launch_bounds__(Cfg::THREADS) grouped_gemm_kernel(const GemmPa
     int64_t b_row;
     bool ok;
     if (swiglu) {
-      const int64_t j = static_cast<int64_t>(blockIdx.y) * (BN / 2) + (r / 16) * 8 + (r & 7);
+      const int64_t j = static_cast<int64_t>(n_tile) * (BN / 2) + (r / 16) * 8 + (r & 7);
       ok = j < p.n_out;
       b_row = ((r >> 3) & 1) ? p.n_out + j : j;
     } else {
-      b_row = static_cast<int64_t>(blockIdx.y) * BN + r;
+      b_row = static_cast<int64_t>(n_tile) * BN + r;
       ok = b_row < p.n;
     }
     b_ok |= static_cast<uint32_t>(ok) << i;
@@ -217,12 +229,12 @@ __global__ void __launch_bounds__(Cfg::THREADS) grouped_gemm_kernel(const GemmPa
       const int64_t row = tile.row0 + r;
       if (p.splits > 1) {
         // This slice's raw products, in B's row numbering (SwiGLU: gate columns j, up columns n_out + j).
-        float* part = p.partial + (static_cast<int64_t>(blockIdx.z) * p.rows_total + row) * p.n;
+        float* part = p.partial + (static_cast<int64_t>(split) * p.rows_total + row) * p.n;
         if (swiglu) {
 #pragma unroll
           for (int ni = 0; ni < NI; ni += 2) {
             const int block = warp_n * (Cfg::WTN / 8) + ni;
-            const int64_t j = static_cast<int64_t>(blockIdx.y) * (BN / 2) + (block / 2) * 8 + q * 2;
+            const int64_t j = static_cast<int64_t>(n_tile) * (BN / 2) + (block / 2) * 8 + q * 2;
             if (j >= p.n_out) continue;
             store_pair(part + j, acc[mi][ni][h * 2], acc[mi][ni][h * 2 + 1]);
             store_pair(part + p.n_out + j, acc[mi][ni + 1][h * 2], acc[mi][ni + 1][h * 2 + 1]);
@@ -230,7 +242,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) grouped_gemm_kernel(const GemmPa
         } else {
 #pragma unroll
           for (int ni = 0; ni < NI; ++ni) {
-            const int64_t col = static_cast<int64_t>(blockIdx.y) * BN + warp_n * Cfg::WTN + ni * 8 + q * 2;
+            const int64_t col = static_cast<int64_t>(n_tile) * BN + warp_n * Cfg::WTN + ni * 8 + q * 2;
             if (col >= p.n) continue;
             store_pair(part + col, acc[mi][ni][h * 2], acc[mi][ni][h * 2 + 1]);
           }
@@ -243,7 +255,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) grouped_gemm_kernel(const GemmPa
 #pragma unroll
         for (int ni = 0; ni < NI; ni += 2) {
           const int block = warp_n * (Cfg::WTN / 8) + ni;  // even: a gate block, block + 1 its up block
-          const int64_t j = static_cast<int64_t>(blockIdx.y) * (BN / 2) + (block / 2) * 8 + q * 2;
+          const int64_t j = static_cast<int64_t>(n_tile) * (BN / 2) + (block / 2) * 8 + q * 2;
           if (j >= p.n_out) continue;
           const float x = silu(acc[mi][ni][h * 2]) * acc[mi][ni + 1][h * 2] * scale;
           const float y = silu(acc[mi][ni][h * 2 + 1]) * acc[mi][ni + 1][h * 2 + 1] * scale;
@@ -252,7 +264,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) grouped_gemm_kernel(const GemmPa
       } else {
 #pragma unroll
         for (int ni = 0; ni < NI; ++ni) {
-          const int64_t col = static_cast<int64_t>(blockIdx.y) * BN + warp_n * Cfg::WTN + ni * 8 + q * 2;
+          const int64_t col = static_cast<int64_t>(n_tile) * BN + warp_n * Cfg::WTN + ni * 8 + q * 2;
           if (col >= p.n_out) continue;
           const float x = activate(p.epilogue, acc[mi][ni][h * 2]) * scale;
           const float y = activate(p.epilogue, acc[mi][ni][h * 2 + 1]) * scale;
@@ -261,6 +273,17 @@ __global__ void __launch_bounds__(Cfg::THREADS) grouped_gemm_kernel(const GemmPa
       }
     }
   }
+}
+
+template <typename Tin, typename Tout, typename Cfg>
+__global__ void __launch_bounds__(Cfg::THREADS) grouped_gemm_kernel(const GemmParams p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  MTile tile;
+  if (!find_m_tile<Cfg::BM, Cfg::THREADS>(p.experts, static_cast<int32_t>(blockIdx.x),
+                                          reinterpret_cast<int32_t*>(smem), tile)) {
+    return;
+  }
+  gemm_tile<Tin, Tout, Cfg>(p, tile, static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.z), smem);
 }
 
 }  // namespace moek

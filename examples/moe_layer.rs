@@ -9,7 +9,7 @@
 use cudarc::driver::{sys::CUevent_flags, CudaSlice, CudaStream};
 use half::bf16;
 use moe_kernels::layer::{
-    moe_layer, moe_layer_staged, LayerBuffers, LayerConfig, LayerInputs, Routing, SharedExperts, STAGES,
+    moe_layer, moe_layer_staged, LayerBuffers, LayerConfig, LayerImpl, LayerInputs, Routing, SharedExperts, STAGES,
 };
 use moe_kernels::reference::grouped_gemm::{relative_frobenius_error, Epilogue};
 use moe_kernels::reference::layer as reference;
@@ -47,6 +47,7 @@ fn presets() -> Vec<Preset> {
                 intermediate: 3072,
                 activation: Epilogue::Relu,
                 shared_intermediate: 0,
+                implementation: LayerImpl::Auto,
             },
             with_bias: false,
         },

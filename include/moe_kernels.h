@@ -373,8 +373,25 @@ int moek_grouped_gemm_hopper_available(int32_t num_experts);
  * down columns. Up to nine launches and two small memsets on `stream`, no allocation, no host
  * synchronisation: capturable in a CUDA graph. Activations and weights are bf16 (fp32 accumulation); the
  * activation, the down projection's rows and the shared experts' output are stored in bf16 between the
- * stages. Not yet: a gate on the shared experts' output (Qwen2-MoE), the fused single kernel.
+ * stages. Not yet: a gate on the shared experts' output (Qwen2-MoE).
+ *
+ * Two implementations compute the same function (they differ only in fp32 summation order):
+ *   MOEK_LAYER_COMPOSED  the stages above, one launch (or two, with split-K) each.
+ *   MOEK_LAYER_FUSED     route and plan, then ONE persistent kernel that gathers the token rows from x
+ *                        through the plan (no permuted copy), runs gate|up with the activation, down,
+ *                        and the combine, tiles waiting on device-side counters (docs/fused-layer.md).
+ *                        Shared experts run as two grouped GEMMs before it (their output is its
+ *                        residual). Deterministic (fixed summation order, no float atomics); no
+ *                        faster non-deterministic mode yet.
+ *   MOEK_LAYER_AUTO      the library chooses (now: COMPOSED); the environment variable
+ *                        MOEK_LAYER_IMPL=auto|composed|fused, read once per process, replaces AUTO.
  * ---------------------------------------------------------------------------------------------- */
+
+typedef enum moek_layer_impl {
+  MOEK_LAYER_AUTO = 0,
+  MOEK_LAYER_COMPOSED = 1,
+  MOEK_LAYER_FUSED = 2
+} moek_layer_impl;
 
 typedef struct moek_layer_args {
   moek_route_args routing;   /* mode, score_function, logits_dtype, num_experts, k, num_groups,
@@ -402,14 +419,17 @@ typedef struct moek_layer_args {
   void *out;                 /* device [T, H] bf16, 16-byte aligned, written */
   void *workspace;           /* device, workspace_bytes long, 256-byte aligned */
   size_t workspace_bytes;
+  moek_layer_impl implementation; /* MOEK_LAYER_AUTO (0) unless forcing one (see above) */
 } moek_layer_args;
 
 /* Bytes of device workspace moek_layer needs (routing results, the plan, the permuted, intermediate
- * and expert-output rows). Grows with num_tokens: a workspace sized for T serves every call of at most
- * T tokens. Reads only the shape fields. */
+ * and expert-output rows, the fused kernel's counters): enough for either implementation. Grows with
+ * num_tokens: a workspace sized for T serves every call of at most T tokens. Reads only the shape
+ * fields. */
 moek_status moek_layer_workspace_size(const moek_layer_args *args, size_t *bytes);
 
-/* Enqueues the layer. Reads x, the routing input and the weights; writes out and the workspace. */
+/* Enqueues the layer. Reads x, the routing input and the weights; writes out and the workspace.
+ * An implementation value outside the enum is MOEK_ERROR_INVALID_ENUM. */
 moek_status moek_layer(const moek_layer_args *args, cudaStream_t stream);
 
 /* ------------------------------------------------------------------------------------------------

@@ -70,6 +70,22 @@ mod launchers {
             blocks: i32,
             stream: sys::cudaStream_t,
         ) -> i32;
+        pub fn moek_cuda_fused_layer(
+            args: *const sys::moek_layer_args,
+            topk_ids: *const i32,
+            weights: *const f32,
+            expert_offsets: *const i32,
+            row_source: *const i32,
+            pair_row: *const i32,
+            max_rows: i64,
+            h: *mut std::ffi::c_void,
+            y: *mut std::ffi::c_void,
+            residual: *const std::ffi::c_void,
+            counters: *mut u32,
+            counter_words: i64,
+            tile: i32,
+            stream: sys::cudaStream_t,
+        ) -> i32;
     }
 }
 
@@ -254,6 +270,61 @@ pub(crate) fn ep_step(a: &crate::ep::launch::EpLaunch, step: EpStep, stream: sys
     #[cfg(not(moek_cuda))]
     {
         let _ = (a, step, stream);
+        NO_KERNELS
+    }
+}
+
+/// The device buffers of a fused layer launch besides those of its `moek_layer_args`: the routing and
+/// plan results, the scratch rows (`h` `[max_rows, I]`, `y` `[max_rows, H]`, bf16), the residual
+/// (`[T, H]` bf16 or NULL) and the counters (`counter_words` u32).
+pub(crate) struct FusedBuffers {
+    pub topk_ids: *const i32,
+    pub weights: *const f32,
+    pub expert_offsets: *const i32,
+    pub row_source: *const i32,
+    pub pair_row: *const i32,
+    pub max_rows: i64,
+    pub h: *mut std::ffi::c_void,
+    pub y: *mut std::ffi::c_void,
+    pub residual: *const std::ffi::c_void,
+    pub counters: *mut u32,
+    pub counter_words: i64,
+}
+
+/// Enqueues the fused layer kernel (and its counters' memset) with tile shape `tile` (a
+/// `moek_gemm_tile`: SMALL, MEDIUM or LARGE); arguments already validated.
+pub(crate) fn fused_layer(
+    args: &sys::moek_layer_args,
+    b: &FusedBuffers,
+    tile: sys::moek_gemm_tile,
+    stream: sys::cudaStream_t,
+) -> LaunchCode {
+    #[cfg(moek_cuda)]
+    {
+        // SAFETY: validated by layer::layer_raw; the buffers are the caller's (x, weights, out) or the
+        // layer's workspace, carved for this call's shape.
+        unsafe {
+            launchers::moek_cuda_fused_layer(
+                args,
+                b.topk_ids,
+                b.weights,
+                b.expert_offsets,
+                b.row_source,
+                b.pair_row,
+                b.max_rows,
+                b.h,
+                b.y,
+                b.residual,
+                b.counters,
+                b.counter_words,
+                tile as i32,
+                stream,
+            )
+        }
+    }
+    #[cfg(not(moek_cuda))]
+    {
+        let _ = (args, b, tile, stream);
         NO_KERNELS
     }
 }

@@ -6,8 +6,10 @@
 //! [`crate::reference::layer`] is the CPU oracle.
 //!
 //! The C entry point `moek_layer` (include/moe_kernels.h) and [`moe_layer`] share one validation and
-//! launch sequence: one workspace, carved into the stages' buffers. Not here yet: a gate on the shared
-//! experts' output (Qwen2-MoE), the fused single-kernel form.
+//! launch sequence: one workspace, carved into the stages' buffers. Two implementations
+//! ([`LayerImpl`], chosen per call through [`LayerConfig::implementation`]): the composed stages above,
+//! or the fused one: route and plan, then one persistent kernel for gate|up, down and the combine
+//! (docs/fused-layer.md). Not here yet: a gate on the shared experts' output (Qwen2-MoE).
 //!
 //! ```no_run
 //! use moe_kernels::layer::{moe_layer, LayerBuffers, LayerConfig, LayerInputs, Routing};
@@ -36,6 +38,7 @@
 
 use crate::check;
 use crate::error::{bail, Result};
+use crate::fused_layer;
 use crate::grouped_gemm::{self, GemmConfig, Layout};
 use crate::permute::{self, PlanConfig};
 use crate::reference::grouped_gemm::Epilogue;
@@ -44,6 +47,52 @@ use crate::sys;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 use half::bf16;
 use std::sync::Arc;
+
+/// Which implementation runs a layer call (the C header's `moek_layer_impl`). Both compute the same
+/// function and differ only in fp32 summation order; each is bit-identical from run to run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LayerImpl {
+    /// The library chooses (now: [`LayerImpl::Composed`]); `MOEK_LAYER_IMPL=auto|composed|fused`,
+    /// read once per process, replaces this choice.
+    #[default]
+    Auto,
+    /// Route, plan, permute, two grouped GEMMs, combine: a launch (or two) per stage.
+    Composed,
+    /// Route, plan (and the shared experts' two GEMMs), then one persistent kernel that gathers the
+    /// token rows through the plan and runs gate|up, down and the combine (docs/fused-layer.md).
+    Fused,
+}
+
+impl LayerImpl {
+    /// The C enum value.
+    pub fn to_raw(self) -> sys::moek_layer_impl {
+        match self {
+            LayerImpl::Auto => sys::moek_layer_impl_MOEK_LAYER_AUTO,
+            LayerImpl::Composed => sys::moek_layer_impl_MOEK_LAYER_COMPOSED,
+            LayerImpl::Fused => sys::moek_layer_impl_MOEK_LAYER_FUSED,
+        }
+    }
+
+    /// The implementation named `auto`, `composed` or `fused` (any case; `MOEK_LAYER_IMPL`'s values).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "auto" => Some(LayerImpl::Auto),
+            "composed" => Some(LayerImpl::Composed),
+            "fused" => Some(LayerImpl::Fused),
+            _ => None,
+        }
+    }
+
+    /// The implementation of a C enum value, refusing values outside the enum.
+    pub fn from_raw(raw: sys::moek_layer_impl) -> Result<Self> {
+        match raw {
+            sys::moek_layer_impl_MOEK_LAYER_AUTO => Ok(LayerImpl::Auto),
+            sys::moek_layer_impl_MOEK_LAYER_COMPOSED => Ok(LayerImpl::Composed),
+            sys::moek_layer_impl_MOEK_LAYER_FUSED => Ok(LayerImpl::Fused),
+            other => bail!(InvalidEnum, "implementation = {other} is not a moek_layer_impl (0, 1 or 2)"),
+        }
+    }
+}
 
 /// What defines a layer, apart from the number of tokens.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -61,6 +110,8 @@ pub struct LayerConfig {
     /// experts of width w are one of width S * w (their gate rows, up rows and down columns
     /// concatenated); they use the same activation.
     pub shared_intermediate: usize,
+    /// Which implementation runs the calls ([`LayerImpl::Auto`] unless forcing one).
+    pub implementation: LayerImpl,
 }
 
 impl LayerConfig {
@@ -86,7 +137,14 @@ impl LayerConfig {
     }
 
     fn swiglu(routing: RoutingConfig, hidden: usize, intermediate: usize) -> Self {
-        LayerConfig { routing, hidden, intermediate, activation: Epilogue::SwiGlu, shared_intermediate: 0 }
+        LayerConfig {
+            routing,
+            hidden,
+            intermediate,
+            activation: Epilogue::SwiGlu,
+            shared_intermediate: 0,
+            implementation: LayerImpl::Auto,
+        }
     }
 
     /// Rows of each expert's first weight matrix: 2I with SwiGLU, I otherwise.
@@ -146,6 +204,7 @@ impl LayerConfig {
             out: std::ptr::null_mut(),
             workspace: std::ptr::null_mut(),
             workspace_bytes: 0,
+            implementation: self.implementation.to_raw(),
         }
     }
 }
@@ -172,6 +231,9 @@ struct Carve {
     shared_offsets: usize,
     shared_mid: usize,
     shared_out: usize,
+    /// The fused kernel's counters ([`fused_layer::counter_words`] u32).
+    counters: usize,
+    counter_words: i64,
     /// Split-K room for the grouped GEMMs (the rest of the workspace, see [`split_k_room`]).
     gemm_workspace: usize,
     total: usize,
@@ -249,6 +311,7 @@ fn caller_routed(a: &sys::moek_layer_args) -> bool {
 /// Checks a layer call's shape fields and lays out its workspace.
 fn carve(a: &sys::moek_layer_args) -> Result<Carve> {
     let t = a.num_tokens;
+    LayerImpl::from_raw(a.implementation)?;
     if !(0..=i64::from(i32::MAX)).contains(&t) {
         bail!(InvalidNumTokens, "num_tokens = {t} is outside 0..=2^31-1");
     }
@@ -289,6 +352,7 @@ fn carve(a: &sys::moek_layer_args) -> Result<Carve> {
     let route_workspace_bytes = if caller_routed(a) { 0 } else { route::workspace_bytes(&routing)? };
     let plan_workspace_bytes = permute::plan_workspace_bytes(&plan)?;
     let gemm_room = split_k_room(a, t)?;
+    let counter_words = fused_layer::counter_words(max_rows, i64::from(a.routing.num_experts));
     let mut total = 0usize;
     let mut take = |bytes: usize| {
         let at = total;
@@ -316,6 +380,8 @@ fn carve(a: &sys::moek_layer_args) -> Result<Carve> {
         shared_offsets: take(if shared > 0 { 8 } else { 0 }),
         shared_mid: take(t as usize * shared as usize * 2),
         shared_out: take(if shared > 0 { t as usize * h * 2 } else { 0 }),
+        counters: take(counter_words as usize * 4),
+        counter_words,
         gemm_workspace: take(gemm_room),
         total: 0,
     })
@@ -330,7 +396,41 @@ pub(crate) fn layer_workspace_bytes(a: &sys::moek_layer_args) -> Result<usize> {
 
 /// The stages of a layer call, in order, as passed to [`moe_layer_staged`]'s callback.
 /// "route" enqueues nothing when the caller routed the tokens, "shared" nothing without shared experts.
+/// With [`LayerImpl::Fused`], "permute", "gate_up" and "down" enqueue nothing and "combine" is the
+/// fused kernel (gate|up, down and combine in one launch).
 pub const STAGES: [&str; 7] = ["route", "plan", "permute", "gate_up", "down", "shared", "combine"];
+
+/// Every grouped GEMM of a call may split K into the room after the fixed buffers (see split_k_room).
+fn with_room(a: &sys::moek_layer_args, c: &Carve, mut g: sys::moek_grouped_gemm_args) -> sys::moek_grouped_gemm_args {
+    g.workspace = (a.workspace as usize + c.gemm_workspace) as *mut std::ffi::c_void;
+    g.workspace_bytes = a.workspace_bytes - c.gemm_workspace;
+    g
+}
+
+/// Enqueues the shared experts of a validated call (nothing without them or tokens): one expert that
+/// owns every token, straight from x (no permutation). Returns their bf16 output, the combine's
+/// residual (NULL when there is none).
+fn enqueue_shared(a: &sys::moek_layer_args, c: &Carve, stream: sys::cudaStream_t) -> Result<*const std::ffi::c_void> {
+    if a.shared_intermediate == 0 || c.t == 0 {
+        return Ok(std::ptr::null());
+    }
+    let at = |offset: usize| (a.workspace as usize + offset) as *mut std::ffi::c_void;
+    let shared_offsets = at(c.shared_offsets) as *mut i32;
+    crate::cuda::status(crate::cuda::whole_range_offsets(shared_offsets, stream))?;
+    let (gate_up, down) = gemm_args(a, 1, a.shared_intermediate, c.t);
+    let (mut gate_up, mut down) = (with_room(a, c, gate_up), with_room(a, c, down));
+    gate_up.a = a.x;
+    gate_up.b = a.w_shared_gate_up;
+    gate_up.expert_offsets = shared_offsets;
+    gate_up.out = at(c.shared_mid);
+    grouped_gemm::grouped_gemm_raw(&gate_up, stream)?;
+    down.a = at(c.shared_mid);
+    down.b = a.w_shared_down;
+    down.expert_offsets = shared_offsets;
+    down.out = at(c.shared_out);
+    grouped_gemm::grouped_gemm_raw(&down, stream)?;
+    Ok(at(c.shared_out))
+}
 
 /// Validates a layer call in full, then enqueues its stages, calling `after_stage` once each is
 /// enqueued. Shared by the C entry point and [`moe_layer_staged`].
@@ -340,6 +440,10 @@ pub(crate) fn layer_raw(
     after_stage: &mut dyn FnMut(&'static str) -> Result<()>,
 ) -> Result<()> {
     let c = carve(a)?;
+    let fused = fused_layer::resolve(a)? == LayerImpl::Fused;
+    if fused {
+        fused_layer::check_shape(a, c.max_rows)?;
+    }
     let tokens = c.t > 0;
     let routed_by_caller = caller_routed(a);
     if !a.logits.is_null() && !a.topk_ids.is_null() {
@@ -409,6 +513,29 @@ pub(crate) fn layer_raw(
     permute::plan_raw(&plan, stream)?;
     after_stage("plan")?;
 
+    if fused {
+        for stage in ["permute", "gate_up", "down"] {
+            after_stage(stage)?;
+        }
+        let residual = enqueue_shared(a, &c, stream)?;
+        after_stage("shared")?;
+        let buffers = crate::cuda::FusedBuffers {
+            topk_ids: ids,
+            weights,
+            expert_offsets: offsets,
+            row_source,
+            pair_row,
+            max_rows: c.max_rows,
+            h: at(c.mid),
+            y: at(c.down),
+            residual,
+            counters: at(c.counters) as *mut u32,
+            counter_words: c.counter_words,
+        };
+        fused_layer::enqueue(a, &buffers, stream)?;
+        return after_stage("combine");
+    }
+
     let bf16_dtype = sys::moek_dtype_MOEK_DTYPE_BF16;
     let permute_args = sys::moek_permute_args {
         dtype: bf16_dtype,
@@ -428,12 +555,7 @@ pub(crate) fn layer_raw(
     permute::permute_raw(&permute_args, stream)?;
     after_stage("permute")?;
 
-    // Every grouped GEMM may split K into the room after the fixed buffers (see split_k_room).
-    let with_room = |mut g: sys::moek_grouped_gemm_args| {
-        g.workspace = at(c.gemm_workspace);
-        g.workspace_bytes = a.workspace_bytes - c.gemm_workspace;
-        g
-    };
+    let with_room = |g| with_room(a, &c, g);
     let (gate_up, down) = gemm_args(a, a.routing.num_experts, a.intermediate, c.max_rows);
     let (mut gate_up, mut down) = (with_room(gate_up), with_room(down));
     gate_up.a = at(c.rows);
@@ -449,26 +571,7 @@ pub(crate) fn layer_raw(
     grouped_gemm::grouped_gemm_raw(&down, stream)?;
     after_stage("down")?;
 
-    // The shared experts: one expert that owns every token, straight from x (no permutation); their
-    // bf16 output is the combine's residual.
-    let mut residual: *const std::ffi::c_void = std::ptr::null();
-    if shared && tokens {
-        let shared_offsets = at(c.shared_offsets) as *mut i32;
-        crate::cuda::status(crate::cuda::whole_range_offsets(shared_offsets, stream))?;
-        let (gate_up, down) = gemm_args(a, 1, a.shared_intermediate, c.t);
-        let (mut gate_up, mut down) = (with_room(gate_up), with_room(down));
-        gate_up.a = a.x;
-        gate_up.b = a.w_shared_gate_up;
-        gate_up.expert_offsets = shared_offsets;
-        gate_up.out = at(c.shared_mid);
-        grouped_gemm::grouped_gemm_raw(&gate_up, stream)?;
-        down.a = at(c.shared_mid);
-        down.b = a.w_shared_down;
-        down.expert_offsets = shared_offsets;
-        down.out = at(c.shared_out);
-        grouped_gemm::grouped_gemm_raw(&down, stream)?;
-        residual = at(c.shared_out);
-    }
+    let residual = enqueue_shared(a, &c, stream)?;
     after_stage("shared")?;
 
     let combine_args = sys::moek_combine_args {

@@ -18,7 +18,8 @@
 //!   sm_90a TMA + wgmma path for prefill; split-K and the sm_90a path not yet run on a GPU), with the
 //!   CPU reference in [`reference::grouped_gemm`].
 //! - [`layer`]: a whole MoE layer composed from the above (route, plan, permute, two grouped GEMMs,
-//!   combine), with the CPU reference in [`reference::layer`] (not yet run on a GPU).
+//!   combine), or fused (route, plan, then one persistent kernel: [`layer::LayerImpl`]), with the CPU
+//!   reference in [`reference::layer`].
 //! - [`subbit`]: the sub-1-bit ternary expert format (encoder, validator, CPU decoder) and its kernels:
 //!   lossless decode to dense bf16 and the fused decode + matvec for 1..=8 tokens (not yet run on a
 //!   GPU), with the CPU reference in [`reference::subbit`].
@@ -33,6 +34,7 @@ pub mod device;
 pub mod dtype;
 pub mod ep;
 pub mod error;
+mod fused_layer;
 pub mod grouped_gemm;
 pub mod layer;
 pub mod permute;

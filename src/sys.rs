@@ -325,6 +325,10 @@ unsafe extern "C" {
 unsafe extern "C" {
     pub fn moek_grouped_gemm_hopper_available(num_experts: i32) -> ::std::os::raw::c_int;
 }
+pub const moek_layer_impl_MOEK_LAYER_AUTO: moek_layer_impl = 0;
+pub const moek_layer_impl_MOEK_LAYER_COMPOSED: moek_layer_impl = 1;
+pub const moek_layer_impl_MOEK_LAYER_FUSED: moek_layer_impl = 2;
+pub type moek_layer_impl = ::std::os::raw::c_uint;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct moek_layer_args {
@@ -346,10 +350,11 @@ pub struct moek_layer_args {
     pub out: *mut ::std::os::raw::c_void,
     pub workspace: *mut ::std::os::raw::c_void,
     pub workspace_bytes: usize,
+    pub implementation: moek_layer_impl,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of moek_layer_args"][::std::mem::size_of::<moek_layer_args>() - 248usize];
+    ["Size of moek_layer_args"][::std::mem::size_of::<moek_layer_args>() - 256usize];
     ["Alignment of moek_layer_args"][::std::mem::align_of::<moek_layer_args>() - 8usize];
     ["Offset of field: moek_layer_args::routing"][::std::mem::offset_of!(moek_layer_args, routing) - 0usize];
     ["Offset of field: moek_layer_args::num_tokens"][::std::mem::offset_of!(moek_layer_args, num_tokens) - 112usize];
@@ -375,6 +380,8 @@ const _: () = {
     ["Offset of field: moek_layer_args::workspace"][::std::mem::offset_of!(moek_layer_args, workspace) - 232usize];
     ["Offset of field: moek_layer_args::workspace_bytes"]
         [::std::mem::offset_of!(moek_layer_args, workspace_bytes) - 240usize];
+    ["Offset of field: moek_layer_args::implementation"]
+        [::std::mem::offset_of!(moek_layer_args, implementation) - 248usize];
 };
 unsafe extern "C" {
     pub fn moek_layer_workspace_size(args: *const moek_layer_args, bytes: *mut usize) -> moek_status;

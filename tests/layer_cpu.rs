@@ -2,7 +2,7 @@
 //! with the layer's routing or the caller's top-k and with shared experts, and the layer's argument
 //! checks (Rust configuration and C interface).
 
-use moe_kernels::layer::LayerConfig;
+use moe_kernels::layer::{LayerConfig, LayerImpl};
 use moe_kernels::reference::grouped_gemm::{gelu, relative_frobenius_error, silu, Epilogue};
 use moe_kernels::reference::layer::{moe_layer, round_to_bf16, RoutingInput, SharedWeights};
 use moe_kernels::reference::route::route;
@@ -75,7 +75,14 @@ fn reference_layer_equals_the_direct_computation() {
     ];
     for (routing, activation, shared_intermediate) in configs {
         for (t, caller_routed) in [(0usize, false), (1, false), (40, false), (1, true), (40, true)] {
-            let cfg = LayerConfig { routing, hidden: 24, intermediate: 16, activation, shared_intermediate };
+            let cfg = LayerConfig {
+                routing,
+                hidden: 24,
+                intermediate: 16,
+                activation,
+                shared_intermediate,
+                implementation: LayerImpl::Auto,
+            };
             let (e, k) = (routing.num_experts as usize, routing.k as usize);
             let draw = |rng: &mut rand::rngs::StdRng, n: usize, s: f32| {
                 (0..n).map(|_| rng.random_range(-s..s)).collect::<Vec<f32>>()
@@ -118,6 +125,7 @@ fn layer_configuration_is_checked() {
         intermediate: 32,
         activation: Epilogue::SwiGlu,
         shared_intermediate: 0,
+        implementation: LayerImpl::Auto,
     };
     good.validate().unwrap();
     LayerConfig { shared_intermediate: 64, ..good }.validate().unwrap();
@@ -143,6 +151,7 @@ fn c_interface_checks_layer_arguments() {
         intermediate: 32,
         activation: Epilogue::SwiGlu,
         shared_intermediate: 0,
+        implementation: LayerImpl::Auto,
     };
     let mut a = cfg.to_args(16, sys::moek_dtype_MOEK_DTYPE_F32);
     let mut bytes = 0usize;
@@ -183,6 +192,18 @@ fn c_interface_checks_layer_arguments() {
     assert!(message().contains("hidden"), "{}", message());
     a.hidden = 64;
     assert_eq!(unsafe { capi::moek_layer(std::ptr::null(), stream) }, sys::moek_status_MOEK_ERROR_NULL_POINTER);
+    // The implementation: a value outside the enum is refused by the size query and the call alike.
+    a.implementation = 3;
+    assert_eq!(unsafe { capi::moek_layer_workspace_size(&a, &mut more) }, sys::moek_status_MOEK_ERROR_INVALID_ENUM);
+    assert!(message().contains("implementation"), "{}", message());
+    assert_eq!(unsafe { capi::moek_layer(&a, stream) }, sys::moek_status_MOEK_ERROR_INVALID_ENUM);
+    for implementation in [sys::moek_layer_impl_MOEK_LAYER_COMPOSED, sys::moek_layer_impl_MOEK_LAYER_FUSED] {
+        a.implementation = implementation;
+        let mut same = 0usize;
+        assert_eq!(unsafe { capi::moek_layer_workspace_size(&a, &mut same) }, sys::moek_status_MOEK_SUCCESS);
+        assert_eq!(same, bytes, "one workspace serves both implementations");
+    }
+    a.implementation = sys::moek_layer_impl_MOEK_LAYER_AUTO;
 
     // The routing input: exactly one of logits and topk_ids; bias only with logits, weights only with ids.
     a.topk_ids = 0x6000 as *const _;
@@ -221,4 +242,18 @@ fn c_interface_checks_layer_arguments() {
     a.workspace_bytes = bytes;
     assert_eq!(unsafe { capi::moek_layer(&a, stream) }, sys::moek_status_MOEK_ERROR_INVALID_VALUE);
     assert!(message().contains("shared"), "{}", message());
+}
+
+#[test]
+fn layer_implementations_round_trip_through_c_and_names() {
+    for (name, implementation) in
+        [("auto", LayerImpl::Auto), ("Composed", LayerImpl::Composed), (" fused ", LayerImpl::Fused)]
+    {
+        assert_eq!(LayerImpl::from_name(name), Some(implementation));
+        assert_eq!(LayerImpl::from_raw(implementation.to_raw()).unwrap(), implementation);
+    }
+    assert_eq!(LayerImpl::from_name("fastest"), None);
+    assert_eq!(LayerImpl::from_raw(7).unwrap_err().status, Status::InvalidEnum);
+    assert_eq!(LayerImpl::default(), LayerImpl::Auto);
+    assert_eq!(LayerConfig::mixtral_8x7b().implementation, LayerImpl::Auto);
 }

@@ -1,14 +1,15 @@
-//! The composed MoE layer on the GPU against the CPU reference: every routing mode, the caller's top-k
-//! ids (with dropped and out-of-range ids) instead of logits, shared experts (SwiGLU and GELU), T = 0, 1,
-//! 7 and 300, H = 2880 for one preset, run-to-run bit identity, and a CUDA graph replayed on new inputs in the
-//! same buffers. Skips (with a notice) where there is no GPU.
+//! The MoE layer on the GPU, both implementations (composed and fused), against the CPU reference:
+//! every routing mode, the caller's top-k ids (with dropped and out-of-range ids) instead of logits,
+//! shared experts (SwiGLU and GELU), T = 0, 1, 7 and 300, H = 2880 for one preset, E = 60, all tokens
+//! on one expert, most experts without tokens, run-to-run bit identity, and a CUDA graph replayed on
+//! new inputs in the same buffers. Skips (with a notice) where there is no GPU.
 
 mod common;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
-use moe_kernels::layer::{moe_layer, LayerBuffers, LayerConfig, LayerInputs, Routing, SharedExperts};
+use moe_kernels::layer::{moe_layer, LayerBuffers, LayerConfig, LayerImpl, LayerInputs, Routing, SharedExperts};
 use moe_kernels::reference::grouped_gemm::{relative_frobenius_error, Epilogue};
 use moe_kernels::reference::layer as reference;
 use moe_kernels::route::{RoutingConfig, RoutingMode};
@@ -22,6 +23,7 @@ fn configs() -> Vec<(LayerConfig, bool)> {
         intermediate,
         activation,
         shared_intermediate,
+        implementation: LayerImpl::Auto,
     };
     let deepseek_small = RoutingConfig {
         num_experts: 32,
@@ -166,6 +168,9 @@ impl Problem {
     }
 }
 
+/// Both implementations, forced (so MOEK_LAYER_IMPL cannot change what a test covers).
+const IMPLS: [LayerImpl; 2] = [LayerImpl::Composed, LayerImpl::Fused];
+
 fn download(stream: &Arc<CudaStream>, out: &CudaSlice<bf16>) -> Vec<f32> {
     stream.clone_dtoh(out).unwrap().iter().map(|v| v.to_f32()).collect()
 }
@@ -175,7 +180,9 @@ fn layer_matches_the_reference_and_repeats_bit_for_bit() {
     let Some((_ctx, stream)) = common::gpu() else { return };
     let mut rng = common::rng("layer_matches_the_reference_and_repeats_bit_for_bit");
     let mut failures = Vec::new();
-    for ((cfg, bias), input) in configs().into_iter().flat_map(|c| [(c, Input::Logits), (c, Input::TopK)]) {
+    let cases = configs().into_iter().flat_map(|c| [(c, Input::Logits), (c, Input::TopK)]);
+    for (((cfg, bias), input), implementation) in cases.flat_map(|c| IMPLS.map(|i| (c, i))) {
+        let cfg = LayerConfig { implementation, ..cfg };
         for t in [0usize, 1, 7, 300] {
             let p = Problem::new(&stream, &mut rng, &cfg, t);
             let mut buffers = LayerBuffers::new(&stream, &cfg, t).unwrap();
@@ -185,7 +192,7 @@ fn layer_matches_the_reference_and_repeats_bit_for_bit() {
             let first = download(&stream, &out);
             let want = p.expected(&cfg, t, bias, input);
             let label = format!(
-                "{:?} {input:?} H={} I={} I_s={} T={t}",
+                "{implementation:?} {:?} {input:?} H={} I={} I_s={} T={t}",
                 cfg.routing.mode, cfg.hidden, cfg.intermediate, cfg.shared_intermediate
             );
             if t == 0 {
@@ -209,12 +216,56 @@ fn layer_matches_the_reference_and_repeats_bit_for_bit() {
 }
 
 #[test]
+fn layer_handles_skewed_and_sparse_routing() {
+    let Some((_ctx, stream)) = common::gpu() else { return };
+    let mut rng = common::rng("layer_handles_skewed_and_sparse_routing");
+    let mut failures = Vec::new();
+    // Mixtral-like (E = 8, 37 rows an expert at T = 150: the 64-row tiles), E = 60 top-1 and top-6.
+    let shapes = [(configs()[0].0, 150usize), (configs()[4].0, 65), (configs()[3].0, 33), (configs()[1].0, 1)];
+    for ((cfg, t), implementation) in shapes.into_iter().flat_map(|c| IMPLS.map(|i| (c, i))) {
+        let cfg = LayerConfig { implementation, ..cfg };
+        let (e, k) = (cfg.routing.num_experts as usize, cfg.routing.k as usize);
+        let mut p = Problem::new(&stream, &mut rng, &cfg, t);
+        for (name, ids) in [
+            // Every pair on one expert (the last one): one expert owns all rows, the rest none.
+            ("one expert", vec![e as i32 - 1; t * k]),
+            // Only experts 0 and 5 (most experts empty), with some pairs dropped.
+            ("two experts", (0..t * k).map(|i| [0, 5, 0, -1][i % 4]).collect()),
+        ] {
+            p.ids = ids;
+            stream.memcpy_htod(&p.ids, &mut p.d_ids).unwrap();
+            let mut buffers = LayerBuffers::new(&stream, &cfg, t).unwrap();
+            let mut out = stream.clone_htod(&vec![bf16::from_f32(12345.0); t * cfg.hidden]).unwrap();
+            p.run(&stream, &cfg, t, false, Input::TopK, &mut buffers, &mut out);
+            let first = download(&stream, &out);
+            let err = relative_frobenius_error(&first, &p.expected(&cfg, t, false, Input::TopK));
+            let label = format!("{implementation:?} {:?} E={e} k={k} T={t} {name}", cfg.routing.mode);
+            if err.is_nan() || err >= 1e-2 {
+                failures.push(format!("{label}: relative error {err}"));
+            }
+            p.run(&stream, &cfg, t, false, Input::TopK, &mut buffers, &mut out);
+            if download(&stream, &out) != first {
+                failures.push(format!("{label}: two runs differ"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
 fn layer_replays_from_a_cuda_graph_on_new_inputs() {
+    for implementation in IMPLS {
+        replay_from_a_cuda_graph(implementation);
+    }
+}
+
+fn replay_from_a_cuda_graph(implementation: LayerImpl) {
     let Some((ctx, stream)) = common::gpu() else { return };
     // SAFETY: this test's buffers are used on this one stream only; nothing may record events in a capture.
     unsafe { ctx.disable_event_tracking() };
     let mut rng = common::rng("layer_replays_from_a_cuda_graph_on_new_inputs");
     let (cfg, bias) = configs()[2];
+    let cfg = LayerConfig { implementation, ..cfg };
     let t = 129;
     let mut p = Problem::new(&stream, &mut rng, &cfg, t);
     let mut buffers = LayerBuffers::new(&stream, &cfg, t).unwrap();
@@ -232,6 +283,6 @@ fn layer_replays_from_a_cuda_graph_on_new_inputs() {
         stream.memcpy_htod(&p.logits, &mut p.d_logits).unwrap();
         graph.launch().unwrap();
         let err = relative_frobenius_error(&download(&stream, &out), &p.expected(&cfg, t, bias, Input::Logits));
-        assert!(err < 1e-2, "replay {round}: relative error {err}");
+        assert!(err < 1e-2, "{implementation:?} replay {round}: relative error {err}");
     }
 }

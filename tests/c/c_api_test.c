@@ -106,6 +106,13 @@ static void cpu_side(void) {
   CHECK(strstr(moek_last_error_message(), "x") != NULL, "message names x: %s", moek_last_error_message());
   layer.activation = MOEK_EPILOGUE_IDENTITY;
   CHECK(moek_layer_workspace_size(&layer, &bytes) == MOEK_ERROR_INVALID_VALUE, "identity activation");
+  layer.activation = MOEK_EPILOGUE_SWIGLU;
+  layer.implementation = MOEK_LAYER_FUSED;
+  CHECK(moek_layer_workspace_size(&layer, &bytes) == MOEK_SUCCESS, "fused layer workspace");
+  layer.implementation = (moek_layer_impl)7;
+  CHECK(moek_layer_workspace_size(&layer, &bytes) == MOEK_ERROR_INVALID_ENUM, "unknown implementation");
+  CHECK(strstr(moek_last_error_message(), "implementation") != NULL, "message names implementation: %s",
+        moek_last_error_message());
 
   /* Sub-1-bit: a buffer is validated before anything else sees it. */
   moek_subbit_weights w;
