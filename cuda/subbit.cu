@@ -44,6 +44,10 @@ constexpr int kHalf = kRing / 2;
 static_assert(32 * kMaxPhrase <= kHalf, "a chunk must fit in one half of the ring");
 // Fused matvec: most threads (rows) per block.
 constexpr int kMatvecMaxThreads = 256;
+// Blocks per SM the automatic table size leaves room for, and the shared memory the system keeps per
+// block.
+constexpr int64_t kMatvecBlocksPerSm = 4;
+constexpr size_t kReservedSmem = 1024;
 // Largest shared-memory x window (tile_cols * NT bf16); wider tiles read x through L1.
 constexpr size_t kMaxSmemX = 64 * 1024;
 // A phrase of length 0: no codeword (past a tile's range).
@@ -382,11 +386,20 @@ __global__ void __launch_bounds__(256) reduce_kernel(MatvecParams p) {
 }
 
 template <int NT, bool kSmem>
-cudaError_t launch_matvec_as(MatvecParams p, int threads, cudaStream_t stream) {
+cudaError_t launch_matvec_as(MatvecParams p, int threads, bool table_given, cudaStream_t stream) {
   const size_t window = kSmem ? static_cast<size_t>(p.im.tile_cols) * NT * sizeof(__nv_bfloat16) : 0;
-  // Shrink the table until table + window fit what a block may have.
-  const size_t limit = static_cast<size_t>(current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>());
-  const size_t room = limit > window ? (limit - window) / sizeof(uint64_t) : 0;
+  const int sms = std::max(1, current_device_attribute<cudaDevAttrMultiProcessorCount>());
+  // What a block may have: the device's limit, and (table chosen here) the share that still lets the
+  // blocks the items need sit on an SM together, up to kMatvecBlocksPerSm (every thread is one
+  // dependent chain: more resident blocks hide more latency than a larger table saves).
+  size_t budget = static_cast<size_t>(current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>());
+  if (!table_given) {
+    const int64_t want = std::min<int64_t>(kMatvecBlocksPerSm, std::max<int64_t>(1, (p.items + sms - 1) / sms));
+    const size_t per_sm = static_cast<size_t>(current_device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>());
+    const size_t share = per_sm / static_cast<size_t>(want);
+    budget = std::min(budget, share > kReservedSmem ? share - kReservedSmem : 0);
+  }
+  const size_t room = budget > window ? (budget - window) / sizeof(uint64_t) : 0;
   p.table = static_cast<int32_t>(std::min<size_t>(p.table, room & ~size_t{1}));
   p.table_slots = (p.table + 1) & ~1;
   const size_t smem = static_cast<size_t>(p.table_slots) * sizeof(uint64_t) + window;
@@ -400,18 +413,18 @@ cudaError_t launch_matvec_as(MatvecParams p, int threads, cudaStream_t stream) {
   int per_sm = 0;
   cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
   if (err != cudaSuccess) return err;
-  const int sms = std::max(1, current_device_attribute<cudaDevAttrMultiProcessorCount>());
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(p.items, static_cast<int64_t>(std::max(1, per_sm)) * sms));
+  const int64_t resident = static_cast<int64_t>(std::max(1, per_sm)) * sms;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(p.items, resident));
   kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
 template <int NT>
-cudaError_t launch_matvec(const MatvecParams& p, int threads, cudaStream_t stream) {
+cudaError_t launch_matvec(const MatvecParams& p, int threads, bool table_given, cudaStream_t stream) {
   if (static_cast<size_t>(p.im.tile_cols) * NT * sizeof(__nv_bfloat16) <= kMaxSmemX) {
-    return launch_matvec_as<NT, true>(p, threads, stream);
+    return launch_matvec_as<NT, true>(p, threads, table_given, stream);
   }
-  return launch_matvec_as<NT, false>(p, threads, stream);
+  return launch_matvec_as<NT, false>(p, threads, table_given, stream);
 }
 
 }  // namespace
@@ -427,8 +440,9 @@ extern "C" int moek_cuda_subbit_decode(const moek_subbit_decode_args* a, cudaStr
 }
 
 // rows_per_block: the threads of a block, one row each, a multiple of 32 in 32..256 (0: 128).
-// table_entries: dictionary entries kept in shared memory, 0..65536 (negative: 4096); the launcher
-// lowers it to what fits beside the x window.
+// table_entries: dictionary entries kept in shared memory, 0..65536, lowered to what fits a block beside
+// the x window; negative: as many as let the blocks the work needs (up to kMatvecBlocksPerSm) share an
+// SM.
 extern "C" int moek_cuda_subbit_matvec(const moek_subbit_matvec_args* a, int32_t rows_per_block,
                                        int32_t table_entries, cudaStream_t stream) {
   if (a->num_tokens <= 0) return cudaSuccess;
@@ -446,18 +460,19 @@ extern "C" int moek_cuda_subbit_matvec(const moek_subbit_matvec_args* a, int32_t
   p.num_tokens = a->num_tokens;
   p.row_groups = (w.rows + threads - 1) / threads;
   p.items = static_cast<int64_t>(grouped ? w.matrices : 1) * p.row_groups * w.tiles_per_row;
-  p.table = std::min(table_entries < 0 ? 4096 : table_entries, w.dictionary_entries);
+  const bool table_given = table_entries >= 0;
+  p.table = std::min(table_given ? table_entries : 65536, w.dictionary_entries);
   p.table_slots = 0;
   const int64_t nt = std::min<int64_t>(a->num_tokens, MOEK_SUBBIT_MAX_TOKENS);
   cudaError_t err;
   if (nt <= 1) {
-    err = moek::launch_matvec<1>(p, threads, stream);
+    err = moek::launch_matvec<1>(p, threads, table_given, stream);
   } else if (nt <= 2) {
-    err = moek::launch_matvec<2>(p, threads, stream);
+    err = moek::launch_matvec<2>(p, threads, table_given, stream);
   } else if (nt <= 4) {
-    err = moek::launch_matvec<4>(p, threads, stream);
+    err = moek::launch_matvec<4>(p, threads, table_given, stream);
   } else {
-    err = moek::launch_matvec<8>(p, threads, stream);
+    err = moek::launch_matvec<8>(p, threads, table_given, stream);
   }
   if (err != cudaSuccess || w.tiles_per_row == 1) return err;
   const int64_t elements = a->num_tokens * w.rows;

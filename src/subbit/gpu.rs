@@ -10,8 +10,9 @@
 //!
 //! Tuning overrides, read once per process (for sweeps): `MOEK_SUBBIT_ROWS_PER_BLOCK` (a multiple of 32
 //! in 32..=256, default 128) sets the fused kernel's rows (threads) per block, and
-//! `MOEK_SUBBIT_TABLE_ENTRIES` (0..=65536, default 4096) how many of the hottest dictionary entries each
-//! block keeps in shared memory (lowered to what fits beside the x window).
+//! `MOEK_SUBBIT_TABLE_ENTRIES` (0..=65536) how many of the hottest dictionary entries each block keeps in
+//! shared memory (lowered to what fits a block beside the x window; by default as many as still let four
+//! blocks share an SM when the work has that many).
 
 use super::image::check_descriptor;
 use super::Compressed;
