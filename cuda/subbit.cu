@@ -8,8 +8,8 @@
 //
 // Fused matvec: every thread owns one (row, tile) stream of codewords and walks it alone, so a warp has
 // 32 independent dependency chains in flight and no scans or shuffles in its loop. One trip of the loop
-// consumes one nonzero (x from shared memory, one FMA per token with the row's level) and, when the
-// phrase has no nonzero left, steps to the next codeword, whose entry was already fetched on the trip
+// consumes up to two nonzeros (x from shared memory, one FMA per token with the row's level) and, when
+// the phrase has no nonzero left, steps to the next codeword, whose entry was already fetched on the trip
 // that started the current one (and whose codeword came in a 16-byte load of 8 fetched 8 codewords
 // earlier). Lanes take the same number of trips give or take the spread of their tiles' nonzero counts,
 // so lanes idle only at a stream's end.
@@ -23,10 +23,11 @@
 //   smem:  one 8-byte lookup per codeword that hits the table, x reads of 2 * NT bytes per nonzero
 //          (0.115 per weight);
 //   L1/L2: one 8-byte lookup per codeword that misses the table (1 - the table's share of the uses);
-//   issue: about 20 + 2 * NT thread instructions per nonzero plus ~25 per codeword, so about
-//          (3.6 + 0.23 * NT) per weight / 32 lanes as warp instructions.
+//   issue: per trip about 16 + 2 * NT warp instructions a nonzero slot and ~26 for the step to the
+//          next codeword (run by the warp on nearly every trip), ~1.6 trips a codeword.
 // The Mixtral pair of experts (1.2e8 weights) is then about 15 us of issue at T = 1 on 132 SMs x 4
-// schedulers, far above its 2.5 us of HBM time: instruction issue, not memory, is the bound.
+// schedulers (docs/subbit-gpu.md), far above its 2.5 us of HBM time: instruction issue, not memory, is
+// the bound.
 #include <algorithm>
 
 #include "common.cuh"
@@ -42,8 +43,9 @@ constexpr int kDecodeWarps = 4;
 constexpr int kRing = 2048;
 constexpr int kHalf = kRing / 2;
 static_assert(32 * kMaxPhrase <= kHalf, "a chunk must fit in one half of the ring");
-// Fused matvec: most threads (rows) per block.
+// Fused matvec: most threads (rows) per block; nonzeros a thread consumes per trip of its walk.
 constexpr int kMatvecMaxThreads = 256;
+constexpr int kConsumesPerTrip = 2;
 // Blocks per SM the automatic table size leaves room for, and the shared memory the system keeps per
 // block.
 constexpr int64_t kMatvecBlocksPerSm = 4;
@@ -279,12 +281,17 @@ __device__ __forceinline__ void walk(const Image& im, const uint64_t* table, uin
   uint64_t pending = range.lo + 1 < range.hi ? lookup(next_code(range.lo + 1)) : kNoPhrase;
   int at = 0;  // the current phrase's first column
   for (;;) {
-    if (p.nonzero != 0) {
-      const int j = __ffs(p.nonzero) - 1;
-      const uint32_t c = static_cast<uint32_t>(at + j);
-      const float w = (p.sign >> j) & 1 ? minus : plus;
-      if (c < static_cast<uint32_t>(width)) x.fma(c, w, acc);
-      p.nonzero &= p.nonzero - 1;
+    // kConsumesPerTrip nonzeros a trip: the step to the next codeword (run by the warp on nearly every
+    // trip, as some lane almost always needs it) is then paid per ~1.6 instead of ~2.7 trips a codeword.
+#pragma unroll
+    for (int u = 0; u < kConsumesPerTrip; ++u) {
+      if (p.nonzero != 0) {
+        const int j = __ffs(p.nonzero) - 1;
+        const uint32_t c = static_cast<uint32_t>(at + j);
+        const float w = (p.sign >> j) & 1 ? minus : plus;
+        if (c < static_cast<uint32_t>(width)) x.fma(c, w, acc);
+        p.nonzero &= p.nonzero - 1;
+      }
     }
     if (p.nonzero == 0) {
       at += p.length;
@@ -305,7 +312,16 @@ __global__ void __launch_bounds__(kMatvecMaxThreads) matvec_kernel(MatvecParams 
   uint64_t* table = reinterpret_cast<uint64_t*>(s_raw);
   __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(table + p.table_slots);
   const Image& im = p.im;
-  for (int i = threadIdx.x; i < p.table; i += blockDim.x) table[i] = __ldg(im.dict + i);
+  {
+    // 16-byte loads, 8 in flight a thread: the table is up to ~100 KB and every block waits for it.
+    // table_slots is even and the dictionary section is padded to 16 bytes, so the last pair stays
+    // inside the image.
+    const uint4* from = reinterpret_cast<const uint4*>(im.dict);
+    uint4* to = reinterpret_cast<uint4*>(table);
+    const int pairs = p.table_slots / 2;
+#pragma unroll 8
+    for (int i = threadIdx.x; i < pairs; i += blockDim.x) to[i] = __ldg(from + i);
+  }
   // (the first item's __syncthreads orders these stores before any lookup)
 
   const int64_t per_matrix = static_cast<int64_t>(p.row_groups) * im.tiles;
