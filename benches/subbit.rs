@@ -6,7 +6,8 @@
 //! medians (MOEK_BENCH_JSON, default target/bench-subbit.json) with the bytes moved (compressed image
 //! sections read from HBM, x, y; the decode's dense output) and the dense-equivalent FLOP, for
 //! `compare_torch.py --suite subbit` (same case names; torch runs the bf16 product of dense weights).
-//! `MOEK_SUBBIT_ROWS_PER_BLOCK` (read by the library) overrides the fused kernel's rows per block.
+//! `MOEK_SUBBIT_ROWS_PER_BLOCK` and `MOEK_SUBBIT_TABLE_ENTRIES` (read by the library) override the fused
+//! kernel's rows per block and shared-memory dictionary entries.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use cudarc::driver::sys;

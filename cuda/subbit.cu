@@ -1,28 +1,33 @@
 // Sub-1-bit weights on the GPU (src/subbit/gpu.rs validates the arguments): the lossless decode to dense
-// bf16 and the fused decode + matrix-vector product for a few tokens.
+// bf16 and the fused decode + matrix-vector product for a few tokens. docs/subbit-gpu.md has the design
+// and its expected bounds; src/subbit/image.rs the image these kernels read.
 //
-// Decoding a tile. A warp takes its tile's codewords 32 * kCodesPerLane at a time, lane l the
-// kCodesPerLane consecutive ones from l * kCodesPerLane (one coalesced range per warp), looks each up in
-// the dictionary, and an exclusive warp scan of the lanes' phrase lengths says at which column each
-// lane's first phrase starts. A dictionary entry is the phrase's 2-bit symbols with every slot past its
-// length set to 3 (a value no symbol takes), so the length, the positive mask and the negative mask each
-// come from a few bit operations on the one 8-byte word.
+// A dictionary entry is two 32-bit masks over the phrase's slots: `nonzero` and `sign` (with an end
+// marker at slot `length` in `sign` where `nonzero` is clear). Both kernels walk a phrase's nonzeros
+// with find-first-set, a handful of integer instructions each, and never touch its zeros.
 //
-// The dictionary (2^16 entries x 8 bytes = 512 KB) is read through L1 (__ldg): it does not fit in shared
-// memory (227 KB per block), and a per-block copy would cost more L2 reads than a matrix's codewords (132
-// SMs x 512 KB = 66 MB against 5 MB of codewords for a Mixtral expert). Tunstall codewords are nearly
-// equiprobable, so L1 (what shared memory leaves of 256 KB per SM) holds a fraction of the hot set and the
-// rest comes from L2 (60 MB on H200, where the table stays resident).
+// Fused matvec: every thread owns one (row, tile) stream of codewords and walks it alone, so a warp has
+// 32 independent dependency chains in flight and no scans or shuffles in its loop. One trip of the loop
+// consumes up to two nonzeros (x from shared memory, one FMA per token with the row's level) and, when
+// the phrase has no nonzero left, steps to the next codeword, whose entry was already fetched on the trip
+// that started the current one (and whose codeword came in a 16-byte load of 8 fetched 8 codewords
+// earlier). Lanes take the same number of trips give or take the spread of their tiles' nonzero counts,
+// so lanes idle only at a stream's end.
 //
-// Bytes and FLOPs of the fused matvec, per weight, at 0.71 bit/weight (P(0) = 0.885, ~22.5 weights per
-// codeword, ~2.6 nonzeros per codeword):
-//   HBM:   0.089 bytes (the codewords) + 4 / cols (tile offsets, per row and tile) + 4 / cols (levels);
-//   L1/L2: 8 / 22.5 = 0.36 bytes of dictionary (4x the HBM bytes: the likely limit, not HBM);
-//   x:     2 * NT * tile_cols bytes of L2 per block and tile, against rows_per_block * tile_cols * 0.089
-//          bytes of codewords (22.5 * NT / rows_per_block times the HBM bytes);
-//   math:  NT fp32 adds per nonzero weight (0.115 * NT per weight) plus the warp reduction per row and
-//          tile; the dense product would be 2 * T FLOPs per weight.
-// So the kernel is bound by the dictionary lookups (L1/L2 latency and throughput), not by FLOPs.
+// The codewords are numbered by frequency in the image, so the first `table` entries (the hottest) sit
+// in shared memory, loaded once per block of a persistent grid; the others come through L1/L2 and share
+// few cache lines.
+//
+// Per weight at 0.71 bit (P(0) = 0.885: 23.4 weights and 2.7 nonzeros per codeword):
+//   HBM:   0.089 bytes of codewords, + 8 / cols (levels and tile offsets);
+//   smem:  one 8-byte lookup per codeword that hits the table, x reads of 2 * NT bytes per nonzero
+//          (0.115 per weight);
+//   L1/L2: one 8-byte lookup per codeword that misses the table (1 - the table's share of the uses);
+//   issue: per trip about 16 + 2 * NT warp instructions a nonzero slot and ~26 for the step to the
+//          next codeword (run by the warp on nearly every trip), ~1.6 trips a codeword.
+// The Mixtral pair of experts (1.2e8 weights) is then about 15 us of issue at T = 1 on 132 SMs x 4
+// schedulers (docs/subbit-gpu.md), far above its 2.5 us of HBM time: instruction issue, not memory, is
+// the bound.
 #include <algorithm>
 
 #include "common.cuh"
@@ -31,18 +36,24 @@
 namespace moek {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = 32 * kWarps;
-constexpr int kCodesPerLane = 4;
-// Blocks per SM the fused kernel's registers are capped for (128 a thread): without a minimum ptxas
-// aimed at 64 and spilled the NT = 8 variants, at 3 (85) one variant still spilled; it takes 64..98, so
-// three blocks (24 warps) fit an SM by registers below 85.
-constexpr int kMatvecBlocksPerSm = 2;
-constexpr int kChunk = 32 * kCodesPerLane;  // codewords a warp takes at a time
 constexpr int kMaxPhrase = 32;
-constexpr uint64_t kEven = 0x5555555555555555ull;
-// Largest shared-memory x window (tile_cols * NT bf16): no opt-in needed; larger tiles read x through L1.
-constexpr size_t kMaxSmemX = 48 * 1024;
+// Decode: warps per block and the columns of each warp's staging ring (two halves, written out one
+// half at a time; a chunk of 32 phrases covers at most 32 * 32 = one half).
+constexpr int kDecodeWarps = 4;
+constexpr int kRing = 2048;
+constexpr int kHalf = kRing / 2;
+static_assert(32 * kMaxPhrase <= kHalf, "a chunk must fit in one half of the ring");
+// Fused matvec: most threads (rows) per block; nonzeros a thread consumes per trip of its walk.
+constexpr int kMatvecMaxThreads = 256;
+constexpr int kConsumesPerTrip = 2;
+// Blocks per SM the automatic table size leaves room for, and the shared memory the system keeps per
+// block.
+constexpr int64_t kMatvecBlocksPerSm = 4;
+constexpr size_t kReservedSmem = 1024;
+// Largest shared-memory x window (tile_cols * NT bf16); wider tiles read x through L1.
+constexpr size_t kMaxSmemX = 64 * 1024;
+// A phrase of length 0: no codeword (past a tile's range).
+constexpr uint64_t kNoPhrase = 1ull << 32;
 
 // The image's sections (see moek_subbit_weights) as typed device pointers.
 struct Image {
@@ -82,46 +93,18 @@ __device__ __forceinline__ Range tile_range(const Image& im, int64_t tile) {
   return {lo, hi};
 }
 
-// Marks a codeword slot past the range: its entry becomes all 3s, a phrase of length 0.
-constexpr uint32_t kNoCode = 0xffffffffu;
-
-// The lane's codewords base + lane * kCodesPerLane + u of [base, hi).
-__device__ __forceinline__ void fetch_codes(const Image& im, int64_t base, uint32_t hi, int lane,
-                                            uint32_t (&code)[kCodesPerLane]) {
-#pragma unroll
-  for (int u = 0; u < kCodesPerLane; ++u) {
-    const int64_t i = base + lane * kCodesPerLane + u;
-    code[u] = i < hi ? min(static_cast<uint32_t>(__ldg(im.codes + i)), im.max_code) : kNoCode;
-  }
-}
-
-__device__ __forceinline__ void expand(const Image& im, const uint32_t (&code)[kCodesPerLane],
-                                       uint64_t (&entry)[kCodesPerLane]) {
-#pragma unroll
-  for (int u = 0; u < kCodesPerLane; ++u) entry[u] = code[u] == kNoCode ? ~0ull : __ldg(im.dict + code[u]);
-}
-
-__device__ __forceinline__ int phrase_length(uint64_t e) {
-  const uint64_t end = e & (e >> 1) & kEven;  // bit 2j set where slot j holds 3
-  return end != 0 ? (__ffsll(static_cast<long long>(end)) - 1) >> 1 : kMaxPhrase;
-}
-__device__ __forceinline__ uint64_t positive_mask(uint64_t e) { return e & ~(e >> 1) & kEven; }
-__device__ __forceinline__ uint64_t negative_mask(uint64_t e) { return (e >> 1) & ~e & kEven; }
-
-// Exclusive scan of the lanes' phrase lengths: the column (from the chunk's start) of the lane's first
-// phrase; *total gets the chunk's columns.
-__device__ __forceinline__ int chunk_starts(const uint64_t (&entry)[kCodesPerLane], int lane, int* total) {
-  int mine = 0;
-#pragma unroll
-  for (int u = 0; u < kCodesPerLane; ++u) mine += phrase_length(entry[u]);
-  int inclusive = mine;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int up = __shfl_up_sync(0xffffffffu, inclusive, o);
-    if (lane >= o) inclusive += up;
-  }
-  *total = __shfl_sync(0xffffffffu, inclusive, 31);
-  return inclusive - mine;
+// A phrase as the loops use it: the nonzero slots not yet consumed, the signs, the length.
+struct Phrase {
+  uint32_t nonzero, sign;
+  int length;
+};
+__device__ __forceinline__ Phrase phrase_of(uint64_t e) {
+  Phrase p;
+  p.nonzero = static_cast<uint32_t>(e);
+  p.sign = static_cast<uint32_t>(e >> 32);
+  const uint32_t end = p.sign & ~p.nonzero;
+  p.length = end != 0 ? __ffs(end) - 1 : kMaxPhrase;
+  return p;
 }
 
 __device__ __forceinline__ float level(uint32_t pair, int which) {
@@ -130,13 +113,15 @@ __device__ __forceinline__ float level(uint32_t pair, int which) {
 
 // ---- lossless decode ------------------------------------------------------------------------------
 
-// One warp per tile. Each chunk's symbols are laid out in shared memory first, so the bf16 stores are
-// consecutive across the warp (a phrase per lane would scatter them).
-__global__ void __launch_bounds__(kThreads) decode_kernel(Image im, __nv_bfloat16* out, int64_t tiles_total) {
-  __shared__ uint8_t s_sym[kWarps][kChunk * kMaxPhrase];
+// One warp per (row, tile). Lane l takes codeword base + l of each chunk of 32, an exclusive scan of the
+// lengths places its phrase, and it writes only its nonzeros into the warp's zeroed ring in shared
+// memory; every complete half of the ring then goes out as 16-byte stores (consecutive across the warp)
+// and is zeroed again. The next chunk's entries are fetched before this one is placed.
+__global__ void __launch_bounds__(32 * kDecodeWarps) decode_kernel(Image im, __nv_bfloat16* out, int64_t tiles_total) {
+  __shared__ uint4 s_ring[kDecodeWarps][kRing * sizeof(__nv_bfloat16) / sizeof(uint4)];
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
-  const int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const int64_t tile = static_cast<int64_t>(blockIdx.x) * kDecodeWarps + warp;
   if (tile >= tiles_total) return;
   const int64_t row = tile / im.tiles;  // matrix * rows + r
   const int t = static_cast<int>(tile % im.tiles);
@@ -144,34 +129,75 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(Image im, __nv_bfloat1
   const int width = min(im.tile_cols, im.cols - col0);
   const uint32_t pair = __ldg(im.levels + row);
   // bf16 of the f16 levels, rounded to nearest even as the CPU decoder does.
-  const __nv_bfloat16 zero = __float2bfloat16_rn(0.f);
   const __nv_bfloat16 plus = __float2bfloat16_rn(level(pair, 0));
   const __nv_bfloat16 minus = __float2bfloat16_rn(-level(pair, 1));
   __nv_bfloat16* dst = out + row * im.cols + col0;
-  uint8_t* sym = s_sym[warp];
+  const bool vector = (reinterpret_cast<uintptr_t>(dst) & 15) == 0;
+  uint4* ring4 = s_ring[warp];
+  __nv_bfloat16* ring = reinterpret_cast<__nv_bfloat16*>(ring4);
+  const uint4 zero4 = make_uint4(0, 0, 0, 0);
+  const __nv_bfloat16 zero = __float2bfloat16_rn(0.f);
+  for (int i = lane; i < kRing / 8; i += 32) ring4[i] = zero4;
+  __syncwarp();
+
+  // Writes columns [from, to) of the tile (from a multiple of kHalf, to - from <= kHalf) and zeroes
+  // their ring slots.
+  auto flush = [&](int from, int to) {
+    const int n = to - from;
+    const int base = from & (kRing - 1);
+    int scalar_from = 0;
+    if (vector) {
+      const int n8 = n / 8;
+      uint4* d4 = reinterpret_cast<uint4*>(dst + from);
+      for (int i = lane; i < n8; i += 32) {
+        d4[i] = ring4[base / 8 + i];
+        ring4[base / 8 + i] = zero4;
+      }
+      scalar_from = n8 * 8;
+    }
+    for (int i = scalar_from + lane; i < n; i += 32) {
+      dst[from + i] = ring[base + i];
+      ring[base + i] = zero;
+    }
+    __syncwarp();
+  };
+  auto fetch = [&](uint64_t i, uint32_t hi) -> uint64_t {
+    return i < hi ? __ldg(im.dict + min(static_cast<uint32_t>(__ldg(im.codes + i)), im.max_code)) : kNoPhrase;
+  };
+
   const Range range = tile_range(im, tile);
-  int done = 0;  // columns of the tile decoded so far
-  for (int64_t base = range.lo; base < range.hi && done < width; base += kChunk) {
-    uint32_t code[kCodesPerLane];
-    uint64_t entry[kCodesPerLane];
-    fetch_codes(im, base, range.hi, lane, code);
-    expand(im, code, entry);
-    int total;
-    int at = chunk_starts(entry, lane, &total);
+  int done = 0;     // columns placed (phrase starts up to here)
+  int written = 0;  // columns written out, a multiple of kHalf until the tail
+  uint64_t next = fetch(uint64_t{range.lo} + lane, range.hi);
+  for (uint64_t base = range.lo; base < range.hi && done < width; base += 32) {
+    const Phrase p = phrase_of(next);
+    next = fetch(base + 32 + lane, range.hi);
+    int inclusive = p.length;
 #pragma unroll
-    for (int u = 0; u < kCodesPerLane; ++u) {
-      const int len = phrase_length(entry[u]);
-      for (int j = 0; j < len; ++j) sym[at + j] = static_cast<uint8_t>((entry[u] >> (2 * j)) & 3);
-      at += len;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int up = __shfl_up_sync(0xffffffffu, inclusive, o);
+      if (lane >= o) inclusive += up;
+    }
+    const int start = done + inclusive - p.length;
+    // invariant: written <= done < written + kHalf, so this chunk's columns [done, done + kHalf) lie in
+    // the ring's window [written, written + kRing) and never reach a slot not yet written out.
+    for (uint32_t m = p.nonzero; m != 0; m &= m - 1) {
+      const int j = __ffs(m) - 1;
+      const int c = start + j;
+      if (c < width) ring[c & (kRing - 1)] = (p.sign >> j) & 1 ? minus : plus;
     }
     __syncwarp();
-    const int n = min(total, width - done);
-    for (int i = lane; i < n; i += 32) {
-      const uint8_t s = sym[i];
-      dst[done + i] = s == 1 ? plus : (s == 2 ? minus : zero);
+    done += __shfl_sync(0xffffffffu, inclusive, 31);
+    while (written + kHalf <= min(done, width)) {
+      flush(written, written + kHalf);
+      written += kHalf;
     }
-    __syncwarp();
-    done += total;
+  }
+  // The tail (and, for a corrupt image that ends early, zeros for the columns it never placed).
+  while (written < width) {
+    const int to = min(written + kHalf, width);
+    flush(written, to);
+    written = to;
   }
 }
 
@@ -186,152 +212,172 @@ struct MatvecParams {
   int32_t matrix;
   int32_t matrices;
   int64_t num_tokens;
-  int32_t rows_per_block;
-  int32_t row_groups;
+  int32_t row_groups;          // ceil(rows / blockDim.x)
+  int64_t items;               // (matrix, row group, tile) work items
+  int32_t table;               // dictionary entries held in shared memory (a prefix)
+  int32_t table_slots;         // table rounded up to even (the x window is 16-byte aligned after it)
 };
 
-// NT tokens' values of one column as NT consecutive bf16 (one vector load from shared memory).
-template <int NT>
-struct Column {
+// Where x's values of the block's tile come from: the shared-memory window ([tile_cols][NT] bf16, NT
+// tokens of a column in one vector load), or (tiles too wide for it) global memory through L1.
+template <int NT, bool kSmem>
+struct XTile {
   using Word = typename std::conditional<NT == 8, uint4,
                typename std::conditional<NT == 4, uint2,
                typename std::conditional<NT == 2, uint32_t, uint16_t>::type>::type>::type;
-  __device__ __forceinline__ static void add(const __nv_bfloat16* xs, uint32_t c, float (&acc)[NT]) {
-    const Word w = *reinterpret_cast<const Word*>(xs + static_cast<size_t>(c) * NT);
-    const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&w);
-#pragma unroll
-    for (int j = 0; j < NT; ++j) acc[j] += __bfloat162float(v[j]);
-  }
-};
-
-// Where x's values of the block's tile come from: the shared-memory window ([tile_cols][NT] bf16), or
-// (tiles too wide for it) global memory through L1.
-template <int NT, bool kSmem>
-struct XTile {
   const __nv_bfloat16* xs;   // shared window
   const __nv_bfloat16* xg;   // global: x + tok0 * cols + col0
   int64_t cols;
   int ntok;
-  __device__ __forceinline__ void add(uint32_t c, float (&acc)[NT]) const {
+  // acc[j] += w * x[token j][c]
+  __device__ __forceinline__ void fma(uint32_t c, float w, float (&acc)[NT]) const {
     if constexpr (kSmem) {
-      Column<NT>::add(xs, c, acc);
+      const Word v = *reinterpret_cast<const Word*>(xs + static_cast<size_t>(c) * NT);
+      const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&v);
+#pragma unroll
+      for (int j = 0; j < NT; ++j) acc[j] = fmaf(w, __bfloat162float(e[j]), acc[j]);
     } else {
 #pragma unroll
       for (int j = 0; j < NT; ++j)
-        if (j < ntok) acc[j] += __bfloat162float(xg[j * cols + c]);
+        if (j < ntok) acc[j] = fmaf(w, __bfloat162float(xg[j * cols + c]), acc[j]);
     }
   }
 };
 
-// Adds the lane's phrases of one chunk: x over the positive symbols to pos, over the negative ones to
-// neg. Columns at or past `width` (padding of the tile's last phrase) are skipped.
-template <int NT, bool kSmem>
-__device__ __forceinline__ int accumulate_chunk(const uint64_t (&entry)[kCodesPerLane], int lane, int done,
-                                                int width, const XTile<NT, kSmem>& x, float (&pos)[NT],
-                                                float (&neg)[NT]) {
-  int total;
-  int at = done + chunk_starts(entry, lane, &total);
-#pragma unroll
-  for (int u = 0; u < kCodesPerLane; ++u) {
-    for (uint64_t m = positive_mask(entry[u]); m != 0; m &= m - 1) {
-      const uint32_t c = at + ((__ffsll(static_cast<long long>(m)) - 1) >> 1);
-      if (c < static_cast<uint32_t>(width)) x.add(c, pos);
-    }
-    for (uint64_t m = negative_mask(entry[u]); m != 0; m &= m - 1) {
-      const uint32_t c = at + ((__ffsll(static_cast<long long>(m)) - 1) >> 1);
-      if (c < static_cast<uint32_t>(width)) x.add(c, neg);
-    }
-    at += phrase_length(entry[u]);
-  }
-  return total;
+// Codeword k (0..7) of an aligned group of 8.
+__device__ __forceinline__ uint32_t pick(const uint4& g, uint32_t k) {
+  const uint32_t w = (k & 4) ? ((k & 2) ? g.w : g.z) : ((k & 2) ? g.y : g.x);
+  return (k & 1) ? (w >> 16) : (w & 0xffffu);
 }
 
-// Block b: column tile b % tiles, row group (b / tiles) % row_groups, matrix b / (tiles * row_groups)
-// (grouped) or p.matrix. Warp w takes rows r0 + w, r0 + w + kWarps, ... of the group; for each it
-// decodes its tile, forms pos_level * sum(x at +) - neg_level * sum(x at -) per token and reduces the
-// lanes. The next row's first codewords are fetched while this row's dictionary entries are in flight.
+// One thread's walk of its (row, tile) stream: codewords [lo, hi) of the tile's `width` columns,
+// acc[j] += W[r, c] * x[j][c]. Codewords come 8 at a time in aligned 16-byte loads (the image pads its
+// codeword section to 16 bytes, so such a load never leaves the image), one group ahead.
 template <int NT, bool kSmem>
-__global__ void __launch_bounds__(kThreads, kMatvecBlocksPerSm) matvec_kernel(MatvecParams p) {
-  extern __shared__ uint4 s_x_raw[];
-  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(s_x_raw);
-  const Image& im = p.im;
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x & 31;
-  const int t = static_cast<int>(blockIdx.x % im.tiles);
-  const int64_t rest = blockIdx.x / im.tiles;
-  const int group = static_cast<int>(rest % p.row_groups);
-  int64_t tok_lo = 0, tok_hi = p.num_tokens;
-  int m = p.matrix;
-  if (p.offsets != nullptr) {
-    m = static_cast<int>(rest / p.row_groups);
-    tok_lo = min(max(static_cast<int64_t>(__ldg(p.offsets + m)), int64_t{0}), p.num_tokens);
-    tok_hi = min(max(static_cast<int64_t>(__ldg(p.offsets + m + 1)), tok_lo), p.num_tokens);
-  }
-  if (tok_hi <= tok_lo) return;  // an expert without tokens reads none of its weights
-  const int col0 = t * im.tile_cols;
-  const int width = min(im.tile_cols, im.cols - col0);
-  const int r0 = group * p.rows_per_block;
-  const int r_end = min(r0 + p.rows_per_block, im.rows);
-  // This warp's rows (at most 32: rows_per_block <= 32 * kWarps); lane k holds row k's codeword range.
-  const int my_rows = r_end > r0 + warp ? (r_end - r0 - warp + kWarps - 1) / kWarps : 0;
-  Range mine{0, 0};
-  if (lane < my_rows) mine = tile_range(im, (static_cast<int64_t>(m) * im.rows + r0 + warp + lane * kWarps) * im.tiles + t);
-
-  for (int64_t tok0 = tok_lo; tok0 < tok_hi; tok0 += NT) {
-    const int ntok = static_cast<int>(min(static_cast<int64_t>(NT), tok_hi - tok0));
-    const __nv_bfloat16* xg = p.x + tok0 * im.cols + col0;
-    if constexpr (kSmem) {
-      __syncthreads();  // the previous token group's window is no longer read
-      // Coalesced reads of each token's row segment; padding tokens are zeros.
+__device__ __forceinline__ void walk(const Image& im, const uint64_t* table, uint32_t table_size, Range range,
+                                     int width, float plus, float minus, const XTile<NT, kSmem>& x,
+                                     float (&acc)[NT]) {
+  if (range.lo >= range.hi) return;
+  const uint4* groups = reinterpret_cast<const uint4*>(im.codes);
+  const uint32_t last_group = (im.codes_count - 1) >> 3;  // codes_count >= hi > lo >= 0
+  auto lookup = [&](uint32_t code) -> uint64_t {
+    code = min(code, im.max_code);
+    return code < table_size ? table[code] : __ldg(im.dict + code);
+  };
+  uint32_t group = range.lo >> 3;
+  uint4 now = __ldg(groups + group);
+  uint4 ahead = __ldg(groups + min(group + 1, last_group));
+  uint32_t i = range.lo;  // the current phrase's codeword
+  Phrase p = phrase_of(lookup(pick(now, i & 7)));
+  // The entry of codeword i + 1 (absent past the range: never used, the walk stops first).
+  auto next_code = [&](uint32_t k) -> uint32_t {  // codeword k = i + 1, with k's group made current
+    if ((k >> 3) != group) {
+      group = k >> 3;
+      now = ahead;
+      ahead = __ldg(groups + min(group + 1, last_group));
+    }
+    return pick(now, k & 7);
+  };
+  uint64_t pending = range.lo + 1 < range.hi ? lookup(next_code(range.lo + 1)) : kNoPhrase;
+  int at = 0;  // the current phrase's first column
+  for (;;) {
+    // kConsumesPerTrip nonzeros a trip: the step to the next codeword (run by the warp on nearly every
+    // trip, as some lane almost always needs it) is then paid per ~1.6 instead of ~2.7 trips a codeword.
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        for (int c = threadIdx.x; c < width; c += kThreads) {
-          xs[c * NT + j] = j < ntok ? xg[static_cast<int64_t>(j) * im.cols + c] : __float2bfloat16_rn(0.f);
+    for (int u = 0; u < kConsumesPerTrip; ++u) {
+      if (p.nonzero != 0) {
+        const int j = __ffs(p.nonzero) - 1;
+        const uint32_t c = static_cast<uint32_t>(at + j);
+        const float w = (p.sign >> j) & 1 ? minus : plus;
+        if (c < static_cast<uint32_t>(width)) x.fma(c, w, acc);
+        p.nonzero &= p.nonzero - 1;
+      }
+    }
+    if (p.nonzero == 0) {
+      at += p.length;
+      if (++i >= range.hi || at >= width) break;
+      p = phrase_of(pending);
+      if (i + 1 < range.hi) pending = lookup(next_code(i + 1));
+    }
+  }
+}
+
+// A persistent grid: block b takes work items b, b + gridDim.x, ...; item = (matrix, row group, tile)
+// with the tile fastest (grouped) or (row group, tile) of p.matrix. Thread k of the block owns row
+// group * blockDim.x + k of the item's matrix and walks that row's tile once per group of NT tokens.
+// Blocks first copy the hottest `table` dictionary entries to shared memory.
+template <int NT, bool kSmem>
+__global__ void __launch_bounds__(kMatvecMaxThreads) matvec_kernel(MatvecParams p) {
+  extern __shared__ uint4 s_raw[];
+  uint64_t* table = reinterpret_cast<uint64_t*>(s_raw);
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(table + p.table_slots);
+  const Image& im = p.im;
+  {
+    // 16-byte loads, 8 in flight a thread: the table is up to ~100 KB and every block waits for it.
+    // table_slots is even and the dictionary section is padded to 16 bytes, so the last pair stays
+    // inside the image.
+    const uint4* from = reinterpret_cast<const uint4*>(im.dict);
+    uint4* to = reinterpret_cast<uint4*>(table);
+    const int pairs = p.table_slots / 2;
+#pragma unroll 8
+    for (int i = threadIdx.x; i < pairs; i += blockDim.x) to[i] = __ldg(from + i);
+  }
+  // (the first item's __syncthreads orders these stores before any lookup)
+
+  const int64_t per_matrix = static_cast<int64_t>(p.row_groups) * im.tiles;
+  for (int64_t item = blockIdx.x; item < p.items; item += gridDim.x) {
+    const int t = static_cast<int>(item % im.tiles);
+    const int group = static_cast<int>((item / im.tiles) % p.row_groups);
+    int64_t tok_lo = 0, tok_hi = p.num_tokens;
+    int m = p.matrix;
+    if (p.offsets != nullptr) {
+      m = static_cast<int>(item / per_matrix);
+      tok_lo = min(max(static_cast<int64_t>(__ldg(p.offsets + m)), int64_t{0}), p.num_tokens);
+      tok_hi = min(max(static_cast<int64_t>(__ldg(p.offsets + m + 1)), tok_lo), p.num_tokens);
+    }
+    if (tok_hi <= tok_lo) continue;  // an expert without tokens reads none of its weights (block-uniform)
+    const int col0 = t * im.tile_cols;
+    const int width = min(im.tile_cols, im.cols - col0);
+    const int r = group * blockDim.x + threadIdx.x;
+    const bool mine = r < im.rows;
+    const int64_t row = static_cast<int64_t>(m) * im.rows + r;
+    Range range{0, 0};
+    float plus = 0.f, minus = 0.f;
+    if (mine) {
+      range = tile_range(im, row * im.tiles + t);
+      const uint32_t pair = __ldg(im.levels + row);
+      plus = level(pair, 0);
+      minus = -level(pair, 1);
+    }
+    for (int64_t tok0 = tok_lo; tok0 < tok_hi; tok0 += NT) {
+      const int ntok = static_cast<int>(min(static_cast<int64_t>(NT), tok_hi - tok0));
+      const __nv_bfloat16* xg = p.x + tok0 * im.cols + col0;
+      __syncthreads();  // the table is in; the previous window is no longer read
+      if constexpr (kSmem) {
+        // Coalesced reads of each token's row segment; padding tokens are zeros.
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          for (int c = threadIdx.x; c < width; c += blockDim.x) {
+            xs[c * NT + j] = j < ntok ? xg[static_cast<int64_t>(j) * im.cols + c] : __float2bfloat16_rn(0.f);
+          }
         }
       }
       __syncthreads();
-    }
-    const XTile<NT, kSmem> x{xs, xg, im.cols, ntok};
-    uint32_t next[kCodesPerLane];
-    if (my_rows > 0) {
-      fetch_codes(im, __shfl_sync(0xffffffffu, mine.lo, 0), __shfl_sync(0xffffffffu, mine.hi, 0), lane, next);
-    }
-    for (int k = 0; k < my_rows; ++k) {
-      const int r = r0 + warp + k * kWarps;
-      const uint32_t lo = __shfl_sync(0xffffffffu, mine.lo, k);
-      const uint32_t hi = __shfl_sync(0xffffffffu, mine.hi, k);
-      uint64_t entry[kCodesPerLane];
-      expand(im, next, entry);
-      if (k + 1 < my_rows) {
-        fetch_codes(im, __shfl_sync(0xffffffffu, mine.lo, k + 1), __shfl_sync(0xffffffffu, mine.hi, k + 1), lane,
-                    next);
-      }
-      float pos[NT], neg[NT];
+      if (!mine) continue;
+      float acc[NT];
 #pragma unroll
-      for (int j = 0; j < NT; ++j) pos[j] = neg[j] = 0.f;
-      int done = accumulate_chunk(entry, lane, 0, width, x, pos, neg);
-      for (int64_t base = int64_t{lo} + kChunk; base < hi && done < width; base += kChunk) {
-        uint32_t code[kCodesPerLane];
-        fetch_codes(im, base, hi, lane, code);
-        expand(im, code, entry);
-        done += accumulate_chunk(entry, lane, done, width, x, pos, neg);
-      }
-      const uint32_t pair = __ldg(im.levels + static_cast<int64_t>(m) * im.rows + r);
-      const float plus = level(pair, 0), minus = level(pair, 1);
-      float mine_value = 0.f;
+      for (int j = 0; j < NT; ++j) acc[j] = 0.f;
+      const XTile<NT, kSmem> x{xs, xg, im.cols, ntok};
+      walk<NT, kSmem>(im, table, static_cast<uint32_t>(p.table), range, width, plus, minus, x, acc);
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        float v = plus * pos[j] - minus * neg[j];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == j) mine_value = v;
-      }
-      if (lane < ntok) {
-        const int64_t tok = tok0 + lane;
-        if (im.tiles == 1) {
-          p.y[tok * im.rows + r] = __float2bfloat16_rn(mine_value);
-        } else {
-          p.partial[(static_cast<int64_t>(t) * p.num_tokens + tok) * im.rows + r] = mine_value;
+        if (j < ntok) {
+          const int64_t tok = tok0 + j;
+          if (im.tiles == 1) {
+            p.y[tok * im.rows + r] = __float2bfloat16_rn(acc[j]);
+          } else {
+            p.partial[(static_cast<int64_t>(t) * p.num_tokens + tok) * im.rows + r] = acc[j];
+          }
         }
       }
     }
@@ -339,14 +385,14 @@ __global__ void __launch_bounds__(kThreads, kMatvecBlocksPerSm) matvec_kernel(Ma
 }
 
 // y = the sum of the tiles' partial products in tile order, for the token rows in use.
-__global__ void __launch_bounds__(kThreads) reduce_kernel(MatvecParams p) {
+__global__ void __launch_bounds__(256) reduce_kernel(MatvecParams p) {
   const Image& im = p.im;
   int64_t tok_lo = 0, tok_hi = p.num_tokens;
   if (p.offsets != nullptr) {
     tok_lo = min(max(static_cast<int64_t>(__ldg(p.offsets)), int64_t{0}), p.num_tokens);
     tok_hi = min(max(static_cast<int64_t>(__ldg(p.offsets + p.matrices)), tok_lo), p.num_tokens);
   }
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t tok = i / im.rows;
   if (tok < tok_lo || tok >= tok_hi) return;
   const int64_t plane = p.num_tokens * im.rows;
@@ -355,15 +401,46 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(MatvecParams p) {
   p.y[i] = __float2bfloat16_rn(sum);
 }
 
-template <int NT>
-cudaError_t launch_matvec(const MatvecParams& p, int64_t blocks, cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(p.im.tile_cols) * NT * sizeof(__nv_bfloat16);
-  if (smem <= kMaxSmemX) {
-    matvec_kernel<NT, true><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
-  } else {
-    matvec_kernel<NT, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+template <int NT, bool kSmem>
+cudaError_t launch_matvec_as(MatvecParams p, int threads, bool table_given, cudaStream_t stream) {
+  const size_t window = kSmem ? static_cast<size_t>(p.im.tile_cols) * NT * sizeof(__nv_bfloat16) : 0;
+  const int sms = std::max(1, current_device_attribute<cudaDevAttrMultiProcessorCount>());
+  // What a block may have: the device's limit, and (table chosen here) the share that still lets the
+  // blocks the items need sit on an SM together, up to kMatvecBlocksPerSm (every thread is one
+  // dependent chain: more resident blocks hide more latency than a larger table saves).
+  size_t budget = static_cast<size_t>(current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>());
+  if (!table_given) {
+    const int64_t want = std::min<int64_t>(kMatvecBlocksPerSm, std::max<int64_t>(1, (p.items + sms - 1) / sms));
+    const size_t per_sm = static_cast<size_t>(current_device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>());
+    const size_t share = per_sm / static_cast<size_t>(want);
+    budget = std::min(budget, share > kReservedSmem ? share - kReservedSmem : 0);
   }
+  const size_t room = budget > window ? (budget - window) / sizeof(uint64_t) : 0;
+  p.table = static_cast<int32_t>(std::min<size_t>(p.table, room & ~size_t{1}));
+  p.table_slots = (p.table + 1) & ~1;
+  const size_t smem = static_cast<size_t>(p.table_slots) * sizeof(uint64_t) + window;
+  auto kernel = matvec_kernel<NT, kSmem>;
+  if (smem > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  // A persistent grid of as many blocks as fit at once (never more than there are items).
+  int per_sm = 0;
+  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+  if (err != cudaSuccess) return err;
+  const int64_t resident = static_cast<int64_t>(std::max(1, per_sm)) * sms;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(p.items, resident));
+  kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <int NT>
+cudaError_t launch_matvec(const MatvecParams& p, int threads, bool table_given, cudaStream_t stream) {
+  if (static_cast<size_t>(p.im.tile_cols) * NT * sizeof(__nv_bfloat16) <= kMaxSmemX) {
+    return launch_matvec_as<NT, true>(p, threads, table_given, stream);
+  }
+  return launch_matvec_as<NT, false>(p, threads, table_given, stream);
 }
 
 }  // namespace
@@ -372,30 +449,22 @@ cudaError_t launch_matvec(const MatvecParams& p, int64_t blocks, cudaStream_t st
 extern "C" int moek_cuda_subbit_decode(const moek_subbit_decode_args* a, cudaStream_t stream) {
   const moek::Image im = moek::image_of(a->weights);
   const int64_t tiles = static_cast<int64_t>(a->weights.matrices) * a->weights.rows * a->weights.tiles_per_row;
-  const int64_t blocks = (tiles + moek::kWarps - 1) / moek::kWarps;
-  moek::decode_kernel<<<static_cast<unsigned>(blocks), moek::kThreads, 0, stream>>>(
+  const int64_t blocks = (tiles + moek::kDecodeWarps - 1) / moek::kDecodeWarps;
+  moek::decode_kernel<<<static_cast<unsigned>(blocks), 32 * moek::kDecodeWarps, 0, stream>>>(
       im, static_cast<__nv_bfloat16*>(a->out), tiles);
   return cudaGetLastError();
 }
 
-// rows_per_block: a multiple of 8 in 8..256 (0: chosen here so that the matrices with tokens fill the
-// GPU about four blocks per SM deep).
+// rows_per_block: the threads of a block, one row each, a multiple of 32 in 32..256 (0: 128).
+// table_entries: dictionary entries kept in shared memory, 0..65536, lowered to what fits a block beside
+// the x window; negative: as many as let the blocks the work needs (up to kMatvecBlocksPerSm) share an
+// SM.
 extern "C" int moek_cuda_subbit_matvec(const moek_subbit_matvec_args* a, int32_t rows_per_block,
-                                       cudaStream_t stream) {
+                                       int32_t table_entries, cudaStream_t stream) {
   if (a->num_tokens <= 0) return cudaSuccess;
   const moek_subbit_weights& w = a->weights;
   const bool grouped = a->expert_offsets != nullptr;
-  if (rows_per_block <= 0) {
-    int device = 0, sms = 132;
-    if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    // Matrices that can have tokens: at most one per token.
-    const int64_t active = grouped ? std::min<int64_t>(w.matrices, a->num_tokens) : 1;
-    const int64_t per_matrix_blocks = std::max<int64_t>(1, 4 * static_cast<int64_t>(sms) / active);
-    const int64_t work = static_cast<int64_t>(w.rows) * w.tiles_per_row;
-    int64_t rpb = (work + per_matrix_blocks - 1) / per_matrix_blocks;
-    rpb = std::min<int64_t>(256, std::max<int64_t>(8, (rpb + 7) / 8 * 8));
-    rows_per_block = static_cast<int32_t>(rpb);
-  }
+  const int threads = rows_per_block > 0 ? std::min(rows_per_block, moek::kMatvecMaxThreads) : 128;
   moek::MatvecParams p;
   p.im = moek::image_of(w);
   p.x = static_cast<const __nv_bfloat16*>(a->x);
@@ -405,23 +474,24 @@ extern "C" int moek_cuda_subbit_matvec(const moek_subbit_matvec_args* a, int32_t
   p.matrix = a->matrix;
   p.matrices = w.matrices;
   p.num_tokens = a->num_tokens;
-  p.rows_per_block = rows_per_block;
-  p.row_groups = (w.rows + rows_per_block - 1) / rows_per_block;
-  const int64_t blocks = static_cast<int64_t>(grouped ? w.matrices : 1) * p.row_groups * w.tiles_per_row;
+  p.row_groups = (w.rows + threads - 1) / threads;
+  p.items = static_cast<int64_t>(grouped ? w.matrices : 1) * p.row_groups * w.tiles_per_row;
+  const bool table_given = table_entries >= 0;
+  p.table = std::min(table_given ? table_entries : 65536, w.dictionary_entries);
+  p.table_slots = 0;
   const int64_t nt = std::min<int64_t>(a->num_tokens, MOEK_SUBBIT_MAX_TOKENS);
   cudaError_t err;
   if (nt <= 1) {
-    err = moek::launch_matvec<1>(p, blocks, stream);
+    err = moek::launch_matvec<1>(p, threads, table_given, stream);
   } else if (nt <= 2) {
-    err = moek::launch_matvec<2>(p, blocks, stream);
+    err = moek::launch_matvec<2>(p, threads, table_given, stream);
   } else if (nt <= 4) {
-    err = moek::launch_matvec<4>(p, blocks, stream);
+    err = moek::launch_matvec<4>(p, threads, table_given, stream);
   } else {
-    err = moek::launch_matvec<8>(p, blocks, stream);
+    err = moek::launch_matvec<8>(p, threads, table_given, stream);
   }
   if (err != cudaSuccess || w.tiles_per_row == 1) return err;
   const int64_t elements = a->num_tokens * w.rows;
-  moek::reduce_kernel<<<static_cast<unsigned>((elements + moek::kThreads - 1) / moek::kThreads), moek::kThreads, 0,
-                        stream>>>(p);
+  moek::reduce_kernel<<<static_cast<unsigned>((elements + 255) / 256), 256, 0, stream>>>(p);
   return cudaGetLastError();
 }

@@ -442,8 +442,10 @@ moek_status moek_layer(const moek_layer_args *args, cudaStream_t stream);
  *      offset, every codeword and every tile's decoded length) and fills w's shape and layout fields
  *      (w.image = NULL).
  *   2. moek_subbit_write_image(bytes, n, host_image, w.image_bytes): writes the image on the host: the
- *      expanded dictionary (8 bytes per codeword), the row levels, the tile offsets and the codewords,
- *      each section 16-byte aligned.
+ *      expanded dictionary (8 bytes per codeword: nonzero and sign masks of its phrase), the row levels,
+ *      the tile offsets and the codewords, each section 16-byte aligned; the image numbers the
+ *      codewords by how often the buffer uses them (hottest first), so kernels can keep a prefix of the
+ *      dictionary in shared memory.
  *   3. Copy host_image to device memory (16-byte aligned, e.g. cudaMalloc + cudaMemcpy) and set
  *      w.image to it. The kernels trust that the image is what step 2 wrote; they never read or write
  *      outside the image and their outputs whatever it holds, but a different image gives unspecified

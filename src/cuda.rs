@@ -50,6 +50,7 @@ mod launchers {
         pub fn moek_cuda_subbit_matvec(
             args: *const sys::moek_subbit_matvec_args,
             rows_per_block: i32,
+            table_entries: i32,
             stream: sys::cudaStream_t,
         ) -> i32;
         pub fn moek_cuda_ep_counts(
@@ -223,21 +224,23 @@ pub(crate) fn subbit_decode(args: &sys::moek_subbit_decode_args, stream: sys::cu
     }
 }
 
-/// Enqueues the fused sub-1-bit matvec (arguments already validated; `rows_per_block` 0 or a multiple
-/// of 8 in 8..=256).
+/// Enqueues the fused sub-1-bit matvec (arguments already validated; `rows_per_block` 0 (automatic) or
+/// a multiple of 32 in 32..=256; `table_entries` negative (automatic) or the dictionary entries to keep
+/// in shared memory).
 pub(crate) fn subbit_matvec(
     args: &sys::moek_subbit_matvec_args,
     rows_per_block: i32,
+    table_entries: i32,
     stream: sys::cudaStream_t,
 ) -> LaunchCode {
     #[cfg(moek_cuda)]
     {
         // SAFETY: validated by subbit::gpu::matvec_raw; the buffers are the caller's, sized per the header.
-        unsafe { launchers::moek_cuda_subbit_matvec(args, rows_per_block, stream) }
+        unsafe { launchers::moek_cuda_subbit_matvec(args, rows_per_block, table_entries, stream) }
     }
     #[cfg(not(moek_cuda))]
     {
-        let _ = (args, rows_per_block, stream);
+        let _ = (args, rows_per_block, table_entries, stream);
         NO_KERNELS
     }
 }

@@ -44,19 +44,31 @@ fn parse_fills_the_descriptor_and_write_image_the_image() {
     };
     assert_eq!(status, sys::moek_status_MOEK_SUCCESS, "{}", message());
     assert_eq!(image, view.image().unwrap());
-    // Dictionary entries: symbols, then 3s past the phrase.
-    for code in [0usize, 1, 2, w.dictionary_entries as usize - 1] {
-        let e = u64::from_le_bytes(image[8 * code..8 * code + 8].try_into().unwrap());
-        let len = view.dictionary.lengths[code] as usize;
-        for j in 0..32 {
-            let s = (e >> (2 * j)) & 3;
-            if j < len {
-                assert_eq!(s as u8, view.dictionary.symbol(code, j), "code {code} symbol {j}");
-            } else {
-                assert_eq!(s, 3, "code {code} slot {j} past its length {len}");
+    // Dictionary entries: the phrases as nonzero and sign masks with an end marker, in the image's own
+    // order (by use), so the image holds the same set of entries as the dictionary.
+    let entries = w.dictionary_entries as usize;
+    let mut got: Vec<u64> =
+        (0..entries).map(|c| u64::from_le_bytes(image[8 * c..8 * c + 8].try_into().unwrap())).collect();
+    let mut want: Vec<u64> = (0..entries)
+        .map(|code| {
+            let len = view.dictionary.lengths[code] as usize;
+            let (mut nonzero, mut sign) = (0u32, 0u32);
+            for j in 0..len {
+                match view.dictionary.symbol(code, j) {
+                    1 => nonzero |= 1 << j,
+                    2 => (nonzero, sign) = (nonzero | 1 << j, sign | 1 << j),
+                    _ => {}
+                }
             }
-        }
-    }
+            if len < 32 {
+                sign |= 1 << len;
+            }
+            u64::from(nonzero) | u64::from(sign) << 32
+        })
+        .collect();
+    got.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(got, want, "the image's dictionary is not the buffer's phrases");
 
     let status = unsafe {
         capi::moek_subbit_write_image(bytes.as_ptr().cast(), bytes.len(), image.as_mut_ptr().cast(), image.len() - 1)

@@ -1,14 +1,18 @@
 //! The sub-1-bit kernels: lossless decode to dense bf16 and the fused decode + matrix-vector product for
 //! 1..=8 tokens (one matrix, or grouped by expert through device offsets). Semantics: the "Sub-1-bit"
 //! section of `include/moe_kernels.h`; [`crate::reference::subbit`] is the CPU oracle. The bytes and
-//! FLOPs of the fused kernel are worked out at the top of `cuda/subbit.cu`: it reads 0.089 bytes of
-//! codewords per weight from HBM and about four times that of dictionary entries through L1/L2.
+//! FLOPs of the fused kernel are worked out at the top of `cuda/subbit.cu` and in `docs/subbit-gpu.md`:
+//! 0.089 bytes of codewords per weight from HBM, one dictionary lookup per ~23 weights (shared memory
+//! for the hottest codewords, L1/L2 for the rest); instruction issue is the expected bound.
 //!
 //! A buffer reaches the GPU only through [`Compressed::parse`]: [`DeviceWeights::upload`] copies its
 //! image (see [`super::image`]) to the device once; every call then takes the uploaded weights.
 //!
-//! Tuning override, read once per process (for sweeps): `MOEK_SUBBIT_ROWS_PER_BLOCK` (a multiple of 8 in
-//! 8..=256) replaces the automatic rows per block of the fused kernel.
+//! Tuning overrides, read once per process (for sweeps): `MOEK_SUBBIT_ROWS_PER_BLOCK` (a multiple of 32
+//! in 32..=256, default 128) sets the fused kernel's rows (threads) per block, and
+//! `MOEK_SUBBIT_TABLE_ENTRIES` (0..=65536) how many of the hottest dictionary entries each block keeps in
+//! shared memory (lowered to what fits a block beside the x window; by default as many as still let four
+//! blocks share an SM when the work has that many).
 
 use super::image::check_descriptor;
 use super::Compressed;
@@ -27,8 +31,21 @@ fn rows_per_block() -> i32 {
         std::env::var("MOEK_SUBBIT_ROWS_PER_BLOCK")
             .ok()
             .and_then(|v| v.parse::<i32>().ok())
-            .filter(|v| (8..=256).contains(v) && v % 8 == 0)
+            .filter(|v| (32..=256).contains(v) && v % 32 == 0)
             .unwrap_or(0)
+    })
+}
+
+/// Shared-memory dictionary entries of the fused kernel from `MOEK_SUBBIT_TABLE_ENTRIES`, or -1
+/// (automatic).
+fn table_entries() -> i32 {
+    static VALUE: OnceLock<i32> = OnceLock::new();
+    *VALUE.get_or_init(|| {
+        std::env::var("MOEK_SUBBIT_TABLE_ENTRIES")
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+            .filter(|v| (0..=65536).contains(v))
+            .unwrap_or(-1)
     })
 }
 
@@ -137,7 +154,7 @@ pub(crate) fn matvec_raw(a: &sys::moek_subbit_matvec_args, stream: sys::cudaStre
         bail!(WorkspaceTooSmall, "workspace_bytes = {} but this call needs {need}", a.workspace_bytes);
     }
     check::pointer("workspace", a.workspace, need > 0, 16)?;
-    crate::cuda::status(crate::cuda::subbit_matvec(a, rows_per_block(), stream))
+    crate::cuda::status(crate::cuda::subbit_matvec(a, rows_per_block(), table_entries(), stream))
 }
 
 /// A validated buffer's image in device memory.

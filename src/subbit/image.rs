@@ -35,13 +35,41 @@ fn layout(matrices: u64, rows: u64, tiles: u64, entries: u64, codes: u64) -> Opt
     Some([dictionary_at, scales_at, offsets_at, codes_at, bytes])
 }
 
-/// The dictionary entry of a phrase (see the module's table).
+/// The dictionary entry of a phrase of `length` symbols, symbol j in bits 2j..2j+2 of `symbols` (see
+/// the module's doc).
 fn entry(length: u8, symbols: u64) -> u64 {
-    if (length as usize) < MAX_PHRASE {
-        symbols | (u64::MAX << (2 * u32::from(length)))
-    } else {
-        symbols
+    let (mut nonzero, mut sign) = (0u32, 0u32);
+    for j in 0..u32::from(length).min(MAX_PHRASE as u32) {
+        match (symbols >> (2 * j)) & 3 {
+            1 => nonzero |= 1 << j,
+            2 => {
+                nonzero |= 1 << j;
+                sign |= 1 << j;
+            }
+            _ => {}
+        }
     }
+    if (length as usize) < MAX_PHRASE {
+        sign |= 1 << length;
+    }
+    u64::from(nonzero) | u64::from(sign) << 32
+}
+
+/// The image's codeword order: `rank[code]` is the image's number of the buffer's `code`, most used
+/// codewords first (ties by the buffer's number, so the order is a function of the buffer).
+fn ranks(view: &Compressed, codes: usize) -> Vec<u16> {
+    let entries = view.dictionary.len();
+    let mut counts = vec![0u64; entries];
+    for i in 0..codes {
+        counts[view.code(i) as usize] += 1;
+    }
+    let mut order: Vec<usize> = (0..entries).collect();
+    order.sort_by_key(|&c| (std::cmp::Reverse(counts[c]), c));
+    let mut rank = vec![0u16; entries];
+    for (r, &c) in order.iter().enumerate() {
+        rank[c] = r as u16;
+    }
+    rank
 }
 
 impl Compressed<'_> {
@@ -82,8 +110,10 @@ impl Compressed<'_> {
             bail!(BufferTooSmall, "image has {} bytes but {} are needed", out.len(), d.image_bytes);
         }
         out[..d.image_bytes].fill(0);
+        let codes = d.codes as usize;
+        let rank = ranks(self, codes);
         for (i, (&len, &sym)) in self.dictionary.lengths.iter().zip(&self.dictionary.symbols).enumerate() {
-            let at = d.dictionary_at + 8 * i;
+            let at = d.dictionary_at + 8 * rank[i] as usize;
             out[at..at + 8].copy_from_slice(&entry(len, sym).to_le_bytes());
         }
         let copy = |out: &mut [u8], to: usize, from: usize, len: usize| {
@@ -91,7 +121,9 @@ impl Compressed<'_> {
         };
         copy(out, d.scales_at, self.scales_at, self.offsets_at - self.scales_at);
         copy(out, d.offsets_at, self.offsets_at, self.codes_at - self.offsets_at);
-        copy(out, d.codes_at, self.codes_at, self.bytes.len() - self.codes_at);
+        for (i, slot) in out[d.codes_at..d.codes_at + 2 * codes].chunks_exact_mut(2).enumerate() {
+            slot.copy_from_slice(&rank[self.code(i) as usize].to_le_bytes());
+        }
         Ok(())
     }
 

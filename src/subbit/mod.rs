@@ -344,7 +344,7 @@ impl<'a> Compressed<'a> {
         u32_at(self.bytes, self.offsets_at + 4 * i)
     }
 
-    fn code(&self, i: usize) -> u16 {
+    pub(crate) fn code(&self, i: usize) -> u16 {
         u16_at(self.bytes, self.codes_at + 2 * i)
     }
 
