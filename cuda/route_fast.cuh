@@ -6,20 +6,25 @@
 // bandwidth. Reading the logits at 60% of ~4.2 TB/s leaves ~30 instructions per logit (13 us x 132
 // SMs x 4 schedulers x ~1.9 GHz x 32 lanes / 65536 x 128 logits, at ~75% of issue slots). This
 // kernel is laid out for that budget; per lane (16 values, f32, softmax top-8 of 128, from the SASS):
-//   loads, the row copied to shared memory                      ~25
-//   the lane's two best values (a tournament)                    44  (3 per value)
-//   row max; exp2 sum (softmax without renormalisation); 1/sum   ~65 (3 per value)
-//   threshold: the k-th largest of the group's 16 lane heads     ~45 (two 8-lane bitonic sorts)
-//   candidate mask (value >= threshold), count, scan              ~50
-//   packing the candidates (~1.4 a lane; the warp waits for its  ~60
-//   busiest lane, ~4)
-//   sorting the <= 16 candidates over the 8 lanes (bitonic)      ~110
-//   weight and stores of the lane's output slot                  ~25
-// about 420 a lane, ~26 a logit, against route_kernel's ~85.
+//   row copy (cp.async, next token's) and its loads back               ~30
+//   the lane's two best values (a tournament)                           44  (3 per value)
+//   row max; exp2 sum (softmax without renormalisation); 1/sum          ~65 (3 per value)
+//   threshold: the k-th largest of the group's 16 lane heads            ~60 (two 8-lane bitonic sorts)
+//   candidate mask (value >= threshold), count, scan                    ~65
+//   packing the candidates (18 per candidate; the warp waits for its    ~50
+//   busiest lane, 2-3 on random data)
+//   sorting the <= 16 candidates over the 8 lanes (bitonic, 64-bit)     ~110
+//   weight and stores of the lane's output slot                          ~40
+// about 470 a lane, ~30 a logit, against route_kernel's ~85. The threshold leaves few candidates: on
+// uniform random logits (E = 128, k = 8) 8 in 54% of tokens, 8.7 in the mean, more than 16 in 5e-5
+// (a simulation of this selection; the ranking threshold of route_kernel, from each lane's two best
+// with 4 lanes a token, would leave more than 16 in 21%).
 //
 // Layout: a token is handled by 8 consecutive lanes; the row's 16-byte chunks (VEC values) go to lane
-// c % 8 (coalesced loads, as route_kernel), NV values a lane in registers, also copied to shared
-// memory, where the packing reads its few candidates back by a run-time index.
+// c % 8 (coalesced, as route_kernel), NV values a lane. The kernel is persistent: each lane copies
+// its chunks of its next token into shared memory (cp.async, two row buffers) while it routes the
+// current one, whose values it reads back into registers; the packing reads its few candidates from
+// there again by a run-time index, which registers cannot take.
 //
 // Selection is exact, on the same packed (key, ~index) candidates as route_kernel (ties to the lower
 // index): the threshold tau is a row value with at least k values >= it (k of the lane heads are), so
@@ -28,14 +33,24 @@
 // takes k rounds of the group's best, which is exact for any data.
 #pragma once
 
+#include "mma_sm80.cuh"
 #include "route_kernel.cuh"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
 
 namespace moek {
 
 constexpr int kFastLanes = 8;                    // lanes per token
 constexpr int kFastMaxK = kFastLanes;            // output slot q is lane q's
 constexpr int kFastCandidates = 2 * kFastLanes;  // sorted in one pass: two per lane
-constexpr int kFastBlock = 256;                  // threads per block: 32 tokens
+// Threads per block: 32 tokens with 16 values a lane, 16 tokens with 32 (two row buffers of 1 KB a
+// token for f32 then fit the 48 KB of static shared memory).
+template <int NV>
+constexpr int fast_block() {
+  return NV <= 16 ? 256 : 128;
+}
 constexpr int kFastMaxValues = 32;               // values a lane: rows of up to 256 experts
 
 // Launches route_fast_kernel for logits of type T (route_f32.cu, route_bf16.cu); nv is 16 or 32, full
@@ -182,39 +197,28 @@ __device__ __forceinline__ uint32_t number_key(float f) {
 
 }  // namespace route_fast_detail
 
-// FULL: every lane's chunks exist (E = 8 * NV), so no load needs a bound check.
+// Routes token t (valid: t < T; an invalid token is routed too, from a copy of the last row, so that
+// every lane of the warp runs every shuffle, and writes nothing). row: the token's row copy in shared
+// memory (chunk c at c, the lane's own chunks present), cand: its candidate space.
 template <typename T, int NV, bool FULL>
-__global__ void __launch_bounds__(kFastBlock) route_fast_kernel(RouteParams p) {
+__device__ __forceinline__ void route_fast_token(const RouteParams& p, int64_t t, bool valid, const uint4* row,
+                                                 uint64_t* cand, int r) {
   using namespace route_fast_detail;
   constexpr int L = kFastLanes;
   constexpr int VEC = 16 / sizeof(T);
   constexpr int CPL = NV / VEC;  // chunks per lane
-  constexpr int TOKENS = kFastBlock / L;
-  static_assert(NV % VEC == 0 && NV <= kFastMaxValues, "whole chunks per lane");
-  // The row as loaded (chunk c at c), and the candidates: one word of padding per token keeps the
-  // four tokens of a warp on different banks.
-  __shared__ uint4 s_row[TOKENS][CPL * L];
-  __shared__ uint64_t s_cand[TOKENS][kFastCandidates + 1];
-
-  const int r = threadIdx.x & (L - 1);
-  const int tg = threadIdx.x / L;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * TOKENS + tg;
-  if (t >= p.num_tokens) return;  // the whole lane group leaves together
   const int k = p.k;
   const bool softmax = p.score_function == MOEK_SCORE_SOFTMAX;
+  const T* srow = reinterpret_cast<const T*>(row);
 
-  // Loads: chunk r + 8 j; missing chunks (rows of fewer than 8 * CPL chunks) read as -inf.
+  // The lane's chunks r + 8 j; missing chunks (rows of fewer than 8 * CPL chunks) read as -inf.
   float x[NV];
-  const uint4* row = reinterpret_cast<const uint4*>(static_cast<const T*>(p.logits) + t * p.num_experts);
 #pragma unroll
   for (int j = 0; j < CPL; ++j) {
     const int c = r + j * L;
-    uint4 w = make_uint4(0, 0, 0, 0);
     const bool present = FULL || c < p.chunks_per_row;
-    if (present) {
-      w = __ldg(row + c);
-      s_row[tg][c] = w;
-    }
+    uint4 w = make_uint4(0, 0, 0, 0);
+    if (present) w = row[c];
     const T* e = reinterpret_cast<const T*>(&w);
 #pragma unroll
     for (int v = 0; v < VEC; ++v) x[j * VEC + v] = present ? to_float(e[v]) : -INFINITY;
@@ -249,11 +253,9 @@ __global__ void __launch_bounds__(kFastBlock) route_fast_kernel(RouteParams p) {
   // Uniform over the group (tau and n are).
   const bool sorted = tau > -INFINITY && n >= k && n <= kFastCandidates;
 
-  uint64_t* cand = s_cand[tg];
   uint64_t a = 0, b = 0;  // this lane's candidates for the sort (0: none; real ones are never 0)
   if (sorted) {
     // Packed in lane order; a lane reads its own values back from its row copy.
-    const T* srow = reinterpret_cast<const T*>(s_row[tg]);
     uint64_t* out = cand + offset;
     while (mask != 0) {
       const uint32_t s = 31 - __clz(mask);
@@ -271,7 +273,6 @@ __global__ void __launch_bounds__(kFastBlock) route_fast_kernel(RouteParams p) {
     // that held the winner rescans its keys (route_kernel's general selection, in registers).
     // The keys come from the row copy, so that x need not live across the sort.
     const LaneGroup<L> grp;
-    const T* srow = reinterpret_cast<const T*>(s_row[tg]);
     uint32_t key[NV];
 #pragma unroll
     for (int s = 0; s < NV; ++s) {
@@ -298,10 +299,10 @@ __global__ void __launch_bounds__(kFastBlock) route_fast_kernel(RouteParams p) {
 
   // Lane q < k writes output slot q: its score, renormalised by the group-wide sum of the k selected
   // scores (a fixed tree order), then scaled; as route_kernel's output stage.
-  const bool writes = r < k;
+  const bool writes = valid && r < k;
   const float v = key_to_float(candidate_key(best));
   float score = 0.f;
-  if (writes) score = softmax ? expf(v - row_max) * inv_sum : 1.f / (1.f + expf(-v));
+  if (r < k) score = softmax ? expf(v - row_max) * inv_sum : 1.f / (1.f + expf(-v));
   if (p.renormalize) score /= sum8(score);
   if (writes) {
     const int64_t pair = t * k + r;
@@ -312,11 +313,97 @@ __global__ void __launch_bounds__(kFastBlock) route_fast_kernel(RouteParams p) {
   }
 }
 
+
+// FULL: every lane's chunks exist (E = 8 * NV), so no load needs a bound check.
+// Persistent: block b routes tokens b * 32 + [0, 32), then the same plus gridDim.x * 32, and so on;
+// each lane copies its chunks of the next token's row into shared memory with cp.async while it
+// routes the current one (two row buffers), so loads and instructions overlap inside every warp
+// rather than only across warps.
+template <typename T, int NV, bool FULL>
+__global__ void __launch_bounds__(fast_block<NV>()) route_fast_kernel(RouteParams p) {
+  constexpr int L = kFastLanes;
+  constexpr int VEC = 16 / sizeof(T);
+  constexpr int CPL = NV / VEC;
+  constexpr int TOKENS = fast_block<NV>() / L;
+  static_assert(NV % VEC == 0 && NV <= kFastMaxValues, "whole chunks per lane");
+  // Two row buffers (chunk c at c), and the candidates: one word of padding per token keeps the four
+  // tokens of a warp on different banks.
+  __shared__ __align__(16) uint4 s_row[2][TOKENS][CPL * L];
+  __shared__ uint64_t s_cand[TOKENS][kFastCandidates + 1];
+
+  const int r = threadIdx.x & (L - 1);
+  const int tg = threadIdx.x / L;
+  const int64_t num_tokens = p.num_tokens;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * TOKENS;
+  // Copies this lane's chunks of token t's row (the last row for t past the end) into buffer b.
+  auto fetch = [&](int b, int64_t t) {
+    const uint4* src =
+        reinterpret_cast<const uint4*>(static_cast<const T*>(p.logits) + min(t, num_tokens - 1) * p.num_experts);
+#pragma unroll
+    for (int j = 0; j < CPL; ++j) {
+      const int c = r + j * L;
+      if (FULL || c < p.chunks_per_row) {
+        cp_async_16(smem_addr(&s_row[b][tg][c]), src + c, true);
+      }
+    }
+  };
+  int b = 0;
+  int64_t base = static_cast<int64_t>(blockIdx.x) * TOKENS;
+  fetch(b, base + tg);
+  cp_async_commit();
+  // invariant: base is the same in every thread of the block, so every warp runs whole iterations.
+  for (; base < num_tokens; base += stride, b ^= 1) {
+    if (base + stride < num_tokens) fetch(b ^ 1, base + stride + tg);
+    cp_async_commit();   // an empty group past the last token keeps the wait below uniform
+    cp_async_wait<1>();  // this lane's copies of the current row have landed (only it reads them)
+    route_fast_token<T, NV, FULL>(p, base + tg, base + tg < num_tokens, s_row[b][tg], s_cand[tg], r);
+    __syncwarp();  // the candidate space is reused by the next token
+  }
+}
+
+// MOEK_ROUTE_FAST_BLOCKS_PER_SM=n (read once; for tuning runs): at most n resident blocks per SM
+// (0: no cap from residency, one block per 32 or 16 tokens); unset or negative: as many as fit.
+inline int fast_blocks_per_sm_knob() {
+  static const int knob = [] {
+    const char* v = std::getenv("MOEK_ROUTE_FAST_BLOCKS_PER_SM");
+    return v != nullptr ? std::atoi(v) : -1;
+  }();
+  return knob;
+}
+
+// Blocks per SM that fit for this variant on the current device (asked once per device; 0 when it
+// cannot be asked). No stream work, no synchronisation: safe while a graph is being captured.
+template <typename T, int NV, bool FULL>
+int fast_resident_blocks() {
+  static std::atomic<int> cache[64];  // per device: 0 unknown, else the value + 1
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 0;
+  int known = cache[device].load(std::memory_order_relaxed);
+  if (known == 0) {
+    int blocks = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, route_fast_kernel<T, NV, FULL>, fast_block<NV>(), 0) !=
+        cudaSuccess) {
+      return 0;
+    }
+    known = blocks + 1;
+    cache[device].store(known, std::memory_order_relaxed);
+  }
+  return known - 1;
+}
+
+// One block per 32 (or 16) tokens, but no more than the GPU holds at once (the kernel is persistent).
 template <typename T, int NV, bool FULL>
 cudaError_t launch_route_fast_variant(const RouteParams& p, cudaStream_t stream) {
-  constexpr int tokens = kFastBlock / kFastLanes;
-  const dim3 grid(static_cast<unsigned>((p.num_tokens + tokens - 1) / tokens));
-  route_fast_kernel<T, NV, FULL><<<grid, kFastBlock, 0, stream>>>(p);
+  constexpr int tokens = fast_block<NV>() / kFastLanes;
+  int64_t blocks = (p.num_tokens + tokens - 1) / tokens;
+  const int knob = fast_blocks_per_sm_knob();
+  if (knob != 0) {
+    int per_sm = fast_resident_blocks<T, NV, FULL>();
+    if (knob > 0) per_sm = std::min(per_sm, knob);
+    const int sms = current_device_attribute<cudaDevAttrMultiProcessorCount>();
+    if (per_sm > 0 && sms > 0) blocks = std::min(blocks, static_cast<int64_t>(per_sm) * sms);
+  }
+  route_fast_kernel<T, NV, FULL><<<static_cast<unsigned>(blocks), fast_block<NV>(), 0, stream>>>(p);
   return cudaGetLastError();
 }
 
