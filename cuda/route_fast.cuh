@@ -45,13 +45,14 @@ namespace moek {
 constexpr int kFastLanes = 8;                    // lanes per token
 constexpr int kFastMaxK = kFastLanes;            // output slot q is lane q's
 constexpr int kFastCandidates = 2 * kFastLanes;  // sorted in one pass: two per lane
+constexpr int kFastMaxValues = 32;               // values a lane: rows of up to 256 experts
+
 // Threads per block: 32 tokens with 16 values a lane, 16 tokens with 32 (two row buffers of 1 KB a
 // token for f32 then fit the 48 KB of static shared memory).
 template <int NV>
 constexpr int fast_block() {
   return NV <= 16 ? 256 : 128;
 }
-constexpr int kFastMaxValues = 32;               // values a lane: rows of up to 256 experts
 
 // Launches route_fast_kernel for logits of type T (route_f32.cu, route_bf16.cu); nv is 16 or 32, full
 // whether every lane holds nv real values (the row has exactly 8 * nv experts).
