@@ -17,8 +17,8 @@
 //   weight and stores of the lane's output slot                          ~40
 // about 470 a lane, ~30 a logit, against route_kernel's ~85. The threshold leaves few candidates: on
 // uniform random logits (E = 128, k = 8) 8 in 54% of tokens, 8.7 in the mean, more than 16 in 5e-5
-// (a simulation of this selection; the ranking threshold of route_kernel, from each lane's two best
-// with 4 lanes a token, would leave more than 16 in 21%).
+// (scripts/route-fast-sim.py simulates this selection; the same threshold from each lane's two best
+// with 4 lanes a token would leave more than 16 in 21%).
 //
 // Layout: a token is handled by 8 consecutive lanes; the row's 16-byte chunks (VEC values) go to lane
 // c % 8 (coalesced, as route_kernel), NV values a lane. The kernel is persistent: each lane copies
