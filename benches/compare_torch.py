@@ -292,6 +292,8 @@ def cases():
         "mixtral_T4096": (4096, 8, torch.float32, lambda x, b: softmax_topk(x, 2, True)),
         "switch_E128_T65536_capacity": (65536, 128, torch.float32, lambda x, b: switch(x, 640)),
         "moge_E64_G8_k8_T4096": (4096, 64, torch.float32, lambda x, b: moge(x, 8, 8)),
+        "qwen3_softmax_top8_of_128_renorm_T65536": (65536, 128, torch.float32, lambda x, b: softmax_topk(x, 8, True)),
+        "softmax_top8_of_256_T65536_f32": (65536, 256, torch.float32, lambda x, b: softmax_topk(x, 8)),
     }
 
 

@@ -43,6 +43,21 @@ fn cases() -> Vec<Case> {
             bf16: false,
             bias: false,
         },
+        // The plain top-k fast path's other shapes: renormalised (Qwen3), and 32 values a lane.
+        Case {
+            name: "qwen3_softmax_top8_of_128_renorm_T65536",
+            cfg: RoutingConfig::qwen3_moe(),
+            tokens: 65536,
+            bf16: false,
+            bias: false,
+        },
+        Case {
+            name: "softmax_top8_of_256_T65536_f32",
+            cfg: RoutingConfig::top_k(256, 8),
+            tokens: 65536,
+            bf16: false,
+            bias: false,
+        },
     ]
 }
 

@@ -1,6 +1,8 @@
 // Routing entry point: validates nothing (src/route.rs did), picks the kernel configuration, launches
-// route_kernel (route_kernel.cuh) and, with an expert capacity, the two capacity passes below.
+// route_fast_kernel (route_fast.cuh: plain top-k of at most 256 experts, k <= 8, no bias) or
+// route_kernel (route_kernel.cuh: everything) and, with an expert capacity, the two capacity passes.
 #include "chunk_scan.cuh"
+#include "route_fast.cuh"
 #include "route_kernel.cuh"
 
 #include <cstdlib>
@@ -16,6 +18,16 @@ int lane_values_target() {
     return v != nullptr && std::atoi(v) == 32 ? 32 : 16;
   }();
   return target;
+}
+
+// Whether plain top-k may take route_fast_kernel: on unless MOEK_ROUTE_FAST=0 (read once; for
+// tuning runs and for comparing the two paths).
+bool fast_path_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("MOEK_ROUTE_FAST");
+    return v == nullptr || std::atoi(v) != 0;
+  }();
+  return enabled;
 }
 
 // One block per chunk of pairs: a pair's position inside its expert is the expert's count in earlier
@@ -113,8 +125,21 @@ extern "C" int moek_cuda_route(const moek_route_args* a, int32_t capacity_chunk,
   const dim3 block(tokens_per_block * lanes);
   const dim3 grid(static_cast<unsigned>((T + tokens_per_block - 1) / tokens_per_block));
   const size_t smem = tokens_per_block * per_token;
-  err = a->logits_dtype == MOEK_DTYPE_F32 ? launch_route<float>(p, vec, lanes, nv, grid, block, smem, stream)
-                                          : launch_route<__nv_bfloat16>(p, vec, lanes, nv, grid, block, smem, stream);
+  // The fast path (route_fast.cuh): plain top-k without a bias, k <= 8, whole 16-byte chunks, at
+  // least 8 of them (every lane of a token holds data) and at most 32 values a lane (E <= 256).
+  const int full_vec = 16 / static_cast<int>(elem);
+  const bool plain = a->mode == MOEK_ROUTE_TOPK || a->mode == MOEK_ROUTE_SWITCH;
+  if (fast_path_enabled() && plain && a->bias == nullptr && k <= kFastMaxK && vec == full_vec &&
+      row_chunks >= kFastLanes && row_chunks * vec <= kFastLanes * kFastMaxValues) {
+    const int fast_nv = (row_chunks + kFastLanes - 1) / kFastLanes * vec <= 16 ? 16 : 32;
+    const bool full = row_chunks * vec == kFastLanes * fast_nv;
+    err = a->logits_dtype == MOEK_DTYPE_F32 ? launch_route_fast<float>(p, fast_nv, full, stream)
+                                            : launch_route_fast<__nv_bfloat16>(p, fast_nv, full, stream);
+  } else {
+    err = a->logits_dtype == MOEK_DTYPE_F32
+              ? launch_route<float>(p, vec, lanes, nv, grid, block, smem, stream)
+              : launch_route<__nv_bfloat16>(p, vec, lanes, nv, grid, block, smem, stream);
+  }
   if (err != cudaSuccess || a->capacity == 0) return err;
 
   chunk_exclusive_scan_kernel<<<E, 256, 0, stream>>>(p.chunk_counts, num_chunks, nullptr);

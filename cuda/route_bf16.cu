@@ -1,5 +1,6 @@
-// Routing kernels for bf16 logits (vector loads of 8 or 4 values, or scalar).
-#include "route_kernel.cuh"
+// Routing kernels for bf16 logits (vector loads of 8 or 4 values, or scalar), and the plain top-k
+// fast path (route_fast.cuh).
+#include "route_fast.cuh"
 
 namespace moek {
 template <>
@@ -13,5 +14,10 @@ cudaError_t launch_route<__nv_bfloat16>(const RouteParams& p, int vec, int lanes
     default:
       return launch_route_lanes<__nv_bfloat16, 1>(p, lanes, nv, grid, block, smem, stream);
   }
+}
+
+template <>
+cudaError_t launch_route_fast<__nv_bfloat16>(const RouteParams& p, int nv, bool full, cudaStream_t stream) {
+  return launch_route_fast_variants<__nv_bfloat16>(p, nv, full, stream);
 }
 }  // namespace moek

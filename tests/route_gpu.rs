@@ -373,3 +373,128 @@ fn routing_replays_from_a_cuda_graph() {
         assert_eq!(got_dropped as u32, expected.dropped, "replay {replay}: dropped count");
     }
 }
+
+/// Logits of one of the kinds the fast top-k path must get exactly right: uniform, quantised (many
+/// exact ties, so candidates tie on keys), four levels (more than 16 candidates: the fallback),
+/// uniform with the row's maximum repeated (ties among the heads), and rows with -inf entries
+/// (masked experts, at least one finite value a row; a threshold of -inf takes the fallback).
+fn fast_path_logits(rng: &mut impl Rng, kind: usize, t: usize, e: usize) -> Vec<f32> {
+    let mut out: Vec<f32> = (0..t * e)
+        .map(|_| match kind {
+            0 => rng.random_range(-4.0f32..4.0),
+            1 => rng.random_range(-32i32..=32) as f32 / 8.0,
+            2 => rng.random_range(0i32..4) as f32,
+            _ => rng.random_range(-4.0f32..4.0),
+        })
+        .collect();
+    if kind == 3 {
+        for row in out.chunks_mut(e) {
+            let top = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for _ in 0..rng.random_range(1..4) {
+                row[rng.random_range(0..e)] = top;
+            }
+        }
+    }
+    if kind == 4 {
+        for row in out.chunks_mut(e) {
+            let masked = rng.random_range(0..e);
+            for _ in 0..masked {
+                row[rng.random_range(0..e)] = f32::NEG_INFINITY;
+            }
+            if row.iter().all(|x| x.is_infinite()) {
+                row[0] = 0.5;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn fast_top_k_path_matches_reference() {
+    // route_fast_kernel's domain: plain top-k without a bias, k <= 8, whole 16-byte chunks, 8 or more
+    // of them and at most 256 experts (f32 E = 32..=256 in steps of 4, bf16 E = 64..=256 in steps of
+    // 8); full rows and rows that leave the last lanes short, both value counts (16 and 32 a lane).
+    let Some((_ctx, stream)) = common::gpu() else { return };
+    let mut rng = common::rng("fast_top_k_path_matches_reference");
+    // MOEK_TEST_QUICK=1 (the memcheck run): uniform and fallback data, k = 1 and 8 only.
+    let quick = std::env::var("MOEK_TEST_QUICK").is_ok_and(|v| v == "1");
+    let mut failures = Vec::new();
+    let (mut cases, mut total_ties) = (0, 0);
+    for &(e, bf) in &[
+        (32u32, false),
+        (36, false),
+        (64, false),
+        (64, true),
+        (120, false),
+        (120, true),
+        (128, false),
+        (128, true),
+        (136, false),
+        (192, true),
+        (248, false),
+        (248, true),
+        (256, false),
+        (256, true),
+    ] {
+        for kind in (0..5).filter(|&kind| !quick || kind % 2 == 0) {
+            let t = [1000usize, 7, 1000, 1000, 1000][kind];
+            let logits = fast_path_logits(&mut rng, kind, t, e as usize);
+            for k in [1u32, 2, 3, 6, 8].into_iter().filter(|&k| !quick || k == 1 || k == 8) {
+                let configs = [
+                    RoutingConfig::top_k(e, k),
+                    RoutingConfig { renormalize: true, scale: 2.5, ..RoutingConfig::top_k(e, k) },
+                    RoutingConfig { score: ScoreFunction::Sigmoid, ..RoutingConfig::top_k(e, k) },
+                    RoutingConfig { score: ScoreFunction::Sigmoid, renormalize: true, ..RoutingConfig::top_k(e, k) },
+                ];
+                for cfg in configs {
+                    let case = Case { stream: &stream, cfg, t, logits: &logits, bias: None, bf16_logits: bf };
+                    cases += 1;
+                    match check_case(&case) {
+                        Ok(ties) => total_ties += ties,
+                        Err(m) => failures.push(format!("E={e} k={k} T={t} bf16={bf} kind={kind} {cfg:?}: {m}")),
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("{cases} fast-path cases, {total_ties} near-tie tokens, {} failures", failures.len());
+    assert!(failures.is_empty(), "{} of {cases} cases failed:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn fast_top_k_path_replays_from_a_cuda_graph() {
+    let Some((ctx, stream)) = common::gpu() else { return };
+    unsafe { ctx.disable_event_tracking() };
+    let mut rng = common::rng("fast_top_k_path_replays_from_a_cuda_graph");
+    let cfg = RoutingConfig::top_k(128, 8);
+    let (t, e, k) = (1000usize, 128usize, 8usize);
+    let mut d_logits = stream.alloc_zeros::<f32>(t * e).unwrap();
+    let mut ids = stream.alloc_zeros::<i32>(t * k).unwrap();
+    let mut weights = stream.alloc_zeros::<f32>(t * k).unwrap();
+    stream.synchronize().unwrap();
+    stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+    {
+        let mut out = RouteOutput {
+            topk_ids: ids.slice_mut(..),
+            topk_weights: weights.slice_mut(..),
+            dropped_count: None,
+            workspace: None,
+        };
+        route(&stream, &cfg, t, &d_logits.slice(..), None, &mut out).unwrap();
+    }
+    let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).unwrap().expect("a graph");
+    for replay in 0..3 {
+        let logits = separated_logits(&mut rng, t, e);
+        stream.memcpy_htod(&logits, &mut d_logits).unwrap();
+        stream.memset_zeros(&mut ids).unwrap();
+        graph.launch().unwrap();
+        let expected = reference_route(&cfg, t, &logits, None);
+        let got_ids = stream.clone_dtoh(&ids).unwrap();
+        let got_w = stream.clone_dtoh(&weights).unwrap();
+        stream.synchronize().unwrap();
+        assert_eq!(got_ids, expected.ids, "replay {replay}: ids differ");
+        for (i, (&g, &c)) in got_w.iter().zip(&expected.weights).enumerate() {
+            assert!(close(g, c, 1e-5), "replay {replay}, pair {i}: weight {g} vs reference {c}");
+        }
+    }
+}
