@@ -180,7 +180,12 @@ __global__ void __launch_bounds__(kCopyThreads) ep_send_kernel(const EpLaunch a,
   const int64_t rows = a.expert_offsets[a.num_experts];
   const int64_t vectors = a.row_bytes / 16;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (kCopyThreads / 32);
-  for (int64_t r = blockIdx.x * (kCopyThreads / 32) + threadIdx.x / 32; r < rows; r += warps) {
+  // Rows are in expert order, so in plan order every rank would send to rank 0 first, then all to rank
+  // 1, ...: one receiver's links carry everything at a time. Starting at the next rank's rows (and
+  // wrapping round, this rank's own last) makes the ranks send to different receivers at once.
+  const int64_t start = rows > 0 ? a.expert_offsets[((a.rank + 1) % a.num_ranks) * L] : 0;
+  for (int64_t i = blockIdx.x * (kCopyThreads / 32) + threadIdx.x / 32; i < rows; i += warps) {
+    const int64_t r = (start + i) % rows;
     const int32_t pair = a.row_source[r];
     const int32_t e = topk_ids[pair];
     const int64_t dest_row = a.send_base[e] + (r - a.expert_offsets[e]);

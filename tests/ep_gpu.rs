@@ -235,6 +235,13 @@ fn run_configs(num_ranks: u32) {
     }
 }
 
+/// One rank: every row goes to itself (the case compute-sanitizer can run: with several GPUs its
+/// serialised kernels would wait on the peers' flags forever).
+#[test]
+fn dispatch_and_combine_on_one_gpu() {
+    run_configs(1);
+}
+
 #[test]
 fn dispatch_and_combine_on_two_gpus() {
     run_configs(2);
