@@ -215,6 +215,7 @@ fn check_case(c: &Case) -> Result<usize, String> {
 
 #[test]
 fn routing_matches_reference_over_the_shape_matrix() {
+    let _serial = common::serial();
     let Some((_ctx, stream)) = common::gpu() else { return };
     let mut rng = common::rng("routing_matches_reference_over_the_shape_matrix");
     let quick = std::env::var("MOEK_TEST_QUICK").is_ok_and(|v| v == "1");
@@ -267,6 +268,7 @@ fn routing_matches_reference_over_the_shape_matrix() {
 
 #[test]
 fn bad_input_is_refused_and_nothing_is_written() {
+    let _serial = common::serial();
     let Some((_ctx, stream)) = common::gpu() else { return };
     let (t, e, k) = (64usize, 64u32, 4u32);
     let logits = stream.clone_htod(&vec![0.25f32; t * e as usize]).unwrap();
@@ -334,6 +336,7 @@ fn bad_input_is_refused_and_nothing_is_written() {
 
 #[test]
 fn routing_replays_from_a_cuda_graph() {
+    let _serial = common::serial();
     let Some((ctx, stream)) = common::gpu() else { return };
     // cudarc's per-buffer event tracking would record events inside the capture; the test owns all
     // ordering here (one stream).
@@ -411,6 +414,7 @@ fn fast_path_logits(rng: &mut impl Rng, kind: usize, t: usize, e: usize) -> Vec<
 
 #[test]
 fn fast_top_k_path_matches_reference() {
+    let _serial = common::serial();
     // route_fast_kernel's domain: plain top-k without a bias, k <= 8, whole 16-byte chunks, 8 or more
     // of them and at most 256 experts (f32 E = 32..=256 in steps of 4, bf16 E = 64..=256 in steps of
     // 8); full rows and rows that leave the last lanes short, both value counts (16 and 32 a lane).
@@ -463,6 +467,7 @@ fn fast_top_k_path_matches_reference() {
 
 #[test]
 fn fast_top_k_path_replays_from_a_cuda_graph() {
+    let _serial = common::serial();
     let Some((ctx, stream)) = common::gpu() else { return };
     unsafe { ctx.disable_event_tracking() };
     let mut rng = common::rng("fast_top_k_path_replays_from_a_cuda_graph");

@@ -126,11 +126,24 @@ fn launch_block(a: &sys::moek_ep_group, lay: &EpLayout, peers: &[usize], carve: 
     }
 }
 
-/// Blocks of a copy step over at most `rows` rows: 8 warps a block, 4 blocks per SM at most, and at
-/// least one (the last block signals the peers even when nothing is sent).
+/// Blocks per SM of the copy steps by default; `MOEK_EP_BLOCKS_PER_SM` overrides it (a tuning knob for
+/// benchmarks, read once).
+const COPY_BLOCKS_PER_SM: usize = 4;
+
+/// Blocks of a copy step over at most `rows` rows: 8 warps a block (one row each), at most
+/// [`COPY_BLOCKS_PER_SM`] per SM, and at least one (the last block signals the peers even when nothing
+/// is sent).
 fn copy_blocks(rows: usize) -> i32 {
+    static PER_SM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let per_sm = *PER_SM.get_or_init(|| {
+        std::env::var("MOEK_EP_BLOCKS_PER_SM")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&v: &usize| (1..=32).contains(&v))
+            .unwrap_or(COPY_BLOCKS_PER_SM)
+    });
     let sms = cuda::sm_count().unwrap_or(132) as usize;
-    rows.div_ceil(8).clamp(1, 4 * sms) as i32
+    rows.div_ceil(8).clamp(1, per_sm * sms) as i32
 }
 
 /// Plan, counts exchange, row stores (arguments validated by [`super::dispatch_raw`]).

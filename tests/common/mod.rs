@@ -31,3 +31,11 @@ pub fn rng(test: &str) -> StdRng {
     eprintln!("{test}: seed {seed} (rerun with MOEK_SEED={seed})");
     StdRng::seed_from_u64(seed)
 }
+
+/// Holds a process-wide lock for a test's duration: tests of one binary that capture CUDA graphs take
+/// it so that no other test thread creates streams or loads kernels while a capture is open (the
+/// H200 run of route_gpu with 4 test threads saw a stream creation refused and a capture invalidated).
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
