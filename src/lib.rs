@@ -15,14 +15,15 @@
 //!   weighted combine, with the CPU reference in [`reference::permute`].
 //! - [`grouped_gemm`]: every expert's matrix product in one launch (contiguous or masked rows, SwiGLU /
 //!   GELU / ReLU and row-scale epilogues; the portable mma.sync path, with split-K for decode, and an
-//!   sm_90a TMA + wgmma path for prefill; split-K and the sm_90a path not yet run on a GPU), with the
-//!   CPU reference in [`reference::grouped_gemm`].
+//!   sm_90a TMA + wgmma path for prefill), with the CPU reference in [`reference::grouped_gemm`].
 //! - [`layer`]: a whole MoE layer composed from the above (route, plan, permute, two grouped GEMMs,
 //!   combine), or fused (route, plan, then one persistent kernel: [`layer::LayerImpl`]), with the CPU
 //!   reference in [`reference::layer`].
 //! - [`subbit`]: the sub-1-bit ternary expert format (encoder, validator, CPU decoder) and its kernels:
-//!   lossless decode to dense bf16 and the fused decode + matvec for 1..=8 tokens (not yet run on a
-//!   GPU), with the CPU reference in [`reference::subbit`].
+//!   lossless decode to dense bf16 and the fused decode + matvec for 1..=8 tokens, with the CPU
+//!   reference in [`reference::subbit`].
+//! - [`ep`]: expert parallelism across the GPUs of one host: dispatch and combine with NVLink peer
+//!   stores and device-side flags, with the CPU reference in [`reference::ep`].
 //!
 //! Built without nvcc (see `scripts/setup-cuda.sh`), the crate still compiles and its CPU parts work;
 //! GPU calls return [`Status::NoCudaKernels`]. [`KERNELS_BUILT`] tells which build this is.
