@@ -65,6 +65,11 @@ mod launchers {
             blocks: i32,
             stream: sys::cudaStream_t,
         ) -> i32;
+        pub fn moek_cuda_ep_expand(
+            a: *const crate::ep::launch::EpLaunch,
+            blocks: i32,
+            stream: sys::cudaStream_t,
+        ) -> i32;
         pub fn moek_cuda_ep_return(
             a: *const crate::ep::launch::EpLaunch,
             expert_out: *const std::ffi::c_void,
@@ -250,8 +255,11 @@ pub(crate) enum EpStep {
     /// Exchange per-expert counts and derive where rows land (one block); first makes sure the later
     /// steps' kernels for rows of `dtype` are loaded (see cuda/ep.cu, moek_cuda_ep_preload).
     Counts { dtype: sys::moek_dtype },
-    /// Store this rank's rows into the owners' buffers, signal, wait for everyone's.
+    /// Store this rank's rows into the owners' buffers (a token once per owner) with the expansion map,
+    /// signal, wait for everyone's.
     Send { x: *const std::ffi::c_void, topk_ids: *const i32, blocks: i32 },
+    /// Copy each token's row, received once per owner, to its other expert rows there.
+    Expand { blocks: i32 },
     /// Store the expert outputs back into their sources' buffers, signal, wait.
     Return { expert_out: *const std::ffi::c_void, blocks: i32 },
 }
@@ -266,6 +274,7 @@ pub(crate) fn ep_step(a: &crate::ep::launch::EpLaunch, step: EpStep, stream: sys
             match step {
                 EpStep::Counts { dtype } => launchers::moek_cuda_ep_counts(a, dtype, stream),
                 EpStep::Send { x, topk_ids, blocks } => launchers::moek_cuda_ep_send(a, x, topk_ids, blocks, stream),
+                EpStep::Expand { blocks } => launchers::moek_cuda_ep_expand(a, blocks, stream),
                 EpStep::Return { expert_out, blocks } => launchers::moek_cuda_ep_return(a, expert_out, blocks, stream),
             }
         }

@@ -19,9 +19,11 @@ pub(crate) struct EpLaunch {
     counts_offset: i64,
     received_offset: i64,
     returned_offset: i64,
+    expand_offset: i64,
     expert_counts: *const i32,
     expert_offsets: *const i32,
     row_source: *const i32,
+    pair_row: *const i32,
     state: *mut u32,
     send_base: *mut i32,
     segment_start: *mut i32,
@@ -115,9 +117,11 @@ fn launch_block(a: &sys::moek_ep_group, lay: &EpLayout, peers: &[usize], carve: 
         counts_offset: lay.counts_offset as i64,
         received_offset: lay.received_offset as i64,
         returned_offset: lay.returned_offset as i64,
+        expand_offset: lay.expand_offset as i64,
         expert_counts: at(carve.expert_counts) as *const i32,
         expert_offsets: at(carve.expert_offsets) as *const i32,
         row_source: at(carve.row_source) as *const i32,
+        pair_row: at(carve.pair_row) as *const i32,
         state: at(carve.state) as *mut u32,
         send_base: at(carve.send_base) as *mut i32,
         segment_start: at(carve.segment_start) as *mut i32,
@@ -146,7 +150,8 @@ fn copy_blocks(rows: usize) -> i32 {
     rows.div_ceil(8).clamp(1, per_sm * sms) as i32
 }
 
-/// Plan, counts exchange, row stores (arguments validated by [`super::dispatch_raw`]).
+/// Plan, counts exchange, row stores (one per token and owner), expansion at the owner (arguments
+/// validated by [`super::dispatch_raw`]).
 pub(crate) fn dispatch(
     a: &sys::moek_ep_dispatch_args,
     lay: &EpLayout,
@@ -173,7 +178,9 @@ pub(crate) fn dispatch(
     cuda::status(cuda::ep_step(&block, EpStep::Counts { dtype: c.dtype }, stream))?;
     let rows = a.num_tokens as usize * c.k as usize;
     let send = EpStep::Send { x: a.x, topk_ids: a.topk_ids, blocks: copy_blocks(rows) };
-    cuda::status(cuda::ep_step(&block, send, stream))
+    cuda::status(cuda::ep_step(&block, send, stream))?;
+    let expand = EpStep::Expand { blocks: copy_blocks(lay.max_received_rows) };
+    cuda::status(cuda::ep_step(&block, expand, stream))
 }
 
 /// Return stores, then the fixed-order weighted sum (arguments validated by [`super::combine_raw`]).

@@ -66,6 +66,8 @@ pub struct EpLayout {
     pub(crate) counts_offset: usize,
     /// Byte offset of the returned rows (this rank's own pairs) inside the symmetric buffer.
     pub(crate) returned_offset: usize,
+    /// Byte offset of the expansion map (int32 per received row: the row that holds its token's data).
+    pub(crate) expand_offset: usize,
 }
 
 impl EpConfig {
@@ -129,7 +131,8 @@ pub(crate) fn layout(c: &sys::moek_ep_config) -> Result<EpLayout> {
     let counts_offset = FLAG_BYTES;
     let received_offset = counts_offset + align_up(ranks * e as usize * 4);
     let returned_offset = received_offset + align_up(received_rows * row_bytes);
-    let symmetric_bytes = returned_offset + align_up(pairs * row_bytes);
+    let expand_offset = returned_offset + align_up(pairs * row_bytes);
+    let symmetric_bytes = expand_offset + align_up(received_rows * 4);
     let workspace_bytes = launch::Carve::new(c)?.total;
     Ok(EpLayout {
         symmetric_bytes,
@@ -138,6 +141,7 @@ pub(crate) fn layout(c: &sys::moek_ep_config) -> Result<EpLayout> {
         workspace_bytes,
         counts_offset,
         returned_offset,
+        expand_offset,
     })
 }
 
