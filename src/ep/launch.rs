@@ -130,6 +130,13 @@ fn launch_block(a: &sys::moek_ep_group, lay: &EpLayout, peers: &[usize], carve: 
     }
 }
 
+/// The workspace carve and the kernels' argument block of a call of `group`.
+fn prepare(group: &sys::moek_ep_group, lay: &EpLayout, peers: &[usize]) -> Result<(Carve, EpLaunch)> {
+    let carve = Carve::new(&group.config)?;
+    let block = launch_block(group, lay, peers, &carve);
+    Ok((carve, block))
+}
+
 /// Blocks per SM of the copy steps by default; `MOEK_EP_BLOCKS_PER_SM` overrides it (a tuning knob for
 /// benchmarks, read once).
 const COPY_BLOCKS_PER_SM: usize = 4;
@@ -159,7 +166,7 @@ pub(crate) fn dispatch(
     stream: sys::cudaStream_t,
 ) -> Result<()> {
     let c = &a.group.config;
-    let carve = Carve::new(c)?;
+    let (carve, mut block) = prepare(&a.group, lay, peers)?;
     let ws = a.group.workspace as *mut u8;
     // SAFETY: offsets inside the workspace (its size was checked against the carve).
     let at = |off: usize| unsafe { ws.add(off) };
@@ -173,7 +180,6 @@ pub(crate) fn dispatch(
     plan.workspace = at(carve.plan_workspace) as *mut c_void;
     plan.workspace_bytes = carve.plan_workspace_bytes;
     permute::plan_raw(&plan, stream)?;
-    let mut block = launch_block(&a.group, lay, peers, &carve);
     block.received_offsets = a.received_expert_offsets;
     cuda::status(cuda::ep_step(&block, EpStep::Counts { dtype: c.dtype }, stream))?;
     let rows = a.num_tokens as usize * c.k as usize;
@@ -191,8 +197,7 @@ pub(crate) fn combine(
     stream: sys::cudaStream_t,
 ) -> Result<()> {
     let c = &a.group.config;
-    let carve = Carve::new(c)?;
-    let block = launch_block(&a.group, lay, peers, &carve);
+    let (carve, block) = prepare(&a.group, lay, peers)?;
     let back = EpStep::Return { expert_out: a.expert_out, blocks: copy_blocks(lay.max_received_rows) };
     cuda::status(cuda::ep_step(&block, back, stream))?;
     let own = peers[c.rank as usize] as *const u8;
