@@ -10,7 +10,7 @@
 //! let handles: Vec<IpcHandle> = gather_all_in_rank_order();
 //! me.connect(&handles)?;                                // opens every other rank's buffer
 //! me.dispatch(..)?; /* experts */ me.combine(..)?;      // the EpRank calls, through Deref
-//! barrier(); drop(me);                                  // see "Teardown" below
+//! me.disconnect(); barrier(); drop(me);                 // see "Teardown" below
 //! ```
 //!
 //! Zero fill: every rank's buffer must be zero before any rank's first dispatch (the flags start
@@ -19,8 +19,10 @@
 //! barrier: the exchange of handles is the barrier.
 //!
 //! Teardown: when every rank made the same calls, no peer stores into a rank's buffer after that
-//! rank's last combine completed, so dropping is safe; a barrier over the caller's channel before
-//! dropping keeps a rank that failed half-way from freeing memory a peer still writes.
+//! rank's last combine completed. Still, every rank closes the others' buffers
+//! ([`IpcRank::disconnect`]) and passes a barrier over the caller's channel before dropping (freeing
+//! its own), so that no buffer is freed while another process has it open or (after a failure
+//! half-way) still stores into it.
 //!
 //! Peer access is enabled lazily by the driver when a handle is opened
 //! (`CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS`); the GPUs must be able to access each other (NVLink or
@@ -138,6 +140,20 @@ impl IpcRank {
         }
         self.opened = fresh;
         Ok(())
+    }
+
+    /// Waits for this rank's stream and closes the other ranks' buffers (the peers table empties;
+    /// calls fail until [`IpcRank::connect`] runs again). For an orderly teardown: every rank
+    /// disconnects, a barrier over the caller's channel, then every rank drops (frees its buffer), so
+    /// no buffer is freed while another process still has it open. Dropping disconnects too.
+    pub fn disconnect(&mut self) {
+        let me = self.rank.rank() as usize;
+        for q in (0..self.rank.config().num_ranks as usize).filter(|&q| q != me) {
+            self.rank.set_peer(q, 0);
+        }
+        let stream = self.opened.stream.clone();
+        // The old set's drop waits for the stream and closes the handles.
+        self.opened = OpenedPeers { ptrs: Vec::new(), stream };
     }
 }
 
