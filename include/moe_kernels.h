@@ -555,6 +555,21 @@ moek_status moek_subbit_matvec(const moek_subbit_matvec_args *args, cudaStream_t
  *   received rows themselves, overwritten in place), returns each row to its source, and writes
  *   out[t] = residual[t] + sum over s of topk_weights[t,s] * output of pair (t,s), accumulated in fp32
  *   in slot order (bit-identical from run to run).
+ *
+ * One process per GPU (CUDA IPC), from C; the Rust API's moe_kernels::ep::IpcRank does the same:
+ * 1. Each process: cudaSetDevice(its GPU); moek_ep_layout_query; cudaMalloc the symmetric buffer (a
+ *    plain allocation: IPC handles do not cover cudaMallocAsync's pool) and the workspace; cudaMemset
+ *    both to 0; cudaDeviceSynchronize (the fill must be complete before the handle is published).
+ * 2. cudaIpcGetMemHandle(&handle, symmetric) gives 64 plain bytes; send them to every other process
+ *    over the caller's own channel (socket, shared file, the framework's all-gather).
+ * 3. For every other rank q: cudaIpcOpenMemHandle(&peers[q], handle_q,
+ *    cudaIpcMemLazyEnablePeerAccess); peers[rank] = the process's own buffer (a process cannot open
+ *    its own handle). Holding every rank's handle implies every rank's zero fill completed, which is
+ *    the barrier the first dispatch needs.
+ * 4. Dispatch / combine as above, every rank the same calls in the same order.
+ * 5. Teardown: cudaStreamSynchronize, cudaIpcCloseMemHandle(peers[q]) for q != rank, a barrier over
+ *    the caller's channel, then cudaFree (no buffer is freed while another process has it open).
+ * The GPUs must reach each other (NVLink or PCIe P2P: cudaDeviceCanAccessPeer).
  * ---------------------------------------------------------------------------------------------- */
 
 #define MOEK_EP_MAX_RANKS 64

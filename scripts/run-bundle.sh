@@ -43,7 +43,14 @@ for s in "${steps[@]}"; do
     sanitize)
       for t in "$bins"/tests/*_gpu; do
         wanted "$(basename "$t")" || continue
-        step "memcheck:$(basename "$t")" compute-sanitizer --tool memcheck --error-exitcode 99 "$t" --test-threads=1
+        # compute-sanitizer serialises kernels, so ranks on several GPUs would wait on each other's flags
+        # forever: expert parallelism is checked on one GPU only (one rank), and not across processes.
+        filter=()
+        case "$(basename "$t")" in
+          ep_ipc_gpu) continue ;;
+          ep_gpu) filter=(dispatch_and_combine_on_one_gpu) ;;
+        esac
+        step "memcheck:$(basename "$t")" compute-sanitizer --tool memcheck --error-exitcode 99 "$t" --test-threads=1 "${filter[@]}"
       done ;;
     c)
       step c_api_test "$bins/bin/c_api_test" ;;

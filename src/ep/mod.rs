@@ -8,14 +8,18 @@
 //! - [`EpConfig`] is the shape all ranks agree on; [`EpConfig::layout`] sizes the buffers.
 //! - [`PeerGroup`] drives every GPU of the host from one process (peer access), allocating and
 //!   zero-filling the buffers; [`EpRank::dispatch`] and [`EpRank::combine`] are the per-rank calls.
-//! - Engines with their own buffers (for instance one process per GPU, buffers shared through CUDA IPC
-//!   handles) call `moek_ep_dispatch` / `moek_ep_combine` through the C interface.
+//! - [`IpcRank`] is one rank of a group with one process per GPU: its buffers are shared with the
+//!   other processes as CUDA IPC handles (plain bytes the caller exchanges over its own channel).
+//! - Engines with their own buffers call `moek_ep_dispatch` / `moek_ep_combine` through the C
+//!   interface (the header says how to share them through CUDA IPC from C).
 //!
 //! The CPU reference of the whole expert-parallel step is [`crate::reference::ep`].
 
+mod ipc;
 pub(crate) mod launch;
 mod peer_group;
 
+pub use ipc::{IpcHandle, IpcRank, IPC_HANDLE_BYTES};
 pub use peer_group::{EpRank, ExpertOutput, PeerGroup};
 
 use crate::error::{bail, Result};

@@ -88,9 +88,9 @@ pub struct PeerGroup {
     ranks: Vec<EpRank>,
 }
 
-/// One rank of a [`PeerGroup`]: its stream, buffers and the calls. Every rank must make the same calls
-/// in the same order; a call waits on the device for the other ranks' matching call, so enqueue every
-/// rank's call before synchronising any of them.
+/// One rank of a [`PeerGroup`] or an [`super::IpcRank`]: its stream, buffers and the calls. Every rank
+/// must make the same calls in the same order; a call waits on the device for the other ranks'
+/// matching call, so (in one process) enqueue every rank's call before synchronising any of them.
 pub struct EpRank {
     config: EpConfig,
     layout: EpLayout,
@@ -115,32 +115,15 @@ impl PeerGroup {
             }
         }
         enable_peer_access(streams)?;
-        let mut buffers = Vec::with_capacity(streams.len());
-        for s in streams {
-            let symmetric = SymmetricBuffer::zeroed(s, layout.symmetric_bytes)?;
-            let workspace = s.alloc_zeros::<u8>(layout.workspace_bytes)?;
-            buffers.push((symmetric, workspace));
+        let mut ranks = Vec::with_capacity(streams.len());
+        for (r, s) in streams.iter().enumerate() {
+            ranks.push(EpRank::allocate(config, layout, r as u32, s)?);
         }
-        // Every zero fill (cuMemsetD8 runs on the legacy stream) completes before any rank can store
-        // into a peer.
-        for s in streams {
-            s.context().synchronize()?;
+        // Every zero fill completed inside allocate, before any rank can store into a peer.
+        let peers: Vec<*mut c_void> = ranks.iter().map(|r| r.symmetric.ptr as *mut c_void).collect();
+        for rank in &mut ranks {
+            rank.peers.clone_from(&peers);
         }
-        let peers: Vec<*mut c_void> = buffers.iter().map(|(b, _)| b.ptr as *mut c_void).collect();
-        let ranks = buffers
-            .into_iter()
-            .zip(streams)
-            .enumerate()
-            .map(|(r, ((symmetric, workspace), stream))| EpRank {
-                config,
-                layout,
-                rank: r as u32,
-                stream: stream.clone(),
-                workspace,
-                peers: peers.clone(),
-                symmetric,
-            })
-            .collect();
         Ok(PeerGroup { ranks })
     }
 
@@ -151,6 +134,29 @@ impl PeerGroup {
 }
 
 impl EpRank {
+    /// Rank `rank`'s symmetric buffer and workspace on `stream`'s GPU, zero-filled (returns after the
+    /// fill completed). The peers table holds this rank's own buffer only; the others stay NULL (and
+    /// calls fail naming them) until the owner of the rank fills them in.
+    pub(super) fn allocate(config: EpConfig, layout: EpLayout, rank: u32, stream: &Arc<CudaStream>) -> Result<Self> {
+        let symmetric = SymmetricBuffer::zeroed(stream, layout.symmetric_bytes)?;
+        let workspace = stream.alloc_zeros::<u8>(layout.workspace_bytes)?;
+        // cuMemsetD8 runs on the legacy stream, alloc_zeros on `stream`: wait for the whole context.
+        stream.context().synchronize()?;
+        let mut peers = vec![std::ptr::null_mut(); config.num_ranks as usize];
+        peers[rank as usize] = symmetric.ptr as *mut c_void;
+        Ok(EpRank { config, layout, rank, stream: stream.clone(), workspace, peers, symmetric })
+    }
+
+    /// This rank's own symmetric buffer.
+    pub(super) fn symmetric_ptr(&self) -> cu::CUdeviceptr {
+        self.symmetric.ptr
+    }
+
+    /// Sets peer `q`'s buffer as this rank's device addresses it.
+    pub(super) fn set_peer(&mut self, q: usize, ptr: cu::CUdeviceptr) {
+        self.peers[q] = ptr as *mut c_void;
+    }
+
     /// This rank's index.
     pub fn rank(&self) -> u32 {
         self.rank
@@ -159,6 +165,11 @@ impl EpRank {
     /// The stream this rank's calls are enqueued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// The group's configuration.
+    pub fn config(&self) -> &EpConfig {
+        &self.config
     }
 
     /// The group's layout.
@@ -293,11 +304,20 @@ impl EpRank {
         check::length("received rows", self.layout.max_received_rows * self.config.hidden, rows.len())?;
         self.stream.synchronize()?;
         self.stream.context().bind_to_thread()?;
-        // SAFETY: `rows` fits in the received rows region of the symmetric buffer (checked above).
+        // On this rank's stream, then waited for: a synchronous copy from pageable memory may return
+        // before its DMA lands, and a non-blocking stream would not wait for it.
+        // SAFETY: `rows` fits in the received rows region of the symmetric buffer (checked above) and
+        // outlives the copy (waited for below).
         unsafe {
-            cu::cuMemcpyHtoD_v2(self.received_rows_ptr(), rows.as_ptr() as *const c_void, std::mem::size_of_val(rows))
-                .result()?;
+            cu::cuMemcpyHtoDAsync_v2(
+                self.received_rows_ptr(),
+                rows.as_ptr() as *const c_void,
+                std::mem::size_of_val(rows),
+                self.stream.cu_stream(),
+            )
+            .result()?;
         }
+        self.stream.synchronize()?;
         Ok(())
     }
 }
