@@ -3,22 +3,19 @@
 //
 // Why a second kernel: route_kernel spends about 85 thread instructions per logit (ncu: 1370 warp
 // instructions per 4 tokens), so softmax top-8 of 128 was instruction-bound at a third of the copy
-// bandwidth. Reading the logits at 60% of ~4.2 TB/s leaves ~30 instructions per logit (13 us x 132
-// SMs x 4 schedulers x ~1.9 GHz x 32 lanes / 65536 x 128 logits, at ~75% of issue slots). This
-// kernel is laid out for that budget; per lane (16 values, f32, softmax top-8 of 128, from the SASS):
-//   row copy (cp.async, next token's) and its loads back               ~30
-//   the lane's two best values (a tournament)                           44  (3 per value)
-//   row max; exp2 sum (softmax without renormalisation); 1/sum          ~65 (3 per value)
-//   threshold: the k-th largest of the group's 16 lane heads            ~60 (two 8-lane bitonic sorts)
-//   candidate mask (value >= threshold), count, scan                    ~65
-//   packing the candidates (18 per candidate; the warp waits for its    ~50
-//   busiest lane, 2-3 on random data)
-//   sorting the <= 16 candidates over the 8 lanes (bitonic, 64-bit)     ~110
-//   weight and stores of the lane's output slot                          ~40
-// about 470 a lane, ~30 a logit, against route_kernel's ~85. The threshold leaves few candidates: on
-// uniform random logits (E = 128, k = 8) 8 in 54% of tokens, 8.7 in the mean, more than 16 in 5e-5
-// (scripts/route-fast-sim.py simulates this selection; the same threshold from each lane's two best
-// with 4 lanes a token would leave more than 16 in 21%).
+// bandwidth. Reading the logits at 60% of ~4.2 TB/s leaves ~30 instructions per logit. Per lane
+// (16 values, f32, softmax top-8 of 128, SASS of the common path, 2 packing rounds, n = 10):
+//   row copy (cp.async, next token's, running offsets) and its loads back   ~35
+//   the lane's two best values (a tournament)                                47
+//   row max; exp2 sum (softmax without renormalisation); 1/sum              ~82
+//   threshold: k-th largest of the 16 heads' 16-bit keys (one word)          57
+//   candidate mask, count, scan                                             ~63
+//   packing the candidates (the warp waits for its busiest lane)            ~57
+//   ranking by counting (FADD + LEA.HI a comparison) and the tie check     ~130
+//   weight and stores of the lane's output slot                             ~63
+// 536 in all (the 64-bit bitonic sort before it: 572), of which 225 on the ALU pipe (287) and 23
+// shuffles (56). The threshold leaves few candidates: on uniform random logits (E = 128, k = 8)
+// 8 in 48% of tokens, 8.9 in the mean (scripts/route-fast-sim.py simulates this selection).
 //
 // Layout: a token is handled by 8 consecutive lanes; the row's 16-byte chunks (VEC values) go to lane
 // c % 8 (coalesced, as route_kernel), NV values a lane. The kernel is persistent: each lane copies
@@ -26,11 +23,11 @@
 // current one, whose values it reads back into registers; the packing reads its few candidates from
 // there again by a run-time index, which registers cannot take.
 //
-// Selection is exact, on the same packed (key, ~index) candidates as route_kernel (ties to the lower
-// index): the threshold tau is a row value with at least k values >= it (k of the lane heads are), so
-// every top-k value is a candidate; sorting the candidates puts the q-th best in lane q. Where that
-// cannot run (more than 16 candidates: many equal logits; fewer than k: NaN; tau = -inf) the token
-// takes k rounds of the group's best, which is exact for any data.
+// Selection is exact (ties to the lower index): at least k row values are >= the threshold tau (k of
+// the lane heads are), so every top-k value is a candidate; a candidate's rank (how many candidates
+// are greater) is its output slot. Where that cannot run (more than 16 candidates; fewer than k:
+// NaN; tau = -inf; two candidates of equal value) the token takes k rounds of the group's best on
+// packed (key, ~index) words as route_kernel, which is exact for any data.
 #pragma once
 
 #include "mma_sm80.cuh"
