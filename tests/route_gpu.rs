@@ -149,6 +149,32 @@ struct Case<'a> {
     bf16_logits: bool,
 }
 
+/// Cases run, near-tie tokens seen and failures of a sweep of [`check_case`].
+#[derive(Default)]
+struct Tally {
+    cases: usize,
+    ties: usize,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    /// Runs one case, keeping its failure under the label `name()` gives.
+    fn check(&mut self, case: &Case, name: impl FnOnce() -> String) {
+        self.cases += 1;
+        match check_case(case) {
+            Ok(ties) => self.ties += ties,
+            Err(m) => self.failures.push(format!("{}: {m}", name())),
+        }
+    }
+
+    /// Prints the counts and fails the test if any case failed.
+    fn finish(self, what: &str) {
+        let (cases, failures) = (self.cases, &self.failures);
+        eprintln!("{cases} {what} cases, {} near-tie tokens, {} failures", self.ties, failures.len());
+        assert!(failures.is_empty(), "{} of {cases} cases failed:\n{}", failures.len(), failures.join("\n"));
+    }
+}
+
 /// Runs one case on the GPU (outputs poisoned first) and compares with the reference.
 fn check_case(c: &Case) -> Result<usize, String> {
     let Case { stream, cfg, t, logits, bias, bf16_logits } = *c;
@@ -219,8 +245,7 @@ fn routing_matches_reference_over_the_shape_matrix() {
     let Some((_ctx, stream)) = common::gpu() else { return };
     let mut rng = common::rng("routing_matches_reference_over_the_shape_matrix");
     let quick = std::env::var("MOEK_TEST_QUICK").is_ok_and(|v| v == "1");
-    let mut failures = Vec::new();
-    let (mut cases, mut total_ties) = (0, 0);
+    let mut tally = Tally::default();
     for &e in &EXPERTS {
         let bias: Vec<f32> = (0..e).map(|_| rng.random_range(-0.1..0.1)).collect();
         for &t in &TOKENS {
@@ -253,17 +278,12 @@ fn routing_matches_reference_over_the_shape_matrix() {
                         bias: with_bias.then_some(&bias[..]),
                         bf16_logits: bf,
                     };
-                    cases += 1;
-                    match check_case(&case) {
-                        Ok(ties) => total_ties += ties,
-                        Err(m) => failures.push(format!("E={e} k={k} T={t} bf16={bf} {cfg:?}: {m}")),
-                    }
+                    tally.check(&case, || format!("E={e} k={k} T={t} bf16={bf} {cfg:?}"));
                 }
             }
         }
     }
-    eprintln!("{cases} routing cases, {total_ties} near-tie tokens, {} failures", failures.len());
-    assert!(failures.is_empty(), "{} of {cases} cases failed:\n{}", failures.len(), failures.join("\n"));
+    tally.finish("routing");
 }
 
 #[test]
@@ -422,8 +442,7 @@ fn fast_top_k_path_matches_reference() {
     let mut rng = common::rng("fast_top_k_path_matches_reference");
     // MOEK_TEST_QUICK=1 (the memcheck run): uniform and fallback data, k = 1 and 8 only.
     let quick = std::env::var("MOEK_TEST_QUICK").is_ok_and(|v| v == "1");
-    let mut failures = Vec::new();
-    let (mut cases, mut total_ties) = (0, 0);
+    let mut tally = Tally::default();
     for &(e, bf) in &[
         (32u32, false),
         (36, false),
@@ -452,17 +471,12 @@ fn fast_top_k_path_matches_reference() {
                 ];
                 for cfg in configs {
                     let case = Case { stream: &stream, cfg, t, logits: &logits, bias: None, bf16_logits: bf };
-                    cases += 1;
-                    match check_case(&case) {
-                        Ok(ties) => total_ties += ties,
-                        Err(m) => failures.push(format!("E={e} k={k} T={t} bf16={bf} kind={kind} {cfg:?}: {m}")),
-                    }
+                    tally.check(&case, || format!("E={e} k={k} T={t} bf16={bf} kind={kind} {cfg:?}"));
                 }
             }
         }
     }
-    eprintln!("{cases} fast-path cases, {total_ties} near-tie tokens, {} failures", failures.len());
-    assert!(failures.is_empty(), "{} of {cases} cases failed:\n{}", failures.len(), failures.join("\n"));
+    tally.finish("fast-path");
 }
 
 #[test]
