@@ -41,10 +41,10 @@ enum Op {
 }
 
 fn enqueue(rank: &EpRank, b: &mut Rank, t: usize, op: Op) {
-    rank.dispatch(t, &b.x.slice(..), &b.ids.slice(..), &mut b.offsets.slice_mut(..)).unwrap();
+    let w = b.weights.slice(..);
+    rank.dispatch(t, &b.x.slice(..), &b.ids.slice(..), Some(&w), &mut b.offsets.slice_mut(..)).unwrap();
     if op == Op::DispatchCombine {
-        let w = b.weights.slice(..);
-        rank.combine(t, ExpertOutput::Received, Some(&w), None, &mut b.out.slice_mut(..)).unwrap();
+        rank.combine(t, ExpertOutput::Received, None, &mut b.out.slice_mut(..)).unwrap();
     }
 }
 

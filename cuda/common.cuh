@@ -55,6 +55,24 @@ __device__ __forceinline__ void load_as_float(const T* p, float (&out)[VEC]) {
   for (int v = 0; v < VEC; ++v) out[v] = to_float(elems[v]);
 }
 
+// 16-byte vectors of T: VEC elements each.
+template <typename T>
+struct Vec16 {
+  static constexpr int VEC = 16 / sizeof(T);
+  __device__ __forceinline__ static void unpack(const uint4& w, float (&out)[VEC]) {
+    const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = to_float(e[i]);
+  }
+  __device__ __forceinline__ static uint4 pack(const float (&in)[VEC]) {
+    uint4 w;
+    T* e = reinterpret_cast<T*>(&w);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) e[i] = from_float<T>(in[i]);
+    return w;
+  }
+};
+
 constexpr float kLog2e = 1.4426950408889634f;
 
 // 2^x by the hardware approximation (relative error about 2^-22; flushes subnormal results to 0).

@@ -8,24 +8,6 @@ namespace {
 
 constexpr int kRowBlock = 256;  // threads per block of permute and combine: one warp per slice of a token's row
 
-// 16-byte vectors of T: VEC elements each.
-template <typename T>
-struct Vec16 {
-  static constexpr int VEC = 16 / sizeof(T);
-  __device__ __forceinline__ static void unpack(const uint4& w, float (&out)[VEC]) {
-    const T* e = reinterpret_cast<const T*>(&w);
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) out[i] = to_float(e[i]);
-  }
-  __device__ __forceinline__ static uint4 pack(const float (&in)[VEC]) {
-    uint4 w;
-    T* e = reinterpret_cast<T*>(&w);
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) e[i] = from_float<T>(in[i]);
-    return w;
-  }
-};
-
 // Warps of permute's padding pass (zero_padding): each checks 32 rows of row_source at a time.
 constexpr int kPaddingWarps = 512;
 

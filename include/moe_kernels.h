@@ -552,9 +552,12 @@ moek_status moek_subbit_matvec(const moek_subbit_matvec_args *args, cudaStream_t
  *   grouped GEMM). They stay valid until this rank's next dispatch.
  * - A pair whose id is MOEK_DROPPED_ID or outside 0..E-1 is not sent and adds nothing in combine.
  * - Combine reads the expert outputs for the received rows (same layout, H wide; may be the
- *   received rows themselves, overwritten in place), returns each row to its source, and writes
- *   out[t] = residual[t] + sum over s of topk_weights[t,s] * output of pair (t,s), accumulated in fp32
- *   in slot order (bit-identical from run to run).
+ *   received rows themselves, overwritten in place) and writes out[t] = residual[t] + sum over the
+ *   ranks o holding some of t's experts of S(t, o), where S(t, o) = sum over t's slots s on o of
+ *   topk_weights[t,s] * output of pair (t,s), accumulated in fp32 in slot order at o and rounded to the
+ *   dtype there (one row per token and owner crosses NVLink, not one per pair); the S(t, o) are added
+ *   in fp32 in the slot order of each owner's first slot. Bit-identical from run to run. The weights
+ *   are the dispatch's topk_weights.
  *
  * One process per GPU (CUDA IPC), from C; the Rust API's moe_kernels::ep::IpcRank does the same:
  * 1. Each process: cudaSetDevice(its GPU); moek_ep_layout_query; cudaMalloc the symmetric buffer (a
@@ -611,11 +614,13 @@ typedef struct moek_ep_dispatch_args {
   int64_t num_tokens;        /* T of this rank, 0..max_tokens (ranks may differ) */
   const void *x;             /* device [T, H], 16-byte aligned */
   const int32_t *topk_ids;   /* device [T, k], global expert ids */
+  const float *topk_weights; /* device [T, k] or NULL (weight 1): the routing weights combine applies; they
+                                travel with the rows, so the owners can sum each token's outputs */
   int32_t *received_expert_offsets; /* device [E/R + 1], written: the received rows' expert offsets */
 } moek_ep_dispatch_args;
 
 /* Enqueues the dispatch: this rank's plan, the exchange of per-expert counts with every rank, the row
- * stores into the owners' buffers, and the wait for every rank's rows. */
+ * stores into the owners' buffers (with the routing weights), and the wait for every rank's rows. */
 moek_status moek_ep_dispatch(const moek_ep_dispatch_args *args, cudaStream_t stream);
 
 typedef struct moek_ep_combine_args {
@@ -623,13 +628,13 @@ typedef struct moek_ep_combine_args {
   int64_t num_tokens;        /* T of this rank's matching dispatch */
   const void *expert_out;    /* device [received rows, H], 16-byte aligned: the output for received row i
                                 (may point at the received rows in the symmetric buffer) */
-  const float *topk_weights; /* device [T, k] or NULL (weight 1) */
   const void *residual;      /* device [T, H] or NULL; may be the same buffer as out */
   void *out;                 /* device [T, H], 16-byte aligned, written */
 } moek_ep_combine_args;
 
-/* Enqueues the combine: stores each received row's output into its source rank's buffer, waits for
- * every rank's, then the fixed-order weighted sum per token. */
+/* Enqueues the combine: each owner sums the outputs of a token's rows there (weighted by the dispatch's
+ * topk_weights) and stores the sum into the token's rank's buffer; after every rank's, each token's
+ * sums are added up in a fixed order. */
 moek_status moek_ep_combine(const moek_ep_combine_args *args, cudaStream_t stream);
 
 #ifdef __cplusplus

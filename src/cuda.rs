@@ -62,6 +62,7 @@ mod launchers {
             a: *const crate::ep::launch::EpLaunch,
             x: *const std::ffi::c_void,
             topk_ids: *const i32,
+            topk_weights: *const f32,
             blocks: i32,
             stream: sys::cudaStream_t,
         ) -> i32;
@@ -72,6 +73,7 @@ mod launchers {
         ) -> i32;
         pub fn moek_cuda_ep_return(
             a: *const crate::ep::launch::EpLaunch,
+            dtype: sys::moek_dtype,
             expert_out: *const std::ffi::c_void,
             blocks: i32,
             stream: sys::cudaStream_t,
@@ -255,13 +257,15 @@ pub(crate) enum EpStep {
     /// Exchange per-expert counts and derive where rows land (one block); first makes sure the later
     /// steps' kernels for rows of `dtype` are loaded (see cuda/ep.cu, moek_cuda_ep_preload).
     Counts { dtype: sys::moek_dtype },
-    /// Store this rank's rows into the owners' buffers (a token once per owner) with the expansion map,
-    /// signal, wait for everyone's.
-    Send { x: *const std::ffi::c_void, topk_ids: *const i32, blocks: i32 },
+    /// Store this rank's rows into the owners' buffers (a token once per owner) with the expansion map
+    /// and the member lists (rows and routing weights, NULL weights meaning 1), signal, wait for
+    /// everyone's.
+    Send { x: *const std::ffi::c_void, topk_ids: *const i32, topk_weights: *const f32, blocks: i32 },
     /// Copy each token's row, received once per owner, to its other expert rows there.
     Expand { blocks: i32 },
-    /// Store the expert outputs back into their sources' buffers, signal, wait.
-    Return { expert_out: *const std::ffi::c_void, blocks: i32 },
+    /// Sum each token's expert outputs on this rank (weighted, slot order, fp32, rounded to `dtype`) and
+    /// store the sum into its source's buffer, signal, wait.
+    Return { dtype: sys::moek_dtype, expert_out: *const std::ffi::c_void, blocks: i32 },
 }
 
 /// Enqueues one step of expert-parallel dispatch or combine.
@@ -273,9 +277,13 @@ pub(crate) fn ep_step(a: &crate::ep::launch::EpLaunch, step: EpStep, stream: sys
         unsafe {
             match step {
                 EpStep::Counts { dtype } => launchers::moek_cuda_ep_counts(a, dtype, stream),
-                EpStep::Send { x, topk_ids, blocks } => launchers::moek_cuda_ep_send(a, x, topk_ids, blocks, stream),
+                EpStep::Send { x, topk_ids, topk_weights, blocks } => {
+                    launchers::moek_cuda_ep_send(a, x, topk_ids, topk_weights, blocks, stream)
+                }
                 EpStep::Expand { blocks } => launchers::moek_cuda_ep_expand(a, blocks, stream),
-                EpStep::Return { expert_out, blocks } => launchers::moek_cuda_ep_return(a, expert_out, blocks, stream),
+                EpStep::Return { dtype, expert_out, blocks } => {
+                    launchers::moek_cuda_ep_return(a, dtype, expert_out, blocks, stream)
+                }
             }
         }
     }

@@ -575,11 +575,12 @@ pub struct moek_ep_dispatch_args {
     pub num_tokens: i64,
     pub x: *const ::std::os::raw::c_void,
     pub topk_ids: *const i32,
+    pub topk_weights: *const f32,
     pub received_expert_offsets: *mut i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of moek_ep_dispatch_args"][::std::mem::size_of::<moek_ep_dispatch_args>() - 104usize];
+    ["Size of moek_ep_dispatch_args"][::std::mem::size_of::<moek_ep_dispatch_args>() - 112usize];
     ["Alignment of moek_ep_dispatch_args"][::std::mem::align_of::<moek_ep_dispatch_args>() - 8usize];
     ["Offset of field: moek_ep_dispatch_args::group"][::std::mem::offset_of!(moek_ep_dispatch_args, group) - 0usize];
     ["Offset of field: moek_ep_dispatch_args::num_tokens"]
@@ -587,8 +588,10 @@ const _: () = {
     ["Offset of field: moek_ep_dispatch_args::x"][::std::mem::offset_of!(moek_ep_dispatch_args, x) - 80usize];
     ["Offset of field: moek_ep_dispatch_args::topk_ids"]
         [::std::mem::offset_of!(moek_ep_dispatch_args, topk_ids) - 88usize];
+    ["Offset of field: moek_ep_dispatch_args::topk_weights"]
+        [::std::mem::offset_of!(moek_ep_dispatch_args, topk_weights) - 96usize];
     ["Offset of field: moek_ep_dispatch_args::received_expert_offsets"]
-        [::std::mem::offset_of!(moek_ep_dispatch_args, received_expert_offsets) - 96usize];
+        [::std::mem::offset_of!(moek_ep_dispatch_args, received_expert_offsets) - 104usize];
 };
 unsafe extern "C" {
     pub fn moek_ep_dispatch(args: *const moek_ep_dispatch_args, stream: cudaStream_t) -> moek_status;
@@ -599,24 +602,21 @@ pub struct moek_ep_combine_args {
     pub group: moek_ep_group,
     pub num_tokens: i64,
     pub expert_out: *const ::std::os::raw::c_void,
-    pub topk_weights: *const f32,
     pub residual: *const ::std::os::raw::c_void,
     pub out: *mut ::std::os::raw::c_void,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of moek_ep_combine_args"][::std::mem::size_of::<moek_ep_combine_args>() - 112usize];
+    ["Size of moek_ep_combine_args"][::std::mem::size_of::<moek_ep_combine_args>() - 104usize];
     ["Alignment of moek_ep_combine_args"][::std::mem::align_of::<moek_ep_combine_args>() - 8usize];
     ["Offset of field: moek_ep_combine_args::group"][::std::mem::offset_of!(moek_ep_combine_args, group) - 0usize];
     ["Offset of field: moek_ep_combine_args::num_tokens"]
         [::std::mem::offset_of!(moek_ep_combine_args, num_tokens) - 72usize];
     ["Offset of field: moek_ep_combine_args::expert_out"]
         [::std::mem::offset_of!(moek_ep_combine_args, expert_out) - 80usize];
-    ["Offset of field: moek_ep_combine_args::topk_weights"]
-        [::std::mem::offset_of!(moek_ep_combine_args, topk_weights) - 88usize];
     ["Offset of field: moek_ep_combine_args::residual"]
-        [::std::mem::offset_of!(moek_ep_combine_args, residual) - 96usize];
-    ["Offset of field: moek_ep_combine_args::out"][::std::mem::offset_of!(moek_ep_combine_args, out) - 104usize];
+        [::std::mem::offset_of!(moek_ep_combine_args, residual) - 88usize];
+    ["Offset of field: moek_ep_combine_args::out"][::std::mem::offset_of!(moek_ep_combine_args, out) - 96usize];
 };
 unsafe extern "C" {
     pub fn moek_ep_combine(args: *const moek_ep_combine_args, stream: cudaStream_t) -> moek_status;

@@ -86,6 +86,7 @@ fn dispatch_status(spoil: impl FnOnce(&mut sys::moek_ep_dispatch_args)) -> sys::
         num_tokens: 16,
         x: x.as_ptr() as *const c_void,
         topk_ids: ids.as_ptr(),
+        topk_weights: std::ptr::null(),
         received_expert_offsets: offsets.as_mut_ptr(),
     };
     spoil(&mut a);
@@ -114,7 +115,6 @@ fn bad_dispatch_arguments_are_refused_before_anything_is_sent() {
         },
         num_tokens: 0,
         expert_out: std::ptr::null(),
-        topk_weights: std::ptr::null(),
         residual: std::ptr::null(),
         out: std::ptr::null_mut(),
     };
@@ -127,7 +127,14 @@ fn bad_dispatch_arguments_are_refused_before_anything_is_sent() {
 fn reference_round_trip_sums_each_tokens_kept_slots() {
     // Identity experts and weight 1: every token gets its own row times the number of slots kept.
     let mut rng = StdRng::seed_from_u64(7);
-    let cfg = EpConfig { num_ranks: 4, num_experts: 60, k: 6, hidden: 16, max_tokens: 50, ..config() };
+    let cfg = EpConfig {
+        num_ranks: 4,
+        num_experts: 60,
+        k: 6,
+        hidden: 16,
+        max_tokens: 50,
+        dtype: sys::moek_dtype_MOEK_DTYPE_F32,
+    };
     let counts = [50usize, 0, 1, 23];
     let xs: Vec<Vec<f32>> =
         counts.iter().map(|&t| (0..t * 16).map(|_| rng.random_range(-1.0..1.0)).collect()).collect();
@@ -158,5 +165,26 @@ fn reference_round_trip_sums_each_tokens_kept_slots() {
                 assert!((out[r][t * 16 + c] - want).abs() < 1e-5, "rank {r} token {t}");
             }
         }
+    }
+}
+
+#[test]
+fn reference_rounds_each_owners_sum_to_the_dtype() {
+    // One token, k = 2, E = 4 on 2 ranks. Outputs 1 and 2^-9 (both exact in bf16): on one owner their
+    // sum is rounded to bf16 there (1 + 2^-9 -> 1); on two owners each returns exactly and the sum keeps
+    // the 2^-9 (fp32).
+    let cfg = EpConfig { num_ranks: 2, num_experts: 4, k: 2, hidden: 8, max_tokens: 1, ..config() };
+    let x = vec![0.5f32; 8];
+    let small = 2f32.powi(-9);
+    for (ids, want) in [([0i32, 1], 1.0f32), ([0, 2], 1.0 + small)] {
+        let ranks = [RankTokens { x: &x, ids: &ids, num_tokens: 1 }, RankTokens { x: &[], ids: &[], num_tokens: 0 }];
+        let received = dispatch(&cfg, &ranks);
+        // Expert output 1 for slot 0's row, 2^-9 for slot 1's, wherever they landed.
+        let outputs: Vec<Vec<f32>> = received
+            .iter()
+            .map(|r| r.origin.iter().flat_map(|&(_, pair)| [if pair == 0 { 1.0 } else { small }; 8]).collect())
+            .collect();
+        let out = combine(&cfg, &ranks, &received, &outputs, &[None; 2], &[None; 2]);
+        assert_eq!(out[0], vec![want; 8], "ids {ids:?}");
     }
 }

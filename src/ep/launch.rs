@@ -20,6 +20,8 @@ pub(crate) struct EpLaunch {
     received_offset: i64,
     returned_offset: i64,
     expand_offset: i64,
+    members_offset: i64,
+    num_pairs: i64,
     expert_counts: *const i32,
     expert_offsets: *const i32,
     row_source: *const i32,
@@ -29,6 +31,7 @@ pub(crate) struct EpLaunch {
     segment_start: *mut i32,
     segment_source_row: *mut i32,
     received_offsets: *mut i32,
+    head_row: *mut i32,
 }
 
 /// Byte offsets of the pieces of a rank's workspace (each 256-byte aligned).
@@ -43,6 +46,9 @@ pub(crate) struct Carve {
     send_base: usize,
     segment_start: usize,
     segment_source_row: usize,
+    /// i32 per pair: this rank's plan row of each head pair (the first of a token's slots on an
+    /// owner, where that owner's sum returns), -1 for the others.
+    head_row: usize,
     plan_workspace: usize,
     plan_workspace_bytes: usize,
     /// Bytes of the whole workspace.
@@ -70,6 +76,7 @@ impl Carve {
         let send_base = take(e * 4);
         let segment_start = take((e + 1) * 4);
         let segment_source_row = take(e * 4);
+        let head_row = take(pairs * 4);
         let plan_workspace = take(plan_workspace_bytes);
         Ok(Carve {
             state,
@@ -81,6 +88,7 @@ impl Carve {
             send_base,
             segment_start,
             segment_source_row,
+            head_row,
             plan_workspace,
             plan_workspace_bytes,
             total: at,
@@ -118,6 +126,8 @@ fn launch_block(a: &sys::moek_ep_group, lay: &EpLayout, peers: &[usize], carve: 
         received_offset: lay.received_offset as i64,
         returned_offset: lay.returned_offset as i64,
         expand_offset: lay.expand_offset as i64,
+        members_offset: lay.members_offset as i64,
+        num_pairs: 0,
         expert_counts: at(carve.expert_counts) as *const i32,
         expert_offsets: at(carve.expert_offsets) as *const i32,
         row_source: at(carve.row_source) as *const i32,
@@ -127,6 +137,7 @@ fn launch_block(a: &sys::moek_ep_group, lay: &EpLayout, peers: &[usize], carve: 
         segment_start: at(carve.segment_start) as *mut i32,
         segment_source_row: at(carve.segment_source_row) as *mut i32,
         received_offsets: std::ptr::null_mut(),
+        head_row: at(carve.head_row) as *mut i32,
     }
 }
 
@@ -157,7 +168,8 @@ fn copy_blocks(rows: usize) -> i32 {
     rows.div_ceil(8).clamp(1, per_sm * sms) as i32
 }
 
-/// Plan, counts exchange, row stores (one per token and owner), expansion at the owner (arguments
+/// Plan, counts exchange, row stores (one per token and owner, with its member list), expansion at the
+/// owner (arguments
 /// validated by [`super::dispatch_raw`]).
 pub(crate) fn dispatch(
     a: &sys::moek_ep_dispatch_args,
@@ -181,15 +193,17 @@ pub(crate) fn dispatch(
     plan.workspace_bytes = carve.plan_workspace_bytes;
     permute::plan_raw(&plan, stream)?;
     block.received_offsets = a.received_expert_offsets;
-    cuda::status(cuda::ep_step(&block, EpStep::Counts { dtype: c.dtype }, stream))?;
     let rows = a.num_tokens as usize * c.k as usize;
-    let send = EpStep::Send { x: a.x, topk_ids: a.topk_ids, blocks: copy_blocks(rows) };
+    block.num_pairs = rows as i64;
+    cuda::status(cuda::ep_step(&block, EpStep::Counts { dtype: c.dtype }, stream))?;
+    let send = EpStep::Send { x: a.x, topk_ids: a.topk_ids, topk_weights: a.topk_weights, blocks: copy_blocks(rows) };
     cuda::status(cuda::ep_step(&block, send, stream))?;
     let expand = EpStep::Expand { blocks: copy_blocks(lay.max_received_rows) };
     cuda::status(cuda::ep_step(&block, expand, stream))
 }
 
-/// Return stores, then the fixed-order weighted sum (arguments validated by [`super::combine_raw`]).
+/// Per-owner weighted sums returned to their sources, then each token's sum over its owners in slot order
+/// of their head pairs (arguments validated by [`super::combine_raw`]).
 pub(crate) fn combine(
     a: &sys::moek_ep_combine_args,
     lay: &EpLayout,
@@ -198,7 +212,7 @@ pub(crate) fn combine(
 ) -> Result<()> {
     let c = &a.group.config;
     let (carve, block) = prepare(&a.group, lay, peers)?;
-    let back = EpStep::Return { expert_out: a.expert_out, blocks: copy_blocks(lay.max_received_rows) };
+    let back = EpStep::Return { dtype: c.dtype, expert_out: a.expert_out, blocks: copy_blocks(lay.max_received_rows) };
     cuda::status(cuda::ep_step(&block, back, stream))?;
     let own = peers[c.rank as usize] as *const u8;
     let pairs = a.num_tokens * i64::from(c.k);
@@ -210,9 +224,10 @@ pub(crate) fn combine(
         max_rows: pairs,
         // SAFETY: inside this rank's symmetric buffer (checked to be at least the layout's size).
         y: unsafe { own.add(lay.returned_offset) } as *const c_void,
+        // The owners' sums, weights applied there: one row per head pair, none for the others.
         // SAFETY: inside the workspace.
-        pair_row: unsafe { (a.group.workspace as *const u8).add(carve.pair_row) } as *const i32,
-        weights: a.topk_weights,
+        pair_row: unsafe { (a.group.workspace as *const u8).add(carve.head_row) } as *const i32,
+        weights: std::ptr::null(),
         residual: a.residual,
         out: a.out,
     };

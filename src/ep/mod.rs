@@ -72,6 +72,8 @@ pub struct EpLayout {
     pub(crate) returned_offset: usize,
     /// Byte offset of the expansion map (int32 per received row: the row that holds its token's data).
     pub(crate) expand_offset: usize,
+    /// Byte offset of the member lists (k entries of {row, weight} per received row; see cuda/ep.cu).
+    pub(crate) members_offset: usize,
 }
 
 impl EpConfig {
@@ -136,7 +138,8 @@ pub(crate) fn layout(c: &sys::moek_ep_config) -> Result<EpLayout> {
     let received_offset = counts_offset + align_up(ranks * e as usize * 4);
     let returned_offset = received_offset + align_up(received_rows * row_bytes);
     let expand_offset = returned_offset + align_up(pairs * row_bytes);
-    let symmetric_bytes = expand_offset + align_up(received_rows * 4);
+    let members_offset = expand_offset + align_up(received_rows * 4);
+    let symmetric_bytes = members_offset + align_up(received_rows * k * 8);
     let workspace_bytes = launch::Carve::new(c)?.total;
     Ok(EpLayout {
         symmetric_bytes,
@@ -146,6 +149,7 @@ pub(crate) fn layout(c: &sys::moek_ep_config) -> Result<EpLayout> {
         counts_offset,
         returned_offset,
         expand_offset,
+        members_offset,
     })
 }
 
@@ -196,6 +200,7 @@ pub(crate) fn dispatch_raw(a: &sys::moek_ep_dispatch_args, stream: sys::cudaStre
     let tokens = a.num_tokens > 0;
     check::pointer("x", a.x as *const u8, tokens, 16)?;
     check::pointer("topk_ids", a.topk_ids, tokens, 4)?;
+    check::pointer("topk_weights", a.topk_weights, false, 4)?;
     check::pointer("received_expert_offsets", a.received_expert_offsets, true, 4)?;
     launch::dispatch(a, &lay, &peers, stream)
 }
@@ -207,7 +212,6 @@ pub(crate) fn combine_raw(a: &sys::moek_ep_combine_args, stream: sys::cudaStream
     // Whether rows arrive is known on the device only, so expert_out is needed whenever any can.
     check::pointer("expert_out", a.expert_out as *const u8, lay.max_received_rows > 0, 16)?;
     let tokens = a.num_tokens > 0;
-    check::pointer("topk_weights", a.topk_weights, false, 4)?;
     check::pointer("residual", a.residual as *const u8, false, 16)?;
     check::pointer("out", a.out as *const u8, tokens, 16)?;
     launch::combine(a, &lay, &peers, stream)

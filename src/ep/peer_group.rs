@@ -204,50 +204,55 @@ impl EpRank {
 
     /// Sends this rank's `num_tokens` rows of `x` ([T, H]) to the owners of their `topk_ids` ([T, k])
     /// and waits (on the device) for every rank's rows; writes the received rows' per-local-expert
-    /// offsets (`E/R + 1` entries) to `received_offsets`.
+    /// offsets (`E/R + 1` entries) to `received_offsets`. `topk_weights` ([T, k], `None`: all 1) are
+    /// the weights the matching [`EpRank::combine`] applies: they travel with the rows, so that each
+    /// owner returns one weighted sum per token rather than one row per pair.
     pub fn dispatch<T: Element>(
         &self,
         num_tokens: usize,
         x: &CudaView<'_, T>,
         topk_ids: &CudaView<'_, i32>,
+        topk_weights: Option<&CudaView<'_, f32>>,
         received_offsets: &mut CudaViewMut<'_, i32>,
     ) -> Result<()> {
         self.check_dtype::<T>()?;
         let c = &self.config;
         check::length("x", x.len(), num_tokens * c.hidden)?;
         check::length("topk_ids", topk_ids.len(), num_tokens * c.k as usize)?;
+        if let Some(w) = topk_weights {
+            check::length("topk_weights", w.len(), num_tokens * c.k as usize)?;
+        }
         check::length("received_offsets", received_offsets.len(), c.local_experts() + 1)?;
         let group = self.group()?;
         let (xp, _g0) = x.device_ptr(&self.stream);
         let (ids, _g1) = topk_ids.device_ptr(&self.stream);
+        let w = topk_weights.map(|w| w.device_ptr(&self.stream));
         let (offs, _g2) = received_offsets.device_ptr_mut(&self.stream);
         let a = sys::moek_ep_dispatch_args {
             group,
             num_tokens: num_tokens as i64,
             x: xp as *const c_void,
             topk_ids: ids as *const i32,
+            topk_weights: w.as_ref().map_or(std::ptr::null(), |(p, _)| *p as *const f32),
             received_expert_offsets: offs as *mut i32,
         };
         dispatch_raw(&a, self.stream.cu_stream() as sys::cudaStream_t)
     }
 
-    /// Returns the expert outputs of the received rows to their sources and writes, for this rank's
-    /// `num_tokens` tokens, `out[t] = residual[t] + sum_s weights[t, s] * output of (t, s)` (fp32, slot
-    /// order). Call after this rank's matching [`EpRank::dispatch`], on the same stream.
+    /// Brings the expert outputs of the received rows back and writes, for this rank's `num_tokens`
+    /// tokens, `out[t] = residual[t] + sum_s weights[t, s] * output of (t, s)` with the dispatch's
+    /// weights: each owner sums a token's slots there (fp32, slot order, rounded to T) and returns that
+    /// one row; the owners' sums are added in fp32 in a fixed order (the header's contract). Call after
+    /// this rank's matching [`EpRank::dispatch`], on the same stream.
     pub fn combine<T: Element>(
         &self,
         num_tokens: usize,
         expert_out: ExpertOutput<'_, T>,
-        weights: Option<&CudaView<'_, f32>>,
         residual: Option<&CudaView<'_, T>>,
         out: &mut CudaViewMut<'_, T>,
     ) -> Result<()> {
         self.check_dtype::<T>()?;
         let c = &self.config;
-        let pairs = num_tokens * c.k as usize;
-        if let Some(w) = weights {
-            check::length("weights", w.len(), pairs)?;
-        }
         if let Some(r) = residual {
             check::length("residual", r.len(), num_tokens * c.hidden)?;
         }
@@ -261,14 +266,12 @@ impl EpRank {
             }
         };
         let eo = buffer.as_ref().map_or(self.received_rows_ptr(), |(p, _)| *p);
-        let w = weights.map(|w| w.device_ptr(&self.stream));
         let r = residual.map(|r| r.device_ptr(&self.stream));
         let (o, _g) = out.device_ptr_mut(&self.stream);
         let a = sys::moek_ep_combine_args {
             group,
             num_tokens: num_tokens as i64,
             expert_out: eo as *const c_void,
-            topk_weights: w.as_ref().map_or(std::ptr::null(), |(p, _)| *p as *const f32),
             residual: r.as_ref().map_or(std::ptr::null(), |(p, _)| *p as *const c_void),
             out: o as *mut c_void,
         };

@@ -59,9 +59,21 @@ pub fn dispatch(cfg: &EpConfig, ranks: &[RankTokens]) -> Vec<Received> {
         .collect()
 }
 
-/// Every rank's combined output: `out[t] = residual[t] + sum over slots s (in order) of
-/// weights[t, s] * (expert output of pair (t, s))`, in fp32, where `expert_out[owner]` holds the
-/// outputs of `received[owner]`'s rows (same layout, H wide).
+/// A value as the rows' dtype stores it (f32 unchanged).
+fn round_to(dtype: crate::sys::moek_dtype, v: f32) -> f32 {
+    match dtype {
+        crate::sys::moek_dtype_MOEK_DTYPE_BF16 => half::bf16::from_f32(v).to_f32(),
+        crate::sys::moek_dtype_MOEK_DTYPE_F16 => half::f16::from_f32(v).to_f32(),
+        _ => v,
+    }
+}
+
+/// Every rank's combined output, as `moek_ep_combine` defines it: for token t of rank q and each rank o
+/// holding some of t's kept slots, the owner's sum S(t, o) = sum over those slots s (in slot order) of
+/// `weights[q][t, s] * (expert output of pair (t, s))` in fp32, rounded to the dtype; then `out[t] =
+/// residual[t] + sum of the S(t, o)` in fp32, in the slot order of each owner's first slot.
+/// `expert_out[owner]` holds the outputs of `received[owner]`'s rows (same layout, H wide); the weights
+/// are the ones given to dispatch.
 pub fn combine(
     cfg: &EpConfig,
     ranks: &[RankTokens],
@@ -71,19 +83,47 @@ pub fn combine(
     residual: &[Option<&[f32]>],
 ) -> Vec<Vec<f32>> {
     let (h, k) = (cfg.hidden, cfg.k as usize);
-    let plans: Vec<permute::Plan> = ranks.iter().map(|t| rank_plan(cfg, t)).collect();
-    // Each source's outputs in its own plan's row order (where moek_ep_combine returns them).
-    let mut returned: Vec<Vec<f32>> = ranks.iter().map(|t| vec![0.0; t.num_tokens * k * h]).collect();
+    // Where each source pair's expert output is: (owner, received row).
+    let mut output_of: Vec<Vec<Option<(usize, usize)>>> = ranks.iter().map(|t| vec![None; t.num_tokens * k]).collect();
     for (owner, got) in received.iter().enumerate() {
         for (i, &(q, pair)) in got.origin.iter().enumerate() {
-            let row = plans[q].pair_row[pair] as usize;
-            returned[q][row * h..(row + 1) * h].copy_from_slice(&expert_out[owner][i * h..(i + 1) * h]);
+            output_of[q][pair] = Some((owner, i));
         }
     }
-    plans
+    ranks
         .iter()
-        .zip(&returned)
         .enumerate()
-        .map(|(q, (plan, y))| permute::combine(&plan.pair_row, y, h, k, weights[q], residual[q]))
+        .map(|(q, t)| {
+            let mut out = match residual[q] {
+                Some(r) => r[..t.num_tokens * h].to_vec(),
+                None => vec![0.0f32; t.num_tokens * h],
+            };
+            for tok in 0..t.num_tokens {
+                let slots = &output_of[q][tok * k..(tok + 1) * k];
+                // The token's owners, in the order of their first slots.
+                let mut owners: Vec<usize> = Vec::new();
+                for &(owner, _) in slots.iter().flatten() {
+                    if !owners.contains(&owner) {
+                        owners.push(owner);
+                    }
+                }
+                for owner in owners {
+                    let mut sum = vec![0.0f32; h];
+                    for (s, &(o, row)) in slots.iter().enumerate().filter_map(|(s, x)| x.as_ref().map(|x| (s, x))) {
+                        if o != owner {
+                            continue;
+                        }
+                        let w = weights[q].map_or(1.0, |w| w[tok * k + s]);
+                        for (a, &v) in sum.iter_mut().zip(&expert_out[owner][row * h..(row + 1) * h]) {
+                            *a += w * v;
+                        }
+                    }
+                    for (o, v) in out[tok * h..(tok + 1) * h].iter_mut().zip(sum) {
+                        *o += round_to(cfg.dtype, v);
+                    }
+                }
+            }
+            out
+        })
         .collect()
 }

@@ -146,7 +146,8 @@ pub fn tokens_of(data: &[RankData]) -> Vec<RankTokens<'_>> {
 pub fn dispatch_all(ranks: &[&EpRank], data: &[RankData], bufs: &mut [RankBuffers]) {
     for (rank, b) in ranks.iter().zip(bufs.iter_mut()) {
         let d = &data[rank.rank() as usize];
-        rank.dispatch(d.t, &b.x.slice(..), &b.ids.slice(..), &mut b.offsets.slice_mut(..)).unwrap();
+        let w = b.weights.slice(..);
+        rank.dispatch(d.t, &b.x.slice(..), &b.ids.slice(..), Some(&w), &mut b.offsets.slice_mut(..)).unwrap();
     }
 }
 
@@ -154,10 +155,9 @@ pub fn dispatch_all(ranks: &[&EpRank], data: &[RankData], bufs: &mut [RankBuffer
 pub fn combine_all(ranks: &[&EpRank], data: &[RankData], bufs: &mut [RankBuffers], with_residual: bool) {
     for (rank, b) in ranks.iter().zip(bufs.iter_mut()) {
         let d = &data[rank.rank() as usize];
-        let w = b.weights.slice(..);
         let r = b.residual.slice(..);
         let residual = if with_residual { Some(&r) } else { None };
-        rank.combine(d.t, ExpertOutput::Received, Some(&w), residual, &mut b.out.slice_mut(..)).unwrap();
+        rank.combine(d.t, ExpertOutput::Received, residual, &mut b.out.slice_mut(..)).unwrap();
     }
 }
 
