@@ -175,29 +175,49 @@ __global__ void __launch_bounds__(1024) ep_counts_kernel(const EpLaunch a) {
 constexpr int kCopyThreads = 256;
 constexpr int kCopyUnroll = 4;
 
-// One warp copies a row of `vectors` 16-byte words from src to dst (dst may be a peer's memory):
-// kCopyUnroll loads in flight per lane before their stores.
-__device__ __forceinline__ void copy_row(const uint4* src, uint4* dst, int64_t vectors) {
+// How the copy steps cut a row over warps (chosen by src/ep/launch.rs, row_slices): `slices` warps per
+// row, each `width` 16-byte vectors (the last one narrower). Few rows (decode) get several warps each, so
+// that a row is one or two rounds of loads rather than seven: the rounds' latency is the copy's time there.
+struct RowSlices {
+  int64_t slices, width;
+};
+
+// Work item `w` of a copy step: row w / slices, vectors [begin, end) of it.
+struct RowSlice {
+  int64_t row, begin, end;
+  bool first;  // the row's first slice (which writes the row's bookkeeping)
+  __device__ RowSlice(int64_t w, const RowSlices& cut, int64_t vectors) {
+    row = w / cut.slices;
+    const int64_t slice = w - row * cut.slices;
+    begin = slice * cut.width;
+    end = min(begin + cut.width, vectors);
+    first = slice == 0;
+  }
+};
+
+// One warp copies 16-byte words [begin, end) from src to dst (dst may be a peer's memory): kCopyUnroll
+// loads in flight per lane before their stores.
+__device__ __forceinline__ void copy_range(const uint4* src, uint4* dst, int64_t begin, int64_t end) {
   const int lane = threadIdx.x & 31;
-  for (int64_t v0 = lane; v0 < vectors; v0 += 32 * kCopyUnroll) {
+  for (int64_t v0 = begin + lane; v0 < end; v0 += 32 * kCopyUnroll) {
     uint4 w[kCopyUnroll];
 #pragma unroll
     for (int u = 0; u < kCopyUnroll; ++u) {
       const int64_t v = v0 + u * 32;
-      if (v < vectors) w[u] = src[v];
+      if (v < end) w[u] = src[v];
     }
 #pragma unroll
     for (int u = 0; u < kCopyUnroll; ++u) {
       const int64_t v = v0 + u * 32;
-      if (v < vectors) dst[v] = w[u];
+      if (v < end) dst[v] = w[u];
     }
   }
 }
 
 // Token `token`'s kept slots whose experts live on `owner`, in slot order, seen by one warp (slot
 // base + lane in each round). Returns the row at the owner of the first of them (the head), the same in
-// every lane. When that is `dest_row`, the lanes holding the slots also write the head's member list
-// (each slot's row at the owner and its routing weight; -1 after the last).
+// every lane. When that is `dest_row` and `list` is not NULL, the lanes holding the slots also write the
+// head's member list (each slot's row at the owner and its routing weight; -1 after the last).
 __device__ int32_t token_head_row(const EpLaunch& a, const int32_t* topk_ids, const float* weights, int32_t token,
                                   int owner, int32_t dest_row, Member* list) {
   const int lane = threadIdx.x & 31, L = a.num_experts / a.num_ranks;
@@ -217,13 +237,13 @@ __device__ int32_t token_head_row(const EpLaunch& a, const int32_t* topk_ids, co
     }
     const uint32_t mask = __ballot_sync(0xffffffffu, member);
     if (mask != 0 && head_row < 0) head_row = __shfl_sync(0xffffffffu, row, __ffs(mask) - 1);
-    if (head_row == dest_row && member) {
+    if (list != nullptr && head_row == dest_row && member) {
       const float w = weights != nullptr ? weights[static_cast<int64_t>(token) * a.k + slot] : 1.f;
       list[listed + __popc(mask & ((1u << lane) - 1))] = Member{row, w};
     }
     listed += __popc(mask);
   }
-  if (head_row == dest_row)
+  if (list != nullptr && head_row == dest_row)
     for (int j = listed + lane; j < a.k; j += 32) list[j] = Member{-1, 0.f};
   return head_row;
 }
@@ -233,7 +253,7 @@ __device__ int32_t token_head_row(const EpLaunch& a, const int32_t* topk_ids, co
 // received rows. Only the token's head row there gets the data, with the member list that combine sums
 // by. The last block to finish signals every rank, then waits for every rank's rows.
 __global__ void __launch_bounds__(kCopyThreads) ep_send_kernel(const EpLaunch a, const char* x, const int32_t* topk_ids,
-                                                                const float* weights) {
+                                                                const float* weights, const RowSlices cut) {
   const int L = a.num_experts / a.num_ranks;
   const int64_t rows = a.expert_offsets[a.num_experts];
   const int64_t vectors = a.row_bytes / 16;
@@ -242,21 +262,22 @@ __global__ void __launch_bounds__(kCopyThreads) ep_send_kernel(const EpLaunch a,
   // 1, ...: one receiver's links carry everything at a time. Starting at the next rank's rows (and
   // wrapping round, this rank's own last) makes the ranks send to different receivers at once.
   const int64_t start = rows > 0 ? a.expert_offsets[((a.rank + 1) % a.num_ranks) * L] : 0;
-  for (int64_t i = blockIdx.x * (kCopyThreads / 32) + threadIdx.x / 32; i < rows; i += warps) {
-    const int64_t r = (start + i) % rows;
+  for (int64_t w = blockIdx.x * (kCopyThreads / 32) + threadIdx.x / 32; w < rows * cut.slices; w += warps) {
+    const RowSlice part(w, cut, vectors);
+    const int64_t r = (start + part.row) % rows;
     const int32_t pair = a.row_source[r];
     const int32_t e = topk_ids[pair];
     const int owner = e / L;
     const int32_t dest_row = a.send_base[e] + static_cast<int32_t>(r - a.expert_offsets[e]);
     char* peer = a.peers[owner];
     Member* list = reinterpret_cast<Member*>(peer + a.members_offset) + static_cast<int64_t>(dest_row) * a.k;
-    const int32_t head = token_head_row(a, topk_ids, weights, pair / a.k, owner, dest_row, list);
-    if ((threadIdx.x & 31) == 0) reinterpret_cast<int32_t*>(peer + a.expand_offset)[dest_row] = head;
+    const int32_t head = token_head_row(a, topk_ids, weights, pair / a.k, owner, dest_row, part.first ? list : nullptr);
+    if (part.first && (threadIdx.x & 31) == 0) reinterpret_cast<int32_t*>(peer + a.expand_offset)[dest_row] = head;
     if (head != dest_row) continue;  // warp-uniform: only the head row carries the data
-    if ((threadIdx.x & 31) == 0) a.head_row[pair] = static_cast<int32_t>(r);
+    if (part.first && (threadIdx.x & 31) == 0) a.head_row[pair] = static_cast<int32_t>(r);
     const uint4* src = reinterpret_cast<const uint4*>(x + (pair / a.k) * a.row_bytes);
     uint4* dst = reinterpret_cast<uint4*>(peer + a.received_offset + static_cast<int64_t>(dest_row) * a.row_bytes);
-    copy_row(src, dst, vectors);
+    copy_range(src, dst, part.begin, part.end);
   }
   if (!last_block_done(&a.state[kSendDone])) return;
   const uint32_t seq = a.state[kSeq];
@@ -267,19 +288,21 @@ __global__ void __launch_bounds__(kCopyThreads) ep_send_kernel(const EpLaunch a,
 // After every rank's rows arrived: each received row whose token's data was stored at another row of
 // this rank (expand map) gets a copy of it. Map entries outside 0..rows are ignored (never an access
 // outside the buffer).
-__global__ void __launch_bounds__(kCopyThreads) ep_expand_kernel(const EpLaunch a) {
+__global__ void __launch_bounds__(kCopyThreads) ep_expand_kernel(const EpLaunch a, const RowSlices cut) {
   const int segments = a.num_experts;  // (E / R) local experts x R sources
   const int64_t rows = a.segment_start[segments];
   const int64_t vectors = a.row_bytes / 16;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (kCopyThreads / 32);
   char* own = a.peers[a.rank];
   const int32_t* map = reinterpret_cast<const int32_t*>(own + a.expand_offset);
-  for (int64_t j = blockIdx.x * (kCopyThreads / 32) + threadIdx.x / 32; j < rows; j += warps) {
+  for (int64_t w = blockIdx.x * (kCopyThreads / 32) + threadIdx.x / 32; w < rows * cut.slices; w += warps) {
+    const RowSlice part(w, cut, vectors);
+    const int64_t j = part.row;
     const int32_t from = map[j];
     if (from == j || from < 0 || from >= rows) continue;
     const uint4* src = reinterpret_cast<const uint4*>(own + a.received_offset + from * a.row_bytes);
     uint4* dst = reinterpret_cast<uint4*>(own + a.received_offset + j * a.row_bytes);
-    copy_row(src, dst, vectors);
+    copy_range(src, dst, part.begin, part.end);
   }
 }
 
@@ -289,7 +312,8 @@ __global__ void __launch_bounds__(kCopyThreads) ep_expand_kernel(const EpLaunch 
 // rounded to T, lands at the source's plan row segment_source_row[g] + (i - segment_start[g]). Member
 // rows outside 0..rows end the list (never an access outside the buffer). Then signal and wait as in send.
 template <typename T>
-__global__ void __launch_bounds__(kCopyThreads) ep_return_kernel(const EpLaunch a, const char* expert_out) {
+__global__ void __launch_bounds__(kCopyThreads) ep_return_kernel(const EpLaunch a, const char* expert_out,
+                                                                  const RowSlices cut) {
   using V = Vec16<T>;
   constexpr int kAhead = 4;  // members' vectors loaded before they are summed
   __shared__ Member s_members[kCopyThreads / 32][MOEK_PLAN_MAX_K];
@@ -302,7 +326,9 @@ __global__ void __launch_bounds__(kCopyThreads) ep_return_kernel(const EpLaunch 
   const int32_t* map = reinterpret_cast<const int32_t*>(own + a.expand_offset);
   const Member* lists = reinterpret_cast<const Member*>(own + a.members_offset);
   const uint4* y = reinterpret_cast<const uint4*>(expert_out);
-  for (int64_t i = blockIdx.x * (kCopyThreads / 32) + threadIdx.x / 32; i < rows; i += warps) {
+  for (int64_t w = blockIdx.x * (kCopyThreads / 32) + threadIdx.x / 32; w < rows * cut.slices; w += warps) {
+    const RowSlice part(w, cut, vectors);
+    const int64_t i = part.row;
     if (map[i] != i) continue;  // not a head: its output is summed at its head (warp-uniform)
     int lo = 0, hi = segments;  // the last segment starting at or before i (skips empty ones)
     while (hi - lo > 1) {
@@ -315,7 +341,7 @@ __global__ void __launch_bounds__(kCopyThreads) ep_return_kernel(const EpLaunch 
     __syncwarp();
     while (count < a.k && s_members[warp][count].row >= 0 && s_members[warp][count].row < rows) ++count;
     uint4* dst = reinterpret_cast<uint4*>(a.peers[lo % R] + a.returned_offset + source_row * a.row_bytes);
-    for (int64_t v = lane; v < vectors; v += 32) {
+    for (int64_t v = part.begin + lane; v < part.end; v += 32) {
       float acc[V::VEC];
 #pragma unroll
       for (int e = 0; e < V::VEC; ++e) acc[e] = 0.f;
@@ -393,29 +419,33 @@ extern "C" int moek_cuda_ep_counts(const EpLaunch* a, moek_dtype dtype, cudaStre
 }
 
 extern "C" int moek_cuda_ep_send(const EpLaunch* a, const void* x, const int32_t* topk_ids, const float* topk_weights,
-                                 int blocks, cudaStream_t stream) {
+                                 int blocks, int64_t slices, int64_t width, cudaStream_t stream) {
+  if (slices < 1 || width < 1) return cudaErrorInvalidValue;
   moek::ep_send_kernel<<<blocks, moek::kCopyThreads, 0, stream>>>(*a, static_cast<const char*>(x), topk_ids,
-                                                                   topk_weights);
+                                                                   topk_weights, moek::RowSlices{slices, width});
   return cudaGetLastError();
 }
 
-extern "C" int moek_cuda_ep_expand(const EpLaunch* a, int blocks, cudaStream_t stream) {
-  moek::ep_expand_kernel<<<blocks, moek::kCopyThreads, 0, stream>>>(*a);
+extern "C" int moek_cuda_ep_expand(const EpLaunch* a, int blocks, int64_t slices, int64_t width, cudaStream_t stream) {
+  if (slices < 1 || width < 1) return cudaErrorInvalidValue;
+  moek::ep_expand_kernel<<<blocks, moek::kCopyThreads, 0, stream>>>(*a, moek::RowSlices{slices, width});
   return cudaGetLastError();
 }
 
 extern "C" int moek_cuda_ep_return(const EpLaunch* a, moek_dtype dtype, const void* expert_out, int blocks,
-                                   cudaStream_t stream) {
+                                   int64_t slices, int64_t width, cudaStream_t stream) {
+  if (slices < 1 || width < 1) return cudaErrorInvalidValue;
   const char* out = static_cast<const char*>(expert_out);
+  const moek::RowSlices cut{slices, width};
   switch (dtype) {
     case MOEK_DTYPE_F32:
-      moek::ep_return_kernel<float><<<blocks, moek::kCopyThreads, 0, stream>>>(*a, out);
+      moek::ep_return_kernel<float><<<blocks, moek::kCopyThreads, 0, stream>>>(*a, out, cut);
       break;
     case MOEK_DTYPE_BF16:
-      moek::ep_return_kernel<__nv_bfloat16><<<blocks, moek::kCopyThreads, 0, stream>>>(*a, out);
+      moek::ep_return_kernel<__nv_bfloat16><<<blocks, moek::kCopyThreads, 0, stream>>>(*a, out, cut);
       break;
     default:
-      moek::ep_return_kernel<__half><<<blocks, moek::kCopyThreads, 0, stream>>>(*a, out);
+      moek::ep_return_kernel<__half><<<blocks, moek::kCopyThreads, 0, stream>>>(*a, out, cut);
       break;
   }
   return cudaGetLastError();

@@ -64,11 +64,15 @@ mod launchers {
             topk_ids: *const i32,
             topk_weights: *const f32,
             blocks: i32,
+            slices: i64,
+            width: i64,
             stream: sys::cudaStream_t,
         ) -> i32;
         pub fn moek_cuda_ep_expand(
             a: *const crate::ep::launch::EpLaunch,
             blocks: i32,
+            slices: i64,
+            width: i64,
             stream: sys::cudaStream_t,
         ) -> i32;
         pub fn moek_cuda_ep_return(
@@ -76,6 +80,8 @@ mod launchers {
             dtype: sys::moek_dtype,
             expert_out: *const std::ffi::c_void,
             blocks: i32,
+            slices: i64,
+            width: i64,
             stream: sys::cudaStream_t,
         ) -> i32;
         pub fn moek_cuda_fused_layer(
@@ -260,12 +266,21 @@ pub(crate) enum EpStep {
     /// Store this rank's rows into the owners' buffers (a token once per owner) with the expansion map
     /// and the member lists (rows and routing weights, NULL weights meaning 1), signal, wait for
     /// everyone's.
-    Send { x: *const std::ffi::c_void, topk_ids: *const i32, topk_weights: *const f32, blocks: i32 },
+    Send { x: *const std::ffi::c_void, topk_ids: *const i32, topk_weights: *const f32, cut: CopyCut },
     /// Copy each token's row, received once per owner, to its other expert rows there.
-    Expand { blocks: i32 },
+    Expand { cut: CopyCut },
     /// Sum each token's expert outputs on this rank (weighted, slot order, fp32, rounded to `dtype`) and
     /// store the sum into its source's buffer, signal, wait.
-    Return { dtype: sys::moek_dtype, expert_out: *const std::ffi::c_void, blocks: i32 },
+    Return { dtype: sys::moek_dtype, expert_out: *const std::ffi::c_void, cut: CopyCut },
+}
+
+/// The grid of an expert-parallel copy step: `blocks` blocks of 8 warps; each row cut into `slices`
+/// warps' shares of `width` 16-byte vectors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CopyCut {
+    pub(crate) blocks: i32,
+    pub(crate) slices: i64,
+    pub(crate) width: i64,
 }
 
 /// Enqueues one step of expert-parallel dispatch or combine.
@@ -277,12 +292,19 @@ pub(crate) fn ep_step(a: &crate::ep::launch::EpLaunch, step: EpStep, stream: sys
         unsafe {
             match step {
                 EpStep::Counts { dtype } => launchers::moek_cuda_ep_counts(a, dtype, stream),
-                EpStep::Send { x, topk_ids, topk_weights, blocks } => {
-                    launchers::moek_cuda_ep_send(a, x, topk_ids, topk_weights, blocks, stream)
-                }
-                EpStep::Expand { blocks } => launchers::moek_cuda_ep_expand(a, blocks, stream),
-                EpStep::Return { dtype, expert_out, blocks } => {
-                    launchers::moek_cuda_ep_return(a, dtype, expert_out, blocks, stream)
+                EpStep::Send { x, topk_ids, topk_weights, cut } => launchers::moek_cuda_ep_send(
+                    a,
+                    x,
+                    topk_ids,
+                    topk_weights,
+                    cut.blocks,
+                    cut.slices,
+                    cut.width,
+                    stream,
+                ),
+                EpStep::Expand { cut } => launchers::moek_cuda_ep_expand(a, cut.blocks, cut.slices, cut.width, stream),
+                EpStep::Return { dtype, expert_out, cut } => {
+                    launchers::moek_cuda_ep_return(a, dtype, expert_out, cut.blocks, cut.slices, cut.width, stream)
                 }
             }
         }

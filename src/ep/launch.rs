@@ -2,7 +2,7 @@
 //! block (mirrored in cuda/ep.cu) and the order of the steps.
 
 use super::{align_up, EpLayout, MAX_RANKS};
-use crate::cuda::{self, EpStep};
+use crate::cuda::{self, CopyCut, EpStep};
 use crate::error::Result;
 use crate::{permute, sys};
 use std::ffi::c_void;
@@ -152,20 +152,34 @@ fn prepare(group: &sys::moek_ep_group, lay: &EpLayout, peers: &[usize]) -> Resul
 /// benchmarks, read once).
 const COPY_BLOCKS_PER_SM: usize = 4;
 
-/// Blocks of a copy step over at most `rows` rows: 8 warps a block (one row each), at most
-/// [`COPY_BLOCKS_PER_SM`] per SM, and at least one (the last block signals the peers even when nothing
-/// is sent).
-fn copy_blocks(rows: usize) -> i32 {
-    static PER_SM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let per_sm = *PER_SM.get_or_init(|| {
-        std::env::var("MOEK_EP_BLOCKS_PER_SM")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&v: &usize| (1..=32).contains(&v))
-            .unwrap_or(COPY_BLOCKS_PER_SM)
+/// 16-byte vectors one warp loads in one round of a copy (32 lanes, 4 loads in flight each: kCopyUnroll
+/// in cuda/ep.cu): no row is cut finer than this.
+const VECTORS_PER_ROUND: usize = 128;
+
+/// The grid of a copy step over about `rows` rows of `row_bytes` bytes (the count is known on the
+/// device only; any count is covered, the hint only sizes the grid). Blocks of 8 warps, at most
+/// [`COPY_BLOCKS_PER_SM`] per SM and at least one (the last block signals the peers even when nothing is
+/// sent). When there are fewer rows than the grid's warps (decode), each row is cut over several warps,
+/// down to one round of loads each: a 14 KB row is seven dependent rounds for one warp, and those
+/// rounds, not the bytes, set the time at T = 128. `MOEK_EP_MAX_SLICES` caps the cut (1: a warp per
+/// row; a knob for benchmarks, read once).
+fn copy_cut(rows: usize, row_bytes: usize) -> CopyCut {
+    static KNOBS: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    let (per_sm, max_slices) = *KNOBS.get_or_init(|| {
+        let knob = |name: &str, range: std::ops::RangeInclusive<usize>, default: usize| {
+            std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|v| range.contains(v)).unwrap_or(default)
+        };
+        (knob("MOEK_EP_BLOCKS_PER_SM", 1..=32, COPY_BLOCKS_PER_SM), knob("MOEK_EP_MAX_SLICES", 1..=64, 64))
     });
     let sms = cuda::sm_count().unwrap_or(132) as usize;
-    rows.div_ceil(8).clamp(1, per_sm * sms) as i32
+    let grid_warps = per_sm * sms * 8;
+    let vectors = (row_bytes / 16).max(1);
+    let slices = grid_warps.div_ceil(rows.max(1)).min(vectors.div_ceil(VECTORS_PER_ROUND)).clamp(1, max_slices);
+    CopyCut {
+        blocks: (rows * slices).div_ceil(8).clamp(1, per_sm * sms) as i32,
+        slices: slices as i64,
+        width: vectors.div_ceil(slices) as i64,
+    }
 }
 
 /// Plan, counts exchange, row stores (one per token and owner, with its member list), expansion at the
@@ -196,9 +210,11 @@ pub(crate) fn dispatch(
     let rows = a.num_tokens as usize * c.k as usize;
     block.num_pairs = rows as i64;
     cuda::status(cuda::ep_step(&block, EpStep::Counts { dtype: c.dtype }, stream))?;
-    let send = EpStep::Send { x: a.x, topk_ids: a.topk_ids, topk_weights: a.topk_weights, blocks: copy_blocks(rows) };
+    // Balanced routing receives about as many rows as it sends: the hint for the received rows' steps.
+    let cut = copy_cut(rows, block.row_bytes as usize);
+    let send = EpStep::Send { x: a.x, topk_ids: a.topk_ids, topk_weights: a.topk_weights, cut };
     cuda::status(cuda::ep_step(&block, send, stream))?;
-    let expand = EpStep::Expand { blocks: copy_blocks(lay.max_received_rows) };
+    let expand = EpStep::Expand { cut };
     cuda::status(cuda::ep_step(&block, expand, stream))
 }
 
@@ -212,10 +228,12 @@ pub(crate) fn combine(
 ) -> Result<()> {
     let c = &a.group.config;
     let (carve, block) = prepare(&a.group, lay, peers)?;
-    let back = EpStep::Return { dtype: c.dtype, expert_out: a.expert_out, blocks: copy_blocks(lay.max_received_rows) };
+    let pairs = a.num_tokens as usize * c.k as usize;
+    let cut = copy_cut(pairs, block.row_bytes as usize);
+    let back = EpStep::Return { dtype: c.dtype, expert_out: a.expert_out, cut };
     cuda::status(cuda::ep_step(&block, back, stream))?;
     let own = peers[c.rank as usize] as *const u8;
-    let pairs = a.num_tokens * i64::from(c.k);
+    let pairs = pairs as i64;
     let sum = sys::moek_combine_args {
         dtype: c.dtype,
         num_tokens: a.num_tokens,
