@@ -22,9 +22,15 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use std::sync::Arc;
 
-/// Per element, |got - want| / (1 + |want|): bf16 rows (2^-9 relative) after fp32-accumulated GEMMs
-/// against an f64 reference without intermediate rounding.
-const TOLERANCE: f32 = 2e-2;
+/// Per element, |got - want| / (1 + |want|) for the received rows: each is one GEMM output, rounded
+/// to bf16 (2^-9 relative) against an f64 reference.
+const ROW_TOLERANCE: f32 = 2e-2;
+/// Per element of the output, |got - want| / (1 + rms(want)): the ascend's inputs (the r-wide sums) are
+/// rounded to bf16, so an output's error scales with the size of the terms it sums, not with its own
+/// value (an output near zero can be a sum of large terms). A CPU emulation of the kernels' roundings
+/// (projection, r-wide sum, ascend, residual add each rounded to bf16) reached 2.5e-2 on these shapes
+/// (the largest outputs' last-bit rounding twice over), with a relative Frobenius error below 3e-3.
+const OUTPUT_TOLERANCE: f64 = 5e-2;
 /// ||got - want|| / ||want|| over a rank's whole output.
 const FROBENIUS_TOLERANCE: f64 = 1e-2;
 
@@ -85,9 +91,11 @@ fn combine_all(lows: &mut [LowDimRank<bf16>], data: &[RankData], bufs: &mut [Ran
 }
 
 fn check_output(case: &str, rank: usize, got: &[bf16], want: &[f32]) {
-    let err = max_abs_error(got, want);
-    assert!(err < TOLERANCE, "{case}: rank {rank} output error {err}");
     let got: Vec<f32> = got.iter().map(|v| v.to_f32()).collect();
+    let rms = (want.iter().map(|&w| f64::from(w).powi(2)).sum::<f64>() / want.len().max(1) as f64).sqrt();
+    let worst = got.iter().zip(want).map(|(&g, &w)| f64::from((g - w).abs())).fold(0.0, f64::max);
+    let err = worst / (1.0 + rms);
+    assert!(err < OUTPUT_TOLERANCE, "{case}: rank {rank} output error {worst} (rms {rms})");
     let rel = relative_frobenius_error(&got, want);
     assert!(rel < FROBENIUS_TOLERANCE, "{case}: rank {rank} relative error {rel}");
 }
@@ -122,7 +130,7 @@ fn round(
         let rows = offsets[local] as usize;
         let got: Vec<bf16> = ep.received_rows_to_host(rows).unwrap();
         let err = max_abs_error(&got, &w.rows);
-        assert!(err < TOLERANCE, "{case}: rank {q} received rows (projected) error {err}");
+        assert!(err < ROW_TOLERANCE, "{case}: rank {q} received rows (projected) error {err}");
         // The experts see the rows as they arrived; the reference combine takes the same outputs.
         let arrived = Received {
             rows: got.iter().map(|v| v.to_f32()).collect(),
