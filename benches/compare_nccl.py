@@ -88,6 +88,14 @@ def main():
                       f"{nccl / o['graph_us']:.2f}x | {o['gbps_per_rank']:.0f} |")
             else:
                 print(f"| {name} T={t} | {nccl:.1f} | - | - | - | - |")
+        # Low-dimension rows (MOEK_EP_LOW_DIM_R): against full-width dispatch + combine through NCCL, two
+        # all_to_all_single of T*k rows of H (the acceptance: 3x at T=4096).
+        prefix = f"lowdim dispatch+combine R={args.ranks} T={t} r="
+        for case, o in ours.items():
+            if case.startswith(prefix):
+                r = case[len(prefix):]
+                print(f"| lowdim r={r} dispatch+combine T={t} (vs 2 x NCCL full width) | {2 * nccl:.1f} | "
+                      f"{o['graph_us']:.1f} | {o['stream_us']:.1f} | {2 * nccl / o['graph_us']:.2f}x | - |")
 
 
 if __name__ == "__main__":

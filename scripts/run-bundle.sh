@@ -49,6 +49,7 @@ for s in "${steps[@]}"; do
         case "$(basename "$t")" in
           ep_ipc_gpu) continue ;;
           ep_gpu) filter=(dispatch_and_combine_on_one_gpu) ;;
+          ep_low_dim_gpu) filter=(low_dim_dispatch_and_combine_on_one_gpu) ;;
         esac
         step "memcheck:$(basename "$t")" compute-sanitizer --tool memcheck --error-exitcode 99 "$t" --test-threads=1 "${filter[@]}"
       done ;;

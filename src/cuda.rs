@@ -46,6 +46,13 @@ mod launchers {
         ) -> i32;
         pub fn moek_cuda_gemm_hopper_available(num_experts: i32) -> i32;
         pub fn moek_cuda_whole_range_offsets(offsets: *mut i32, stream: sys::cudaStream_t) -> i32;
+        pub fn moek_cuda_add_residual(
+            dtype: sys::moek_dtype,
+            out: *mut std::ffi::c_void,
+            residual: *const std::ffi::c_void,
+            elements: i64,
+            stream: sys::cudaStream_t,
+        ) -> i32;
         pub fn moek_cuda_subbit_decode(args: *const sys::moek_subbit_decode_args, stream: sys::cudaStream_t) -> i32;
         pub fn moek_cuda_subbit_matvec(
             args: *const sys::moek_subbit_matvec_args,
@@ -218,6 +225,27 @@ pub(crate) fn whole_range_offsets(offsets: *mut i32, stream: sys::cudaStream_t) 
     #[cfg(not(moek_cuda))]
     {
         let _ = (offsets, stream);
+        NO_KERNELS
+    }
+}
+
+/// Enqueues `out[i] += residual[i]` over `elements` values of `dtype` (bf16 or f16; a positive multiple
+/// of 8, both pointers 16-byte aligned: checked by the caller, src/ep/low_dim.rs).
+pub(crate) fn add_residual(
+    dtype: sys::moek_dtype,
+    out: *mut std::ffi::c_void,
+    residual: *const std::ffi::c_void,
+    elements: i64,
+    stream: sys::cudaStream_t,
+) -> LaunchCode {
+    #[cfg(moek_cuda)]
+    {
+        // SAFETY: both pointers hold `elements` values of `dtype` in device memory (the caller's checks).
+        unsafe { launchers::moek_cuda_add_residual(dtype, out, residual, elements, stream) }
+    }
+    #[cfg(not(moek_cuda))]
+    {
+        let _ = (dtype, out, residual, elements, stream);
         NO_KERNELS
     }
 }

@@ -435,6 +435,15 @@ fn split_plan(a: &sys::moek_grouped_gemm_args, ask_device: bool) -> Result<Split
     }
 }
 
+/// The kernels a call of `cfg` over `layout` with inputs `T` and output `O` runs on the current device,
+/// given at least [`GemmConfig::workspace_bytes`] of workspace: its resolved tile and K slices. Equal
+/// answers launch the same kernels, so callers that must have every kernel loaded before a launch
+/// that could wait on a spinning one (src/ep/low_dim.rs) warm up one call per distinct answer.
+pub(crate) fn kernel_plan<T: GemmInput, O: Element>(cfg: &GemmConfig, layout: Layout) -> Result<(i32, i32)> {
+    let plan = split_plan(&cfg.to_args(layout, T::DTYPE, O::DTYPE), true)?;
+    Ok((plan.tile as i32, plan.splits))
+}
+
 /// See `moek_grouped_gemm_workspace_size` in the header. Does not ask the device: for AUTO it answers
 /// as for the portable path, which covers a call that then runs the sm_90a kernel (no workspace).
 pub(crate) fn workspace_bytes(a: &sys::moek_grouped_gemm_args) -> Result<usize> {

@@ -23,7 +23,8 @@
 //!   lossless decode to dense bf16 and the fused decode + matvec for 1..=8 tokens, with the CPU
 //!   reference in [`reference::subbit`].
 //! - [`ep`]: expert parallelism across the GPUs of one host: dispatch and combine with NVLink peer
-//!   stores and device-side flags, with the CPU reference in [`reference::ep`].
+//!   stores and device-side flags, with the CPU reference in [`reference::ep`]; its low-dimension
+//!   (BigMac) variant [`ep::LowDimRank`] with [`reference::low_dim`].
 //!
 //! Built without nvcc (see `scripts/setup-cuda.sh`), the crate still compiles and its CPU parts work;
 //! GPU calls return [`Status::NoCudaKernels`]. [`KERNELS_BUILT`] tells which build this is.

@@ -10,6 +10,8 @@
 //!   zero-filling the buffers; [`EpRank::dispatch`] and [`EpRank::combine`] are the per-rank calls.
 //! - [`IpcRank`] is one rank of a group with one process per GPU: its buffers are shared with the
 //!   other processes as CUDA IPC handles (plain bytes the caller exchanges over its own channel).
+//! - [`LowDimRank`] wraps an [`EpRank`] made for a projected width r: BigMac's low-dimension
+//!   dispatch and combine, with the descend and ascend projections around the exchange.
 //! - Engines with their own buffers call `moek_ep_dispatch` / `moek_ep_combine` through the C
 //!   interface (the header says how to share them through CUDA IPC from C).
 //!
@@ -17,9 +19,11 @@
 
 mod ipc;
 pub(crate) mod launch;
+mod low_dim;
 mod peer_group;
 
 pub use ipc::{IpcHandle, IpcRank, IPC_HANDLE_BYTES};
+pub use low_dim::{LowDimConfig, LowDimRank};
 pub use peer_group::{EpRank, ExpertOutput, PeerGroup};
 
 use crate::error::{bail, Result};

@@ -3,6 +3,7 @@
 pub mod ep;
 pub mod grouped_gemm;
 pub mod layer;
+pub mod low_dim;
 pub mod permute;
 pub mod route;
 pub mod subbit;
