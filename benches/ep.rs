@@ -134,11 +134,11 @@ struct LowRank {
 }
 
 fn enqueue_low(low: &mut LowDimRank<bf16>, b: &mut LowRank, t: usize, op: Op) {
-    let (x, ids, wd) = (b.base.x.slice(..), b.base.ids.slice(..), b.w_down.slice(..));
-    low.dispatch(t, &x, &wd, &ids, &mut b.base.offsets.slice_mut(..)).unwrap();
+    let (x, ids, wd, w) = (b.base.x.slice(..), b.base.ids.slice(..), b.w_down.slice(..), b.base.weights.slice(..));
+    low.dispatch(t, &x, &wd, &ids, Some(&w), &mut b.base.offsets.slice_mut(..)).unwrap();
     if op == Op::DispatchCombine {
-        let (w, wu) = (b.base.weights.slice(..), b.w_up.slice(..));
-        low.combine(t, ExpertOutput::Received, Some(&w), &wu, None, &mut b.base.out.slice_mut(..)).unwrap();
+        let wu = b.w_up.slice(..);
+        low.combine(t, ExpertOutput::Received, &wu, None, &mut b.base.out.slice_mut(..)).unwrap();
     }
 }
 

@@ -58,24 +58,24 @@ fn short_buffers_and_too_many_tokens_are_refused() {
     let c = config();
     let (h, r, k) = (7168, 896, 8);
     let t = 5;
-    assert_eq!(status(c.check_dispatch(t, t * h, r * h, t * k)), None);
-    assert_eq!(status(c.check_dispatch(0, 0, r * h, 0)), None, "T = 0 needs no token buffers");
-    assert_eq!(status(c.check_dispatch(4097, 4097 * h, r * h, 4097 * k)), Some(Status::InvalidNumTokens));
-    let e = c.check_dispatch(t, t * h - 1, r * h, t * k).unwrap_err();
+    assert_eq!(status(c.check_dispatch(t, t * h, r * h, t * k, Some(t * k))), None);
+    assert_eq!(status(c.check_dispatch(0, 0, r * h, 0, None)), None, "T = 0 needs no token buffers");
+    assert_eq!(status(c.check_dispatch(4097, 4097 * h, r * h, 4097 * k, None)), Some(Status::InvalidNumTokens));
+    let e = c.check_dispatch(t, t * h - 1, r * h, t * k, None).unwrap_err();
     assert_eq!(e.status, Status::BufferTooSmall);
     assert!(e.to_string().contains("x has"), "{e}");
-    let e = c.check_dispatch(t, t * h, r * h - 8, t * k).unwrap_err();
+    let e = c.check_dispatch(t, t * h, r * h - 8, t * k, None).unwrap_err();
     assert!(e.to_string().contains("w_down"), "{e}");
-    assert!(c.check_dispatch(t, t * h, r * h, t * k - 1).unwrap_err().to_string().contains("topk_ids"));
+    assert!(c.check_dispatch(t, t * h, r * h, t * k - 1, None).unwrap_err().to_string().contains("topk_ids"));
 
-    assert_eq!(status(c.check_combine(t, Some(t * k), h * r, Some(t * h), t * h)), None);
-    assert_eq!(status(c.check_combine(t, None, h * r, None, t * h)), None);
+    assert_eq!(status(c.check_combine(t, h * r, Some(t * h), t * h)), None);
+    assert_eq!(status(c.check_combine(t, h * r, None, t * h)), None);
     let named = |e: moe_kernels::Error| e.to_string();
-    assert!(named(c.check_combine(t, Some(t * k - 1), h * r, None, t * h).unwrap_err()).contains("weights"));
-    assert!(named(c.check_combine(t, None, h * r - 1, None, t * h).unwrap_err()).contains("w_up"));
-    assert!(named(c.check_combine(t, None, h * r, Some(t * h - 1), t * h).unwrap_err()).contains("residual"));
-    assert!(named(c.check_combine(t, None, h * r, None, t * r).unwrap_err()).contains("out"), "out is H wide");
-    assert_eq!(status(c.check_combine(4097, None, h * r, None, 4097 * h)), Some(Status::InvalidNumTokens));
+    assert!(named(c.check_dispatch(t, t * h, r * h, t * k, Some(t * k - 1)).unwrap_err()).contains("topk_weights"));
+    assert!(named(c.check_combine(t, h * r - 1, None, t * h).unwrap_err()).contains("w_up"));
+    assert!(named(c.check_combine(t, h * r, Some(t * h - 1), t * h).unwrap_err()).contains("residual"));
+    assert!(named(c.check_combine(t, h * r, None, t * r).unwrap_err()).contains("out"), "out is H wide");
+    assert_eq!(status(c.check_combine(4097, h * r, None, 4097 * h)), Some(Status::InvalidNumTokens));
 }
 
 /// With r = H and identity projections, the low-dimension reference is the full-width one.

@@ -76,17 +76,17 @@ fn full_width(cfg: &LowDimConfig) -> EpConfig {
 fn dispatch_all(lows: &mut [LowDimRank<bf16>], data: &[RankData], bufs: &mut [RankBuffers], w: &[Weights]) {
     for ((low, b), w) in lows.iter_mut().zip(bufs.iter_mut()).zip(w) {
         let d = &data[low.ep().rank() as usize];
-        low.dispatch(d.t, &b.x.slice(..), &w.down.slice(..), &b.ids.slice(..), &mut b.offsets.slice_mut(..)).unwrap();
+        let weights = b.weights.slice(..);
+        let (x, ids) = (b.x.slice(..), b.ids.slice(..));
+        low.dispatch(d.t, &x, &w.down.slice(..), &ids, Some(&weights), &mut b.offsets.slice_mut(..)).unwrap();
     }
 }
 
 fn combine_all(lows: &mut [LowDimRank<bf16>], data: &[RankData], bufs: &mut [RankBuffers], w: &[Weights]) {
     for ((low, b), w) in lows.iter_mut().zip(bufs.iter_mut()).zip(w) {
         let d = &data[low.ep().rank() as usize];
-        let (weights, residual) = (b.weights.slice(..), b.residual.slice(..));
-        let up = w.up.slice(..);
-        low.combine(d.t, ExpertOutput::Received, Some(&weights), &up, Some(&residual), &mut b.out.slice_mut(..))
-            .unwrap();
+        let (residual, up) = (b.residual.slice(..), w.up.slice(..));
+        low.combine(d.t, ExpertOutput::Received, &up, Some(&residual), &mut b.out.slice_mut(..)).unwrap();
     }
 }
 

@@ -59,26 +59,27 @@ impl LowDimConfig {
     }
 
     /// Checks a dispatch's token count and buffer lengths (elements).
-    pub fn check_dispatch(&self, num_tokens: usize, x: usize, w_down: usize, topk_ids: usize) -> Result<()> {
+    pub fn check_dispatch(
+        &self,
+        num_tokens: usize,
+        x: usize,
+        w_down: usize,
+        topk_ids: usize,
+        topk_weights: Option<usize>,
+    ) -> Result<()> {
         self.check_tokens(num_tokens)?;
         check::length("x", x, num_tokens * self.hidden)?;
         check::length("w_down", w_down, self.projected() * self.hidden)?;
-        check::length("topk_ids", topk_ids, num_tokens * self.ep.k as usize)
+        check::length("topk_ids", topk_ids, num_tokens * self.ep.k as usize)?;
+        if let Some(w) = topk_weights {
+            check::length("topk_weights", w, num_tokens * self.ep.k as usize)?;
+        }
+        Ok(())
     }
 
     /// Checks a combine's token count and buffer lengths (elements; `None` for an absent buffer).
-    pub fn check_combine(
-        &self,
-        num_tokens: usize,
-        weights: Option<usize>,
-        w_up: usize,
-        residual: Option<usize>,
-        out: usize,
-    ) -> Result<()> {
+    pub fn check_combine(&self, num_tokens: usize, w_up: usize, residual: Option<usize>, out: usize) -> Result<()> {
         self.check_tokens(num_tokens)?;
-        if let Some(w) = weights {
-            check::length("weights", w, num_tokens * self.ep.k as usize)?;
-        }
         check::length("w_up", w_up, self.hidden * self.projected())?;
         if let Some(r) = residual {
             check::length("residual", r, num_tokens * self.hidden)?;
@@ -220,30 +221,33 @@ impl<'a, T: GemmInput + ValidAsZeroBits> LowDimRank<'a, T> {
     }
 
     /// Projects this rank's `num_tokens` rows of `x` ([T, H]) down with `w_down` ([r, H]) and sends
-    /// them, r wide, to the owners of their `topk_ids` ([T, k]), like [`EpRank::dispatch`]: the received
-    /// rows (`ep().received_rows_ptr()`, r wide) and their per-local-expert offsets
-    /// (`received_offsets`, `E/R + 1` entries) are the experts' input.
+    /// them, r wide, to the owners of their `topk_ids` ([T, k]) with their `topk_weights` (`None`: 1),
+    /// like [`EpRank::dispatch`]: the received rows (`ep().received_rows_ptr()`, r wide) and their
+    /// per-local-expert offsets (`received_offsets`, `E/R + 1` entries) are the experts' input.
+    #[allow(clippy::too_many_arguments)]
     pub fn dispatch(
         &mut self,
         num_tokens: usize,
         x: &CudaView<'_, T>,
         w_down: &CudaView<'_, T>,
         topk_ids: &CudaView<'_, i32>,
+        topk_weights: Option<&CudaView<'_, f32>>,
         received_offsets: &mut CudaViewMut<'_, i32>,
     ) -> Result<()> {
-        self.config.check_dispatch(num_tokens, x.len(), w_down.len(), topk_ids.len())?;
+        self.config.check_dispatch(num_tokens, x.len(), w_down.len(), topk_ids.len(), topk_weights.map(|w| w.len()))?;
         check::length("received_offsets", received_offsets.len(), self.config.ep.local_experts() + 1)?;
         // T = 0 still joins the exchange (every rank makes every call); it only has nothing to project.
         if num_tokens > 0 {
             self.project_down(num_tokens, x, w_down)?;
         }
         // The one dispatch call of this module (an API change of EpRank::dispatch is made here).
-        self.ep.dispatch(num_tokens, &self.projected.slice(..), topk_ids, received_offsets)
+        self.ep.dispatch(num_tokens, &self.projected.slice(..), topk_ids, topk_weights, received_offsets)
     }
 
     /// Returns the expert outputs (r wide; in place in the received rows or in a buffer, as for
     /// [`EpRank::combine`]) and writes, for this rank's `num_tokens` tokens,
-    /// `out[t] = residual[t] + (sum_s weights[t, s] * output of (t, s)) · w_up^T` with `w_up` [H, r]
+    /// `out[t] = residual[t] + (sum_s weights[t, s] * output of (t, s)) · w_up^T` (the dispatch's
+    /// weights; each owner's sum rounded to T as in [`EpRank::combine`]) with `w_up` [H, r]
     /// and `out` [T, H]. The weighted sum is rounded to T at width r before the ascend projection, and
     /// the projection to T before the residual is added (fp32 sum).
     #[allow(clippy::too_many_arguments)]
@@ -251,13 +255,12 @@ impl<'a, T: GemmInput + ValidAsZeroBits> LowDimRank<'a, T> {
         &mut self,
         num_tokens: usize,
         expert_out: ExpertOutput<'_, T>,
-        weights: Option<&CudaView<'_, f32>>,
         w_up: &CudaView<'_, T>,
         residual: Option<&CudaView<'_, T>>,
         out: &mut CudaViewMut<'_, T>,
     ) -> Result<()> {
         let c = self.config;
-        c.check_combine(num_tokens, weights.map(|w| w.len()), w_up.len(), residual.map(|r| r.len()), out.len())?;
+        c.check_combine(num_tokens, w_up.len(), residual.map(|r| r.len()), out.len())?;
         let stream = self.ep.stream().clone();
         // Resolved (and checked) before anything is enqueued, so a bad residual leaves no half-done call.
         let residual = residual.map(|r| r.device_ptr(&stream));
@@ -266,7 +269,7 @@ impl<'a, T: GemmInput + ValidAsZeroBits> LowDimRank<'a, T> {
         }
         // The one combine call of this module (an API change of EpRank::combine is made here). No
         // residual here: it is H wide, the exchange r wide.
-        self.ep.combine(num_tokens, expert_out, weights, None, &mut self.combined.slice_mut(..))?;
+        self.ep.combine(num_tokens, expert_out, None, &mut self.combined.slice_mut(..))?;
         if num_tokens == 0 {
             return Ok(());
         }
