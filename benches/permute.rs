@@ -1,7 +1,8 @@
 //! Permutation benchmarks on the GPU, timed with CUDA events (criterion's `iter_custom`), plus a JSON
 //! of medians (MOEK_BENCH_JSON, default target/bench-permute.json) for benches/RESULTS.md. Each case is
 //! timed back to back on a stream and as one call's share of a CUDA graph of 20 calls. The plan at
-//! T = 4096 is timed on each path too (`_fused`, `_chunked`); permute and combine at decode sizes of
+//! T = 4096 is timed on each path too (`_fused`, `_chunked`, `_cluster`: one cluster of 16 blocks on
+//! sm_90, the chunked path elsewhere); permute and combine at decode sizes of
 //! the layer presets (rows cut over several warps) as well as at T = 16384.
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -137,6 +138,7 @@ fn benches(crit: &mut Criterion) {
         (4096usize, None, ""),
         (4096, Some(PlanPath::Fused), "_fused"),
         (4096, Some(PlanPath::Chunked), "_chunked"),
+        (4096, Some(PlanPath::Cluster), "_cluster"),
         (32768, None, ""),
     ] {
         let mut p = Problem::new(&stream, t, 256, 8, 8);

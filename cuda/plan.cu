@@ -15,7 +15,16 @@
 // all pairs itself with shared-memory atomics (before its chunk, after it, and per warp slice of its
 // chunk), then run steps (2)-(4) as above. Both paths share steps (2)-(4) (lay_out_and_place), so their
 // outputs are identical.
+// The cluster path (sm_90 and later; src/permute.rs chooses it only when asked, MOEK_PLAN_PATH=cluster)
+// is the chunked path in one launch of one thread-block cluster, one block per chunk (at most 16 chunks):
+// each block counts its chunk per warp as in step (1), sums the warps into its chunk histogram in its
+// own shared memory, and after a cluster barrier reads every block's histogram through distributed
+// shared memory for step (2), then runs steps (3)-(4) (lay_out_and_place) as above. No count kernel,
+// no workspace, no wait for a prerequisite grid and no global round trip for the histograms; the
+// outputs are identical (the same integer sums, the same placement code).
 // Arguments were validated by src/permute.rs.
+#include <cooperative_groups.h>
+
 #include <atomic>
 #include <cstdlib>
 
@@ -193,10 +202,14 @@ __device__ __forceinline__ void sum_chunks(const PlaceArgs& a, int e, int64_t fi
 // totals(e, total, before), which every thread calls once per round of blockDim experts (e >= E
 // included, so that it may synchronise the block); then the offsets (every block computes the same;
 // block 0 writes them, the counts, the padding rows and the rank sums) and each warp's position base;
-// then every pair of the warp's slice [begin, end) is placed, in order.
-template <typename Totals>
+// then every pair of the warp's slice [begin, end) is placed, in order. laid_out() is called by every
+// thread once the offsets are known (every value totals() returned has been used by then).
+struct Nothing {
+  __device__ void operator()() const {}
+};
+template <typename Totals, typename LaidOut = Nothing>
 __device__ __forceinline__ void lay_out_and_place(const PlaceArgs& a, const PlaceSmem& s, int64_t begin, int64_t end,
-                                                  int32_t* my_slice, Totals totals) {
+                                                  int32_t* my_slice, Totals totals, LaidOut laid_out = {}) {
   const int warps = blockDim.x / 32;
   const int E = a.E;
   // The scan below needs the whole block in step; experts are taken blockDim at a time.
@@ -229,6 +242,7 @@ __device__ __forceinline__ void lay_out_and_place(const PlaceArgs& a, const Plac
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) a.expert_offsets[E] = carry;
   __syncthreads();  // offsets, slice bases and (block 0) expert_counts visible to the whole block
+  laid_out();
 
   // Block 0: per-rank sums.
   if (blockIdx.x == 0 && a.ranks > 1) {
@@ -320,6 +334,103 @@ __global__ void __launch_bounds__(1024) plan_place_kernel(PlaceArgs a) {
       }
     }
   });
+}
+
+// Most blocks of a cluster (sm_90 allows 16 with the non-portable cluster size attribute).
+constexpr int kMaxClusterBlocks = 16;
+
+// The cluster path's kernel: one cluster of num_chunks (2..16) blocks, one block per chunk (see the top
+// of the file). Compiled for sm_90 and later only; src/permute.rs and moek_cuda_plan never launch it on
+// an older device.
+__global__ void __launch_bounds__(1024) plan_cluster_kernel(PlaceArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  extern __shared__ int32_t smem[];
+  const int warps = blockDim.x / 32;
+  const int warp = threadIdx.x / 32;
+  const int E = a.E;
+  const int blocks = static_cast<int>(a.num_chunks);  // the cluster is the grid: rank == blockIdx.x
+  const PlaceSmem s(smem, E, warps, blockDim.x);
+  int32_t* chunk_hist = s.before;  // [E]: the expert's pairs in this block's chunk, read by every block
+  const Chunk chunk(a.pairs, a.num_chunks, blockIdx.x);
+  int64_t begin, end;
+  warp_slice(chunk, warps, warp, begin, end);
+  int32_t* my_slice = s.slice + warp * E;
+
+  // (1) Per-warp histogram of the slice, then the chunk's histogram and out-of-range count.
+  __shared__ int32_t s_bad;
+  for (int i = threadIdx.x; i < warps * E; i += blockDim.x) s.slice[i] = 0;
+  if (threadIdx.x == 0) s_bad = 0;
+  __syncthreads();
+  const int32_t lane_bad = walk_slice(a.ids, begin, end, E, my_slice, [](int64_t, int32_t, int32_t) {});
+  if (lane_bad != 0) atomicAdd(&s_bad, lane_bad);
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    int32_t n = 0;
+    for (int w = 0; w < warps; ++w) n += s.slice[w * E + e];
+    chunk_hist[e] = n;
+  }
+  cluster.sync();  // every block's chunk_hist and s_bad are complete and visible to the cluster
+
+  // Block 0: the error count, from every block's s_bad.
+  if (blockIdx.x == 0 && warp == 0) {
+    const int lane = threadIdx.x;
+    int32_t bad = lane < blocks ? *cluster.map_shared_rank(&s_bad, static_cast<unsigned>(lane)) : 0;
+    for (int off = 16; off > 0; off >>= 1) bad += __shfl_xor_sync(0xffffffffu, bad, off);
+    if (lane == 0) *a.error_count = bad;
+  }
+
+  // (2) Per expert: total pairs and pairs in earlier chunks, from the blocks' chunk histograms (all
+  // loads of a thread issued before any is used). As in plan_place_kernel, `split` threads share an
+  // expert when E <= blockDim / 2, each reading every split-th block; partial sums meet in scratch.
+  auto sum_blocks = [&](int e, int first, int stride, int32_t& total, int32_t& before) {
+    int32_t n[kMaxClusterBlocks];
+#pragma unroll
+    for (int j = 0; j < kMaxClusterBlocks; ++j) {
+      const int r = first + j * stride;
+      n[j] = r < blocks ? cluster.map_shared_rank(chunk_hist, static_cast<unsigned>(r))[e] : 0;
+    }
+#pragma unroll
+    for (int j = 0; j < kMaxClusterBlocks; ++j) {
+      total += n[j];
+      before += first + j * stride < static_cast<int>(blockIdx.x) ? n[j] : 0;
+    }
+  };
+  const int split = E <= static_cast<int>(blockDim.x) / 2 ? blockDim.x / E : 1;
+  int32_t part_total = 0, part_before = 0;
+  if (split > 1 && static_cast<int>(threadIdx.x) < split * E) {
+    sum_blocks(threadIdx.x % E, threadIdx.x / E, split, part_total, part_before);
+  }
+  // (3), (4): offsets, then placement. Once the offsets are known this block reads no other block's
+  // shared memory: it arrives at the exit barrier then (relaxed: every value it loaded from the cluster
+  // has been used, and nothing it wrote need be seen), and waits for the others only at its end.
+  const auto done_reading = [] { asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory"); };
+  const auto totals = [&](int e, int32_t& total, int32_t& before) {
+    if (split > 1) {
+      // One round (E <= blockDim / 2), partials gathered through scratch.
+      s.scratch[threadIdx.x] = part_total;
+      __syncthreads();
+      if (e < E) {
+        for (int j = 0; j < split; ++j) total += s.scratch[j * E + e];
+      }
+      __syncthreads();
+      s.scratch[threadIdx.x] = part_before;
+      __syncthreads();
+      if (e < E) {
+        for (int j = 0; j < split; ++j) before += s.scratch[j * E + e];
+      }
+      __syncthreads();
+    } else if (e < E) {
+      sum_blocks(e, 0, 1, total, before);
+    }
+  };
+  lay_out_and_place(a, s, begin, end, my_slice, totals, done_reading);
+  // No block's shared memory goes away while another block may still read it.
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+#else
+  __trap();  // never launched before sm_90
+#endif
 }
 
 // Calls f(p, id) for every pair p of the block's stride (p = threadIdx.x, + blockDim, ...), ids loaded
@@ -427,34 +538,97 @@ int max_warps(bool fused) {
   return fused ? fused_warps : place;
 }
 
-// Warps of the place or fused kernel: as many as the shared-memory limit allows, at most max_warps().
-int place_warps(int E, bool fused) {
+// Warps of the place, fused or cluster kernel: as many as the shared-memory limit allows, at most
+// max_warps() (the cluster kernel takes the place kernel's, MOEK_PLAN_WARPS). `extra`: the layout with
+// the two extra [E] arrays (fused: before and after; cluster: the chunk histogram).
+int place_warps(int E, bool fused, bool extra) {
   for (int w = max_warps(fused); w > 1; --w) {
-    if (PlaceSmem::bytes(E, w, 32 * w, fused) <= kPlaceSmemLimit) return w;
+    if (PlaceSmem::bytes(E, w, 32 * w, extra) <= kPlaceSmemLimit) return w;
   }
   return 1;
+}
+
+// Whether a cluster of `blocks` blocks of the cluster kernel can run on this device (sm_90 and later,
+// and the occupancy calculator finds room for one such cluster). Remembered per configuration (the
+// last one asked, per thread: a plan's shape rarely changes between calls).
+bool cluster_fits(int blocks, int threads, size_t smem) {
+  if (current_device_attribute<cudaDevAttrComputeCapabilityMajor>() < 9) return false;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  struct Key {
+    int device, blocks, threads;
+    size_t smem;
+    bool fits;
+  };
+  thread_local Key last = {-1, 0, 0, 0, false};
+  if (last.device == device && last.blocks == blocks && last.threads == threads && last.smem == smem) {
+    return last.fits;
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = smem;
+  cudaLaunchAttribute cluster[1];
+  cluster[0].id = cudaLaunchAttributeClusterDimension;
+  cluster[0].val.clusterDim.x = static_cast<unsigned>(blocks);
+  cluster[0].val.clusterDim.y = 1;
+  cluster[0].val.clusterDim.z = 1;
+  config.attrs = cluster;
+  config.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, plan_cluster_kernel, &config) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it: the fallback launch reports its own status
+    return false;              // not remembered: the next call asks again
+  }
+  const bool fits = clusters >= 1;
+  last = {device, blocks, threads, smem, fits};
+  return fits;
 }
 
 }  // namespace
 }  // namespace moek
 
 // Workspace (chunked path): hist[num_chunks][E], then bad[num_chunks] (unused with one chunk). The fused
-// path (src/permute.rs, plan_path, chooses) uses none.
-extern "C" int moek_cuda_plan(const moek_plan_args* a, int64_t num_chunks, int fused, cudaStream_t stream) {
+// and cluster paths (src/permute.rs, plan_path, chooses; `path`: 0 chunked, 1 fused, 2 cluster) use
+// none. The cluster path takes 2..16 chunks on sm_90 and later; elsewhere (one chunk, an older device,
+// no room for the cluster) it runs the chunked path with the same chunks, whose workspace
+// src/permute.rs sizes for at least that many.
+extern "C" int moek_cuda_plan(const moek_plan_args* a, int64_t num_chunks, int path, cudaStream_t stream) {
   using namespace moek;
   const int E = a->num_experts;
   const int64_t pairs = a->num_tokens * a->k;
-  if (num_chunks < 1) return cudaErrorInvalidValue;
+  if (num_chunks < 1 || path < 0 || path > 2) return cudaErrorInvalidValue;
+  const bool fused = path == 1;
   int32_t* hist = static_cast<int32_t*>(a->workspace);
   int32_t* bad = hist + num_chunks * E;
-  if (num_chunks > 1 && !fused) {
+  bool cluster = false;
+  int warps = 0;
+  size_t smem = 0;
+  if (path == 2 && num_chunks > 1 && num_chunks <= kMaxClusterBlocks) {
+    warps = place_warps(E, false, true);
+    smem = PlaceSmem::bytes(E, warps, 32 * warps, true);
+    if (num_chunks > 8) {  // above the portable cluster size
+      const cudaError_t err =
+          cudaFuncSetAttribute(plan_cluster_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+      if (err != cudaSuccess) return err;
+    }
+    if (smem > 48 * 1024) {
+      const cudaError_t err = cudaFuncSetAttribute(plan_cluster_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   static_cast<int>(smem));
+      if (err != cudaSuccess) return err;
+    }
+    cluster = cluster_fits(static_cast<int>(num_chunks), 32 * warps, smem);
+  }
+  if (!cluster) {
+    warps = place_warps(E, fused, fused);
+    smem = PlaceSmem::bytes(E, warps, 32 * warps, fused);
+  }
+  if (num_chunks > 1 && !fused && !cluster) {
     plan_count_kernel<<<static_cast<unsigned>(num_chunks), kCountThreads, E * sizeof(int32_t), stream>>>(
         a->topk_ids, pairs, E, num_chunks, hist, bad);
   }
-  const int warps = place_warps(E, fused != 0);
-  const size_t smem = PlaceSmem::bytes(E, warps, 32 * warps, fused != 0);
-  auto kernel = fused ? plan_fused_kernel : plan_place_kernel;
-  if (smem > 48 * 1024) {  // above the default limit: opt in (per device, so on every such call)
+  auto kernel = cluster ? plan_cluster_kernel : fused ? plan_fused_kernel : plan_place_kernel;
+  if (!cluster && smem > 48 * 1024) {  // above the default limit: opt in (per device, so on every such call)
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
@@ -481,11 +655,18 @@ extern "C" int moek_cuda_plan(const moek_plan_args* a, int64_t num_chunks, int f
   config.blockDim = dim3(32 * warps);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  cudaLaunchAttribute overlap[1];
-  overlap[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  overlap[0].val.programmaticStreamSerializationAllowed = 1;
-  if (num_chunks > 1 && !fused && programmatic_launch()) {
-    config.attrs = overlap;
+  cudaLaunchAttribute attr[1];
+  if (cluster) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(num_chunks);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+  } else if (num_chunks > 1 && !fused && programmatic_launch()) {
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attr;
     config.numAttrs = 1;
   }
   const cudaError_t err = cudaLaunchKernelEx(&config, kernel, p);

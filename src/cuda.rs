@@ -23,7 +23,7 @@ mod launchers {
         pub fn moek_cuda_plan(
             args: *const sys::moek_plan_args,
             num_chunks: i64,
-            fused: i32,
+            path: i32,
             stream: sys::cudaStream_t,
         ) -> i32;
         pub fn moek_cuda_permute(
@@ -125,17 +125,29 @@ pub(crate) fn route(args: &sys::moek_route_args, capacity_chunk: i32, stream: sy
     }
 }
 
-/// Enqueues a permutation plan in `num_chunks` chunks, by the fused one-launch kernel or the chunked
-/// pair of kernels (arguments already validated).
-pub(crate) fn plan(args: &sys::moek_plan_args, num_chunks: i64, fused: bool, stream: sys::cudaStream_t) -> LaunchCode {
+/// Enqueues a permutation plan in `num_chunks` chunks on `path`: the chunked pair of kernels, the fused
+/// one-launch kernel or the one-cluster kernel (which falls back to the chunked pair where it cannot
+/// run); arguments already validated.
+pub(crate) fn plan(
+    args: &sys::moek_plan_args,
+    num_chunks: i64,
+    path: crate::permute::PlanPath,
+    stream: sys::cudaStream_t,
+) -> LaunchCode {
     #[cfg(moek_cuda)]
     {
+        use crate::permute::PlanPath;
+        let path = match path {
+            PlanPath::Chunked => 0,
+            PlanPath::Fused => 1,
+            PlanPath::Cluster => 2,
+        };
         // SAFETY: validated by permute::plan_raw; the buffers are the caller's, sized per the header.
-        unsafe { launchers::moek_cuda_plan(args, num_chunks, i32::from(fused), stream) }
+        unsafe { launchers::moek_cuda_plan(args, num_chunks, path, stream) }
     }
     #[cfg(not(moek_cuda))]
     {
-        let _ = (args, num_chunks, fused, stream);
+        let _ = (args, num_chunks, path, stream);
         NO_KERNELS
     }
 }

@@ -40,6 +40,34 @@ pub enum PlanPath {
     /// A count kernel writing per-chunk histograms to the workspace, then the place kernel (one launch
     /// when there is one chunk).
     Chunked,
+    /// One launch of one thread-block cluster (sm_90 and later), a block per chunk, at most
+    /// [`PLAN_CLUSTER_MAX_BLOCKS`] chunks: the chunk histograms are exchanged through distributed shared
+    /// memory instead of the workspace. Where a cluster cannot run (an older GPU, one chunk) the same
+    /// chunks take the chunked path.
+    Cluster,
+}
+
+/// Most blocks (chunks) of the cluster path: the largest cluster sm_90 allows (non-portable above 8).
+/// `MOEK_PLAN_CLUSTER_BLOCKS` (2..=16, read once) lowers it for sweeps.
+pub const PLAN_CLUSTER_MAX_BLOCKS: i64 = 16;
+
+/// Most pairs the cluster path takes when `MOEK_PLAN_PATH=cluster` turns it on (off by default: not
+/// yet measured): T = 4096 at k = 8, 16 chunks of 2048 pairs. `MOEK_PLAN_CLUSTER_MAX_PAIRS` (read
+/// once) overrides it.
+const PLAN_CLUSTER_MAX_PAIRS: i64 = 32768;
+
+/// Chunks of the cluster path for `pairs` pairs over `num_experts` experts: those of the chunked path
+/// ([`plan_chunks`], so the workspace its fallback needs is there), at most the cluster's blocks.
+fn plan_cluster_chunks(pairs: i64, num_experts: i32) -> i64 {
+    static BLOCKS: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let blocks = *BLOCKS.get_or_init(|| {
+        std::env::var("MOEK_PLAN_CLUSTER_BLOCKS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|v| (2..=PLAN_CLUSTER_MAX_BLOCKS).contains(v))
+            .unwrap_or(PLAN_CLUSTER_MAX_BLOCKS)
+    });
+    plan_chunks(pairs, num_experts).min(blocks)
 }
 
 /// Most pairs the fused plan takes by default: none. It reads every id in every block, and on the H200
@@ -51,31 +79,50 @@ const PLAN_FUSED_MAX_PAIRS: i64 = -1;
 /// fits 32 warps.
 const PLAN_FUSED_MAX_EXPERTS: i32 = 1024;
 
-/// The path of a plan of `pairs` pairs over `num_experts` experts: fused up to `max_pairs` pairs and
-/// [`PLAN_FUSED_MAX_EXPERTS`] experts, chunked beyond; `forced` (`MOEK_PLAN_FUSED=1` or `0`) wins.
-pub(crate) fn plan_path(pairs: i64, num_experts: i32, max_pairs: i64, forced: Option<PlanPath>) -> PlanPath {
+/// Pair limits of the automatic path choice (-1: the path is off).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PlanLimits {
+    /// Most pairs the fused path takes.
+    pub fused: i64,
+    /// Most pairs the cluster path takes.
+    pub cluster: i64,
+}
+
+/// The defaults: both one-launch paths off.
+const PLAN_LIMITS: PlanLimits = PlanLimits { fused: PLAN_FUSED_MAX_PAIRS, cluster: -1 };
+
+/// The path of a plan of `pairs` pairs over `num_experts` experts: cluster up to `limits.cluster`
+/// pairs, else fused up to `limits.fused` pairs and [`PLAN_FUSED_MAX_EXPERTS`] experts, chunked beyond;
+/// `forced` (`MOEK_PLAN_FUSED=1` or `0`, or a caller's choice) wins.
+pub(crate) fn plan_path(pairs: i64, num_experts: i32, limits: PlanLimits, forced: Option<PlanPath>) -> PlanPath {
     match forced {
         Some(path) => path,
-        None if pairs <= max_pairs && num_experts <= PLAN_FUSED_MAX_EXPERTS => PlanPath::Fused,
+        None if pairs <= limits.cluster => PlanPath::Cluster,
+        None if pairs <= limits.fused && num_experts <= PLAN_FUSED_MAX_EXPERTS => PlanPath::Fused,
         None => PlanPath::Chunked,
     }
 }
 
-/// The environment's plan settings, read once: the fused path's pair limit and a forced path.
-fn plan_overrides() -> (i64, Option<PlanPath>) {
-    static OVERRIDES: std::sync::OnceLock<(i64, Option<PlanPath>)> = std::sync::OnceLock::new();
+/// The environment's plan settings, read once: the paths' pair limits and a forced path.
+/// `MOEK_PLAN_PATH=cluster` turns the cluster path on up to `MOEK_PLAN_CLUSTER_MAX_PAIRS` (default
+/// [`PLAN_CLUSTER_MAX_PAIRS`]).
+fn plan_overrides() -> (PlanLimits, Option<PlanPath>) {
+    static OVERRIDES: std::sync::OnceLock<(PlanLimits, Option<PlanPath>)> = std::sync::OnceLock::new();
     *OVERRIDES.get_or_init(|| {
-        let max_pairs = std::env::var("MOEK_PLAN_FUSED_MAX_PAIRS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&v: &i64| v >= 0)
-            .unwrap_or(PLAN_FUSED_MAX_PAIRS);
+        let limit = |name: &str, fallback: i64| {
+            std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|&v: &i64| v >= 0).unwrap_or(fallback)
+        };
+        let fused = limit("MOEK_PLAN_FUSED_MAX_PAIRS", PLAN_LIMITS.fused);
+        let cluster = match std::env::var("MOEK_PLAN_PATH").ok().as_deref() {
+            Some("cluster") => limit("MOEK_PLAN_CLUSTER_MAX_PAIRS", PLAN_CLUSTER_MAX_PAIRS),
+            _ => PLAN_LIMITS.cluster,
+        };
         let forced = match std::env::var("MOEK_PLAN_FUSED").ok().as_deref() {
             Some("1") => Some(PlanPath::Fused),
             Some("0") => Some(PlanPath::Chunked),
             _ => None,
         };
-        (max_pairs, forced)
+        (PlanLimits { fused, cluster }, forced)
     })
 }
 
@@ -212,10 +259,13 @@ fn plan_raw_on(a: &sys::moek_plan_args, path: Option<PlanPath>, stream: sys::cud
     }
     check::pointer("workspace", a.workspace, true, 4)?;
     let pairs = a.num_tokens * i64::from(a.k);
-    let chunks = plan_chunks(pairs, a.num_experts);
-    let (max_pairs, forced) = plan_overrides();
-    let path = plan_path(pairs, a.num_experts, max_pairs, path.or(forced));
-    crate::cuda::status(crate::cuda::plan(a, chunks, path == PlanPath::Fused, stream))
+    let (limits, forced) = plan_overrides();
+    let path = plan_path(pairs, a.num_experts, limits, path.or(forced));
+    let chunks = match path {
+        PlanPath::Cluster => plan_cluster_chunks(pairs, a.num_experts),
+        PlanPath::Fused | PlanPath::Chunked => plan_chunks(pairs, a.num_experts),
+    };
+    crate::cuda::status(crate::cuda::plan(a, chunks, path, stream))
 }
 
 /// Warps per SM the row split of permute and combine aims at by default (see [`row_split`]).
@@ -528,22 +578,50 @@ mod tests {
     #[test]
     fn plan_path_is_chunked_by_default_and_fused_below_a_set_limit() {
         // Off by default (measured slower), even for an empty plan.
-        let default = |pairs, e| plan_path(pairs, e, PLAN_FUSED_MAX_PAIRS, None);
+        let default = |pairs, e| plan_path(pairs, e, PLAN_LIMITS, None);
         assert_eq!(default(0, 1), PlanPath::Chunked);
         assert_eq!(default(4096 * 8, 256), PlanPath::Chunked);
         // With a limit (MOEK_PLAN_FUSED_MAX_PAIRS): fused up to it and the expert cap.
-        let auto = |pairs, e| plan_path(pairs, e, 32768, None);
+        let auto = |pairs, e| plan_path(pairs, e, PlanLimits { fused: 32768, cluster: -1 }, None);
         assert_eq!(auto(4096 * 8, 256), PlanPath::Fused);
         assert_eq!(auto(4096 * 8 + 1, 256), PlanPath::Chunked);
         assert_eq!(auto(0, 1), PlanPath::Fused);
         assert_eq!(auto(100, PLAN_FUSED_MAX_EXPERTS), PlanPath::Fused);
         assert_eq!(auto(100, PLAN_FUSED_MAX_EXPERTS + 1), PlanPath::Chunked);
         // A limit of 0 leaves only empty plans fused; a forced path wins over everything.
-        assert_eq!(plan_path(1, 8, 0, None), PlanPath::Chunked);
+        assert_eq!(plan_path(1, 8, PlanLimits { fused: 0, cluster: -1 }, None), PlanPath::Chunked);
         for (pairs, e) in [(0, 1), (1 << 30, 8192), (1000, 8)] {
-            for path in [PlanPath::Fused, PlanPath::Chunked] {
-                assert_eq!(plan_path(pairs, e, PLAN_FUSED_MAX_PAIRS, Some(path)), path);
+            for path in [PlanPath::Fused, PlanPath::Chunked, PlanPath::Cluster] {
+                assert_eq!(plan_path(pairs, e, PLAN_LIMITS, Some(path)), path);
             }
+        }
+    }
+
+    #[test]
+    fn plan_path_is_cluster_up_to_its_limit_when_turned_on() {
+        // MOEK_PLAN_PATH=cluster: the cluster limit goes first, then the fused one, then chunked.
+        let on = PlanLimits { fused: -1, cluster: PLAN_CLUSTER_MAX_PAIRS };
+        assert_eq!(plan_path(4096 * 8, 256, on, None), PlanPath::Cluster);
+        assert_eq!(plan_path(4096 * 8 + 1, 256, on, None), PlanPath::Chunked);
+        assert_eq!(plan_path(100, 8192, on, None), PlanPath::Cluster);
+        let both = PlanLimits { fused: 1 << 20, cluster: 1000 };
+        assert_eq!(plan_path(1000, 256, both, None), PlanPath::Cluster);
+        assert_eq!(plan_path(1001, 256, both, None), PlanPath::Fused);
+    }
+
+    #[test]
+    fn cluster_chunks_fit_one_cluster_and_the_chunked_workspace() {
+        for pairs in [0i64, 1, 1024, 1025, 4096 * 8, 32768 * 8, 1 << 30] {
+            for e in [1i32, 8, 256, 1024, 8192] {
+                let c = plan_cluster_chunks(pairs, e);
+                assert!((1..=PLAN_CLUSTER_MAX_BLOCKS).contains(&c), "pairs={pairs} E={e}: {c}");
+                assert!(c <= plan_chunks(pairs, e), "pairs={pairs} E={e}: {c}");
+            }
+        }
+        // T = 4096, k = 8, E = 256: one cluster of 16 blocks of 2048 pairs (unless the knob lowers it).
+        if std::env::var_os("MOEK_PLAN_CLUSTER_BLOCKS").is_none() && std::env::var_os("MOEK_PLAN_CHUNK_PAIRS").is_none()
+        {
+            assert_eq!(plan_cluster_chunks(4096 * 8, 256), 16);
         }
     }
 }

@@ -1,6 +1,6 @@
 //! GPU permutation against the CPU reference on fresh random inputs: plans on odd shapes (skewed loads,
-//! empty experts, dropped and out-of-range ids, capacity, row alignment, ranks) on both plan paths
-//! (fused and chunked, forced), permute and combine in f32/bf16/f16 for H in {8, 2048, 2880, 7168} at
+//! empty experts, dropped and out-of-range ids, capacity, row alignment, ranks) on every plan path
+//! (fused, chunked and cluster, forced; the cluster path runs as chunked before sm_90), permute and combine in f32/bf16/f16 for H in {8, 2048, 2880, 7168} at
 //! small T (rows cut over several warps) and larger T, combine bit for bit against its exact fp32
 //! arithmetic and run to run, and a CUDA-graph replay. Skips (with a notice) where there is no GPU.
 
@@ -167,7 +167,7 @@ fn plans_match_the_reference_on_odd_shapes() {
                     let view = d_ids.slice(lead..lead + ids.len());
                     for cfg in variants {
                         let expected = reference::plan(&cfg, t, &ids);
-                        for path in [PlanPath::Fused, PlanPath::Chunked] {
+                        for path in [PlanPath::Fused, PlanPath::Chunked, PlanPath::Cluster] {
                             cases += 1;
                             let mut d = DevicePlan::new(&stream, &cfg, t);
                             d.run_on(&stream, &cfg, t, &view, Some(path));
@@ -353,21 +353,25 @@ fn plan_permute_combine_replay_from_a_cuda_graph() {
     let mut d = DevicePlan::new(&stream, &cfg, t);
     let mut rows = stream.alloc_zeros::<f32>(max_rows * hidden).unwrap();
     let mut out = stream.alloc_zeros::<f32>(t * hidden).unwrap();
-    stream.synchronize().unwrap();
-    stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
-    d.run(&stream, &cfg, t, &d_ids);
-    permute(&stream, &cfg, t, hidden, &d_x.slice(..), &d.view(), None, true, &mut rows.slice_mut(..)).unwrap();
-    combine(&stream, &cfg, t, hidden, &rows.slice(..), &d.view().pair_row, None, None, &mut out.slice_mut(..)).unwrap();
-    let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).unwrap().expect("a graph");
-    for replay in 0..3 {
-        let ids = ids_of(&mut rng, replay % 4, pairs, 32);
-        stream.memcpy_htod(&ids, &mut d_ids).unwrap();
-        graph.launch().unwrap();
-        let expected = reference::plan(&cfg, t, &ids);
-        d.check(&stream, &cfg, t, &expected).unwrap_or_else(|m| panic!("replay {replay}: {m}"));
-        let want_rows = reference::permute(&expected, &x, hidden, 4, None);
-        let want = reference::combine(&expected.pair_row, &want_rows, hidden, 4, None, None);
-        let got = stream.clone_dtoh(&out).unwrap();
-        assert_eq!(got, want, "replay {replay}: combine of the permuted rows");
+    // The automatic path, then the cluster path (a cluster launch captured in the graph; 2 chunks).
+    for path in [None, Some(PlanPath::Cluster)] {
+        stream.synchronize().unwrap();
+        stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+        d.run_on(&stream, &cfg, t, &d_ids.slice(..), path);
+        permute(&stream, &cfg, t, hidden, &d_x.slice(..), &d.view(), None, true, &mut rows.slice_mut(..)).unwrap();
+        combine(&stream, &cfg, t, hidden, &rows.slice(..), &d.view().pair_row, None, None, &mut out.slice_mut(..))
+            .unwrap();
+        let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).unwrap().expect("a graph");
+        for replay in 0..3 {
+            let ids = ids_of(&mut rng, replay % 4, pairs, 32);
+            stream.memcpy_htod(&ids, &mut d_ids).unwrap();
+            graph.launch().unwrap();
+            let expected = reference::plan(&cfg, t, &ids);
+            d.check(&stream, &cfg, t, &expected).unwrap_or_else(|m| panic!("{path:?} replay {replay}: {m}"));
+            let want_rows = reference::permute(&expected, &x, hidden, 4, None);
+            let want = reference::combine(&expected.pair_row, &want_rows, hidden, 4, None, None);
+            let got = stream.clone_dtoh(&out).unwrap();
+            assert_eq!(got, want, "{path:?} replay {replay}: combine of the permuted rows");
+        }
     }
 }
