@@ -11,7 +11,10 @@
 //   threshold: k-th largest of the 16 heads' 16-bit keys (one word)          57
 //   candidate mask, count, scan                                             ~63
 //   packing the candidates (the warp waits for its busiest lane)            ~57
-//   ranking by counting (FADD + LEA.HI a comparison) and the tie check     ~130
+//   ranking by counting (FADD + LEA.HI a comparison) and the tie check     ~110 (route-fix: run
+//   by every group, so full-warp barriers replace the group's MATCH/REDUX/VOTE checks, and the
+//   rank sum in integers: about 22 fewer on this path, 1646 -> 1630 SASS in the f32 16-value
+//   FULL kernel on sm_90a)
 //   weight and stores of the lane's output slot                             ~63
 // 536 in all (the 64-bit bitonic sort before it: 572), of which 225 on the ALU pipe (287) and 23
 // shuffles (56). The threshold leaves few candidates: on uniform random logits (E = 128, k = 8)
@@ -28,6 +31,23 @@
 // are greater) is its output slot. Where that cannot run (more than 16 candidates; fewer than k:
 // NaN; tau = -inf; two candidates of equal value) the token takes k rounds of the group's best on
 // packed (key, ~index) words as route_kernel, which is exact for any data.
+//
+// Termination (no input can hang it: NaN, +-inf, all-equal rows, any T >= 1; T = 0 never launches):
+//   - the persistent loop: `base` is block-uniform and grows by gridDim.x * TOKENS > 0 up to T (an
+//     int64 far from overflow: T < 2^31), so every warp runs the same whole iterations; tokens past T
+//     are routed from stale row copies (any bits, NaN included) and write nothing.
+//   - the packing loop clears one bit of a 32-bit mask a trip (<= NV trips); the ranking loop runs
+//     n / 2 rounded up <= 8 trips (n <= 16, the same in the group); the rounds run k <= 8 trips. No
+//     loop searches for a rank or waits for a count to reach a value; ties only fail the rank check.
+//   - collectives: full-warp shuffles and barriers (xor8 and kin, __syncwarp()) sit only where every
+//     lane of the warp runs them together: `sorted` and `ranked` differ between the 4 or 2 tokens of
+//     a warp, so packing and ranking run in every group (nothing to do where not sorted), and only
+//     the rounds (LaneGroup shuffles, the group's mask) are under a group-divergent branch.
+//     route-top8b summed the ranks with a full-warp shuffle inside `if (sorted)`: a warp whose tokens
+//     split there waited forever (likely the graph test's trigger, T = 1000: the last
+//     warp's 3 tokens past T route uninitialised shared memory, which may take the rounds beside
+//     a sorted valid token; the tied rows of the other fast-path test split warps too).
+//     `sorted && sum(...)` would do the same by its short circuit.
 #pragma once
 
 #include "mma_sm80.cuh"
@@ -85,6 +105,11 @@ __device__ __forceinline__ float max8(float v) {
   return v;
 }
 __device__ __forceinline__ float sum8(float v) {
+#pragma unroll
+  for (int o = 1; o < kFastLanes; o <<= 1) v += xor8(v, o);
+  return v;
+}
+__device__ __forceinline__ int isum8(int v) {
 #pragma unroll
   for (int o = 1; o < kFastLanes; o <<= 1) v += xor8(v, o);
   return v;
@@ -249,48 +274,63 @@ __device__ __forceinline__ void route_fast_token(const RouteParams& p, int64_t p
 
   // Candidates as (value bits, expert) word pairs, in lane order; a lane reads its own values back
   // from its row copy. Lane q < k ends with the q-th best (sel_value, sel_expert).
+  //
+  // `sorted` is uniform over the group but NOT over the warp: the four tokens of a warp differ (and
+  // a token past T routes whatever its stale row copy holds). So every lane of the warp runs the
+  // packing and ranking below, whatever its group's data: a group that is not sorted packs and ranks
+  // nothing (m = 0). The full-warp sum of the ranks is then reached by all 32 lanes together (inside
+  // `if (sorted)`, as route-top8b had it, lanes of a group in the rounds never meet it and the warp
+  // hangs), and the barriers can name the whole warp (a full-mask __syncwarp; a group's mask costs a
+  // MATCH/REDUX/VOTE convergence check each).
   float sel_value = 0.f;
   uint32_t sel_expert = 0;
-  bool ranked = false;
-  if (sorted) {
-    uint2* list = reinterpret_cast<uint2*>(cand);
-    uint2* out = list + offset;
-    while (mask != 0) {
-      const uint32_t s = 31 - __clz(mask);
-      mask ^= 1u << s;
-      const uint32_t e = slot_expert<VEC>(r, s);
-      *out++ = make_uint2(__float_as_uint(to_float(srow[e])), e);
-    }
-    if (r == L - 1) list[n] = make_uint2(__float_as_uint(-INFINITY), 0);  // pads the pairs read below
-    __syncwarp(0xffu << (threadIdx.x & 24));
-    // Rank by counting: lane q takes candidates q and q + 8; a candidate's output slot is the number
-    // of candidates whose value is greater, read from the sign of (mine - theirs) (beats below). Candidates are numbers >= tau > -inf, so the difference is never NaN
-    // except inf - inf (a tie, sign clear), and -0 - +0 = -0 ranks +0 above -0, as the keys do. The
-    // padding -inf beats nothing. Equal values rank equal: the group sum of the ranks then falls
-    // short of n (n - 1) / 2 (each distinct pair adds exactly one), and the token takes the rounds.
-    const uint2 c0 = r < n ? list[r] : list[n], c1 = r + L < n ? list[r + L] : list[n];
-    const float v0 = __uint_as_float(c0.x), v1 = __uint_as_float(c1.x);
-    uint32_t rank0 = 0, rank1 = 0;
-    const uint4* pairs = reinterpret_cast<const uint4*>(cand);
-    for (int j = 0; j < n; j += 2) {
-      const uint4 w = pairs[j / 2];
-      rank0 = beats(rank0, v0, w.x);
-      rank0 = beats(rank0, v0, w.z);
-      rank1 = beats(rank1, v1, w.x);
-      rank1 = beats(rank1, v1, w.z);
-    }
-    const int mine = (r < n ? static_cast<int>(rank0) : 0) + (r + L < n ? static_cast<int>(rank1) : 0);
-    ranked = 2 * sum8(mine) == n * (n - 1);  // uniform over the group
-    // Every lane has read every candidate before any slot below is written over them.
-    __syncwarp(0xffu << (threadIdx.x & 24));
-    if (ranked) {
-      if (r < n && rank0 < static_cast<uint32_t>(k)) list[rank0] = c0;
-      if (r + L < n && rank1 < static_cast<uint32_t>(k)) list[rank1] = c1;
-      __syncwarp(0xffu << (threadIdx.x & 24));
-      const uint2 c = list[r];
-      sel_value = __uint_as_float(c.x);
-      sel_expert = c.y;
-    }
+  const int m = sorted ? n : 0;
+  if (!sorted) mask = 0;
+  uint2* list = reinterpret_cast<uint2*>(cand);
+  uint2* out = list + offset;
+  // Terminates: each trip clears one set bit of a 32-bit mask (at most NV trips).
+  while (mask != 0) {
+    const uint32_t s = 31 - __clz(mask);
+    mask ^= 1u << s;
+    const uint32_t e = slot_expert<VEC>(r, s);
+    *out++ = make_uint2(__float_as_uint(to_float(srow[e])), e);
+  }
+  if (r == L - 1) list[m] = make_uint2(__float_as_uint(-INFINITY), 0);  // pads the pairs read below
+  __syncwarp();
+  // Rank by counting: lane q takes candidates q and q + 8; a candidate's output slot is the number
+  // of candidates whose value is greater, read from the sign of (mine - theirs) (beats below).
+  // Candidates are numbers >= tau > -inf, so the difference is never NaN except inf - inf (a tie:
+  // the canonical NaN, sign clear), and -0 - +0 = -0 ranks +0 above -0, as the keys do. The padding
+  // -inf beats nothing. Each pair of candidates adds at most 1 to the group's rank sum (x - y and
+  // y - x never both have the sign set), exactly 1 where the two differ, so the sum is n (n - 1) / 2
+  // exactly when all n values differ, and the ranks are then 0..n-1, each once. Equal values (or a
+  // difference flushed to zero) rank equal, the sum falls short, and the token takes the rounds,
+  // which break ties by index as the CPU reference does. No loop searches for a rank.
+  const uint2 c0 = r < m ? list[r] : list[m], c1 = r + L < m ? list[r + L] : list[m];
+  const float v0 = __uint_as_float(c0.x), v1 = __uint_as_float(c1.x);
+  uint32_t rank0 = 0, rank1 = 0;
+  const uint4* pairs = reinterpret_cast<const uint4*>(cand);
+  // Terminates: m <= 16 (0 where not sorted), the same in the group; at most 8 trips, no shuffle.
+  for (int j = 0; j < m; j += 2) {
+    const uint4 w = pairs[j / 2];
+    rank0 = beats(rank0, v0, w.x);
+    rank0 = beats(rank0, v0, w.z);
+    rank1 = beats(rank1, v1, w.x);
+    rank1 = beats(rank1, v1, w.z);
+  }
+  const int mine = (r < m ? static_cast<int>(rank0) : 0) + (r + L < m ? static_cast<int>(rank1) : 0);
+  // Not under `sorted &&`: its short circuit would put the shuffles in a group-divergent branch.
+  const int rank_sum = isum8(mine);  // integer adds: no I2F/F2I round trip
+  const bool ranked = sorted && 2 * rank_sum == m * (m - 1);  // uniform over the group
+  // Every lane has read every candidate before any slot below is written over them.
+  __syncwarp();
+  if (ranked && r < m && rank0 < static_cast<uint32_t>(k)) list[rank0] = c0;
+  if (ranked && r + L < m && rank1 < static_cast<uint32_t>(k)) list[rank1] = c1;
+  __syncwarp();
+  if (ranked) {
+    const uint2 c = list[r];
+    sel_value = __uint_as_float(c.x);
+    sel_expert = c.y;
   }
   if (!ranked) {
     // Exact for any data: k rounds, each taking the group's best packed candidate; only the lane
@@ -310,6 +350,7 @@ __device__ __forceinline__ void route_fast_token(const RouteParams& p, int64_t p
       return m;
     };
     uint64_t local = lane_best();
+    // Terminates: k is a kernel parameter (the same in every lane); the shuffles name the group only.
     for (int q = 0; q < k; ++q) {
       const uint64_t win = grp.max(local);
       if (r == q) {
