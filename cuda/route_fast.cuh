@@ -3,22 +3,22 @@
 //
 // Why a second kernel: route_kernel spends about 85 thread instructions per logit (ncu: 1370 warp
 // instructions per 4 tokens), so softmax top-8 of 128 was instruction-bound at a third of the copy
-// bandwidth. Reading the logits at 60% of ~4.2 TB/s leaves ~30 instructions per logit (13 us x 132
-// SMs x 4 schedulers x ~1.9 GHz x 32 lanes / 65536 x 128 logits, at ~75% of issue slots). This
-// kernel is laid out for that budget; per lane (16 values, f32, softmax top-8 of 128, from the SASS):
-//   row copy (cp.async, next token's) and its loads back               ~30
-//   the lane's two best values (a tournament)                           44  (3 per value)
-//   row max; exp2 sum (softmax without renormalisation); 1/sum          ~65 (3 per value)
-//   threshold: the k-th largest of the group's 16 lane heads            ~60 (two 8-lane bitonic sorts)
-//   candidate mask (value >= threshold), count, scan                    ~65
-//   packing the candidates (18 per candidate; the warp waits for its    ~50
-//   busiest lane, 2-3 on random data)
-//   sorting the <= 16 candidates over the 8 lanes (bitonic, 64-bit)     ~110
-//   weight and stores of the lane's output slot                          ~40
-// about 470 a lane, ~30 a logit, against route_kernel's ~85. The threshold leaves few candidates: on
-// uniform random logits (E = 128, k = 8) 8 in 54% of tokens, 8.7 in the mean, more than 16 in 5e-5
-// (scripts/route-fast-sim.py simulates this selection; the same threshold from each lane's two best
-// with 4 lanes a token would leave more than 16 in 21%).
+// bandwidth. Reading the logits at 60% of ~4.2 TB/s leaves ~30 instructions per logit. Per lane
+// (16 values, f32, softmax top-8 of 128, SASS of the common path, 2 packing rounds, n = 10):
+//   row copy (cp.async, next token's, running offsets) and its loads back   ~35
+//   the lane's two best values (a tournament)                                47
+//   row max; exp2 sum (softmax without renormalisation); 1/sum              ~82
+//   threshold: k-th largest of the 16 heads' 16-bit keys (one word)          57
+//   candidate mask, count, scan                                             ~63
+//   packing the candidates (the warp waits for its busiest lane)            ~57
+//   ranking by counting (FADD + LEA.HI a comparison) and the tie check     ~110 (route-fix: run
+//   by every group, so full-warp barriers replace the group's MATCH/REDUX/VOTE checks, and the
+//   rank sum in integers: about 22 fewer on this path, 1646 -> 1630 SASS in the f32 16-value
+//   FULL kernel on sm_90a)
+//   weight and stores of the lane's output slot                             ~63
+// 536 in all (the 64-bit bitonic sort before it: 572), of which 225 on the ALU pipe (287) and 23
+// shuffles (56). The threshold leaves few candidates: on uniform random logits (E = 128, k = 8)
+// 8 in 48% of tokens, 8.9 in the mean (scripts/route-fast-sim.py simulates this selection).
 //
 // Layout: a token is handled by 8 consecutive lanes; the row's 16-byte chunks (VEC values) go to lane
 // c % 8 (coalesced, as route_kernel), NV values a lane. The kernel is persistent: each lane copies
@@ -26,11 +26,28 @@
 // current one, whose values it reads back into registers; the packing reads its few candidates from
 // there again by a run-time index, which registers cannot take.
 //
-// Selection is exact, on the same packed (key, ~index) candidates as route_kernel (ties to the lower
-// index): the threshold tau is a row value with at least k values >= it (k of the lane heads are), so
-// every top-k value is a candidate; sorting the candidates puts the q-th best in lane q. Where that
-// cannot run (more than 16 candidates: many equal logits; fewer than k: NaN; tau = -inf) the token
-// takes k rounds of the group's best, which is exact for any data.
+// Selection is exact (ties to the lower index): at least k row values are >= the threshold tau (k of
+// the lane heads are), so every top-k value is a candidate; a candidate's rank (how many candidates
+// are greater) is its output slot. Where that cannot run (more than 16 candidates; fewer than k:
+// NaN; tau = -inf; two candidates of equal value) the token takes k rounds of the group's best on
+// packed (key, ~index) words as route_kernel, which is exact for any data.
+//
+// Termination (no input can hang it: NaN, +-inf, all-equal rows, any T >= 1; T = 0 never launches):
+//   - the persistent loop: `base` is block-uniform and grows by gridDim.x * TOKENS > 0 up to T (an
+//     int64 far from overflow: T < 2^31), so every warp runs the same whole iterations; tokens past T
+//     are routed from stale row copies (any bits, NaN included) and write nothing.
+//   - the packing loop clears one bit of a 32-bit mask a trip (<= NV trips); the ranking loop runs
+//     n / 2 rounded up <= 8 trips (n <= 16, the same in the group); the rounds run k <= 8 trips. No
+//     loop searches for a rank or waits for a count to reach a value; ties only fail the rank check.
+//   - collectives: full-warp shuffles and barriers (xor8 and kin, __syncwarp()) sit only where every
+//     lane of the warp runs them together: `sorted` and `ranked` differ between the 4 or 2 tokens of
+//     a warp, so packing and ranking run in every group (nothing to do where not sorted), and only
+//     the rounds (LaneGroup shuffles, the group's mask) are under a group-divergent branch.
+//     route-top8b summed the ranks with a full-warp shuffle inside `if (sorted)`: a warp whose tokens
+//     split there waited forever (likely the graph test's trigger, T = 1000: the last
+//     warp's 3 tokens past T route uninitialised shared memory, which may take the rounds beside
+//     a sorted valid token; the tied rows of the other fast-path test split warps too).
+//     `sorted && sum(...)` would do the same by its short circuit.
 #pragma once
 
 #include "mma_sm80.cuh"
@@ -52,6 +69,13 @@ constexpr int kFastMaxValues = 32;               // values a lane: rows of up to
 template <int NV>
 constexpr int fast_block() {
   return NV <= 16 ? 256 : 128;
+}
+// Resident blocks a variant is built for. 16 values a lane: 4 blocks (64 registers a thread, 32
+// warps an SM; left alone ptxas took 76 registers, 24 warps). 32 values a lane: 6 blocks (at most
+// 85 registers, what it used before; 64 spilled on sm_80).
+template <int NV>
+constexpr int fast_min_blocks() {
+  return NV <= 16 ? 4 : 6;
 }
 
 // Launches route_fast_kernel for logits of type T (route_f32.cu, route_bf16.cu); nv is 16 or 32, full
@@ -80,12 +104,12 @@ __device__ __forceinline__ float max8(float v) {
   for (int o = 1; o < kFastLanes; o <<= 1) v = fmaxf(v, xor8(v, o));
   return v;
 }
-__device__ __forceinline__ float min8(float v) {
+__device__ __forceinline__ float sum8(float v) {
 #pragma unroll
-  for (int o = 1; o < kFastLanes; o <<= 1) v = fminf(v, xor8(v, o));
+  for (int o = 1; o < kFastLanes; o <<= 1) v += xor8(v, o);
   return v;
 }
-__device__ __forceinline__ float sum8(float v) {
+__device__ __forceinline__ int isum8(int v) {
 #pragma unroll
   for (int o = 1; o < kFastLanes; o <<= 1) v += xor8(v, o);
   return v;
@@ -141,47 +165,33 @@ __device__ __forceinline__ void top_two(const float (&x)[N], float& t1, float& t
   merge_pairs<N / 2>(a, b, t1, t2);
 }
 
-// The k-th largest (k <= 8) of the group's 16 heads, every lane's t1 and t2. Each list is sorted
-// descending over the 8 lanes; the top k of both lists are then max(A[i], B[k-1-i]) for i < k (the
-// first step of a bitonic merge), so their minimum is the k-th largest. The same in every lane.
+// The group's threshold (k <= 8): the smallest float whose 16-bit key (the high half of the
+// order-preserving key) is at least the k-th largest of the 16 heads' keys, every lane's t1 and t2;
+// at least k row values (the heads above it) are >= it. Both keys travel in one word, t1's in the
+// high half: each step of the two 8-lane bitonic sorts is one shuffle and one VIMNMX.U16x2. Each
+// list is sorted descending; the top k of both are then max(A[i], B[k-1-i]) for i < k (the first
+// step of a bitonic merge), so their minimum is the k-th largest. The 16-bit keys cost candidates
+// only where values share one (a relative step of 2^-7); the result is the same in every lane, and
+// NaN (no candidates: the rounds) where the k-th key is that of -inf or NaN.
 __device__ __forceinline__ float kth_largest_head(int rank, float t1, float t2, int k) {
-  float a = t1, b = t2;
+  auto key = [](float f) {
+    const uint32_t b = __float_as_uint(f);
+    return b ^ (static_cast<uint32_t>(static_cast<int32_t>(b) >> 31) | 0x80000000u);
+  };
+  uint32_t v = __byte_perm(key(t2), key(t1), 0x7632);  // t1's key << 16 | t2's key
 #pragma unroll
   for (int size = 2; size <= kFastLanes; size <<= 1) {
 #pragma unroll
     for (int j = size / 2; j > 0; j >>= 1) {
-      const float oa = xor8(a, j), ob = xor8(b, j);
-      const bool up = keeps_max(rank, size, j, false);
-      a = up ? fmaxf(a, oa) : fminf(a, oa);
-      b = up ? fmaxf(b, ob) : fminf(b, ob);
+      const uint32_t o = xor8(v, j);
+      v = keeps_max(rank, size, j, false) ? __vmaxu2(v, o) : __vminu2(v, o);
     }
   }
-  const float b_mirror = from_lane8(b, max(k - 1 - rank, 0));
-  return min8(rank < k ? fmaxf(a, b_mirror) : INFINITY);
-}
-
-// One compare-exchange step of a bitonic network over the 8 lanes, on packed candidates.
-__device__ __forceinline__ uint64_t exchange(uint64_t v, int j, bool keep_max) {
-  const uint64_t o = xor8(v, j);
-  return (o > v) == keep_max ? o : v;
-}
-
-// The 8 best of 16 packed candidates, two a lane (a and b, 0 where none), the q-th best in lane q:
-// a sorted descending and b ascending over the lanes make a bitonic sequence of 16, whose upper half
-// max(a, b) is bitonic and holds the 8 best; three merge steps sort it.
-__device__ __forceinline__ uint64_t best_eight(int rank, uint64_t a, uint64_t b) {
+  const uint32_t mirror = from_lane8(v, max(k - 1 - rank, 0));
+  uint32_t kth = rank < k ? max(v >> 16, mirror & 0xffffu) : 0xffffu;
 #pragma unroll
-  for (int size = 2; size <= kFastLanes; size <<= 1) {
-#pragma unroll
-    for (int j = size / 2; j > 0; j >>= 1) {
-      a = exchange(a, j, keeps_max(rank, size, j, false));
-      b = exchange(b, j, keeps_max(rank, size, j, true));
-    }
-  }
-  uint64_t c = max(a, b);
-#pragma unroll
-  for (int j = kFastLanes / 2; j > 0; j >>= 1) c = exchange(c, j, keeps_max(rank, kFastLanes, j, false));
-  return c;
+  for (int o = 1; o < kFastLanes; o <<= 1) kth = min(kth, xor8(kth, o));
+  return key_to_float(kth << 16);
 }
 
 // Expert of slot s (chunk s / VEC, element s % VEC) of lane r, which holds chunks r + 8 i.
@@ -190,19 +200,27 @@ __device__ __forceinline__ uint32_t slot_expert(uint32_t r, uint32_t s) {
   return (r + (s / VEC) * kFastLanes) * VEC + s % VEC;
 }
 
-// ordered_key for a value known to be a number (not NaN), so the key is never 0.
-__device__ __forceinline__ uint32_t number_key(float f) {
-  const uint32_t b = __float_as_uint(f);
-  return b ^ (static_cast<uint32_t>(static_cast<int32_t>(b) >> 31) | 0x80000000u);
+// rank plus the sign bit of (mine - theirs): 1 where theirs is the greater; one FADD (FMA pipe) and
+// one LEA.HI.
+__device__ __forceinline__ uint32_t beats(uint32_t rank, float mine, uint32_t theirs) {
+  return rank + (__float_as_uint(mine - __uint_as_float(theirs)) >> 31);
+}
+
+// 2^x by the hardware approximation (relative error about 2^-22), subnormal results kept.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 }  // namespace route_fast_detail
 
-// Routes token t (valid: t < T; an invalid token is routed too, from a copy of the last row, so that
-// every lane of the warp runs every shuffle, and writes nothing). row: the token's row copy in shared
-// memory (chunk c at c, the lane's own chunks present), cand: its candidate space.
+// Routes the token whose first output pair is `pair` (t * k; valid: t < T; an invalid token is routed
+// too, from whatever its row copy holds, so that every lane of the warp runs every shuffle, and
+// writes nothing). row: the token's row copy in shared memory (chunk c at c, the lane's own chunks
+// present), cand: its candidate space.
 template <typename T, int NV, bool FULL>
-__device__ __forceinline__ void route_fast_token(const RouteParams& p, int64_t t, bool valid, const uint4* row,
+__device__ __forceinline__ void route_fast_token(const RouteParams& p, int64_t pair, bool valid, const uint4* row,
                                                  uint64_t* cand, int r) {
   using namespace route_fast_detail;
   constexpr int L = kFastLanes;
@@ -227,12 +245,12 @@ __device__ __forceinline__ void route_fast_token(const RouteParams& p, int64_t t
 
   float t1, t2;
   top_two(x, t1, t2);
-  const float row_max = max8(t1);  // softmax: exp(x - row_max) * inv_sum is the score
+  // softmax: 2^(x log2 e - shift) * inv_sum is the score, shift the row maximum times log2 e.
+  const float shift = max8(t1) * kLog2e;
   float inv_sum = 1.f;
   if (softmax && !p.renormalize) {
     // The row's sum needs every exponential: the approximate 2^x as route_kernel (relative error
     // ~1e-7 in a sum that only scales the weights); four partial sums for instruction parallelism.
-    const float shift = row_max * kLog2e;
     float part[4];
 #pragma unroll
     for (int s = 0; s < NV; ++s) {
@@ -254,22 +272,67 @@ __device__ __forceinline__ void route_fast_token(const RouteParams& p, int64_t t
   // Uniform over the group (tau and n are).
   const bool sorted = tau > -INFINITY && n >= k && n <= kFastCandidates;
 
-  uint64_t a = 0, b = 0;  // this lane's candidates for the sort (0: none; real ones are never 0)
-  if (sorted) {
-    // Packed in lane order; a lane reads its own values back from its row copy.
-    uint64_t* out = cand + offset;
-    while (mask != 0) {
-      const uint32_t s = 31 - __clz(mask);
-      mask ^= 1u << s;
-      const uint32_t e = slot_expert<VEC>(r, s);
-      *out++ = pack_candidate(number_key(to_float(srow[e])), e);
-    }
-    __syncwarp(0xffu << (threadIdx.x & 24));
-    if (r < n) a = cand[r];
-    if (r + L < n) b = cand[r + L];
+  // Candidates as (value bits, expert) word pairs, in lane order; a lane reads its own values back
+  // from its row copy. Lane q < k ends with the q-th best (sel_value, sel_expert).
+  //
+  // `sorted` is uniform over the group but NOT over the warp: the four tokens of a warp differ (and
+  // a token past T routes whatever its stale row copy holds). So every lane of the warp runs the
+  // packing and ranking below, whatever its group's data: a group that is not sorted packs and ranks
+  // nothing (m = 0). The full-warp sum of the ranks is then reached by all 32 lanes together (inside
+  // `if (sorted)`, as route-top8b had it, lanes of a group in the rounds never meet it and the warp
+  // hangs), and the barriers can name the whole warp (a full-mask __syncwarp; a group's mask costs a
+  // MATCH/REDUX/VOTE convergence check each).
+  float sel_value = 0.f;
+  uint32_t sel_expert = 0;
+  const int m = sorted ? n : 0;
+  if (!sorted) mask = 0;
+  uint2* list = reinterpret_cast<uint2*>(cand);
+  uint2* out = list + offset;
+  // Terminates: each trip clears one set bit of a 32-bit mask (at most NV trips).
+  while (mask != 0) {
+    const uint32_t s = 31 - __clz(mask);
+    mask ^= 1u << s;
+    const uint32_t e = slot_expert<VEC>(r, s);
+    *out++ = make_uint2(__float_as_uint(to_float(srow[e])), e);
   }
-  uint64_t best = best_eight(r, a, b);  // lane q: the q-th best (every group sorts, in step)
-  if (!sorted) {
+  if (r == L - 1) list[m] = make_uint2(__float_as_uint(-INFINITY), 0);  // pads the pairs read below
+  __syncwarp();
+  // Rank by counting: lane q takes candidates q and q + 8; a candidate's output slot is the number
+  // of candidates whose value is greater, read from the sign of (mine - theirs) (beats below).
+  // Candidates are numbers >= tau > -inf, so the difference is never NaN except inf - inf (a tie:
+  // the canonical NaN, sign clear), and -0 - +0 = -0 ranks +0 above -0, as the keys do. The padding
+  // -inf beats nothing. Each pair of candidates adds at most 1 to the group's rank sum (x - y and
+  // y - x never both have the sign set), exactly 1 where the two differ, so the sum is n (n - 1) / 2
+  // exactly when all n values differ, and the ranks are then 0..n-1, each once. Equal values (or a
+  // difference flushed to zero) rank equal, the sum falls short, and the token takes the rounds,
+  // which break ties by index as the CPU reference does. No loop searches for a rank.
+  const uint2 c0 = r < m ? list[r] : list[m], c1 = r + L < m ? list[r + L] : list[m];
+  const float v0 = __uint_as_float(c0.x), v1 = __uint_as_float(c1.x);
+  uint32_t rank0 = 0, rank1 = 0;
+  const uint4* pairs = reinterpret_cast<const uint4*>(cand);
+  // Terminates: m <= 16 (0 where not sorted), the same in the group; at most 8 trips, no shuffle.
+  for (int j = 0; j < m; j += 2) {
+    const uint4 w = pairs[j / 2];
+    rank0 = beats(rank0, v0, w.x);
+    rank0 = beats(rank0, v0, w.z);
+    rank1 = beats(rank1, v1, w.x);
+    rank1 = beats(rank1, v1, w.z);
+  }
+  const int mine = (r < m ? static_cast<int>(rank0) : 0) + (r + L < m ? static_cast<int>(rank1) : 0);
+  // Not under `sorted &&`: its short circuit would put the shuffles in a group-divergent branch.
+  const int rank_sum = isum8(mine);  // integer adds: no I2F/F2I round trip
+  const bool ranked = sorted && 2 * rank_sum == m * (m - 1);  // uniform over the group
+  // Every lane has read every candidate before any slot below is written over them.
+  __syncwarp();
+  if (ranked && r < m && rank0 < static_cast<uint32_t>(k)) list[rank0] = c0;
+  if (ranked && r + L < m && rank1 < static_cast<uint32_t>(k)) list[rank1] = c1;
+  __syncwarp();
+  if (ranked) {
+    const uint2 c = list[r];
+    sel_value = __uint_as_float(c.x);
+    sel_expert = c.y;
+  }
+  if (!ranked) {
     // Exact for any data: k rounds, each taking the group's best packed candidate; only the lane
     // that held the winner rescans its keys (route_kernel's general selection, in registers).
     // The keys come from the row copy, so that x need not live across the sort.
@@ -287,9 +350,13 @@ __device__ __forceinline__ void route_fast_token(const RouteParams& p, int64_t t
       return m;
     };
     uint64_t local = lane_best();
+    // Terminates: k is a kernel parameter (the same in every lane); the shuffles name the group only.
     for (int q = 0; q < k; ++q) {
       const uint64_t win = grp.max(local);
-      if (r == q) best = win;
+      if (r == q) {
+        sel_value = key_to_float(candidate_key(win));
+        sel_expert = candidate_index(win);
+      }
       if (local == win) {
 #pragma unroll
         for (int s = 0; s < NV; ++s) key[s] = slot_expert<VEC>(r, s) == candidate_index(win) ? 0u : key[s];
@@ -299,21 +366,19 @@ __device__ __forceinline__ void route_fast_token(const RouteParams& p, int64_t t
   }
 
   // Lane q < k writes output slot q: its score, renormalised by the group-wide sum of the k selected
-  // scores (a fixed tree order), then scaled; as route_kernel's output stage.
-  const bool writes = valid && r < k;
-  const float v = key_to_float(candidate_key(best));
+  // scores (a fixed tree order), then scaled. The softmax score takes 2^x as the sum did, with the
+  // same shift, so that its rounding cancels in the ratio (the non-ftz form keeps tiny weights).
   float score = 0.f;
-  if (r < k) score = softmax ? expf(v - row_max) * inv_sum : 1.f / (1.f + expf(-v));
+  if (r < k) {
+    score = softmax ? exp2_approx(fmaf(sel_value, kLog2e, -shift)) * inv_sum : 1.f / (1.f + expf(-sel_value));
+  }
   if (p.renormalize) score /= sum8(score);
-  if (writes) {
-    const int64_t pair = t * k + r;
-    const uint32_t e = candidate_index(best);
-    p.ids[pair] = static_cast<int32_t>(e);
-    p.weights[pair] = score * p.scale;
-    if (p.capacity > 0) atomicAdd(p.chunk_counts + e * p.num_chunks + pair / p.chunk, 1);
+  if (valid && r < k) {
+    p.ids[pair + r] = static_cast<int32_t>(sel_expert);
+    p.weights[pair + r] = score * p.scale;
+    if (p.capacity > 0) atomicAdd(p.chunk_counts + sel_expert * p.num_chunks + (pair + r) / p.chunk, 1);
   }
 }
-
 
 // FULL: every lane's chunks exist (E = 8 * NV), so no load needs a bound check.
 // Persistent: block b routes tokens b * 32 + [0, 32), then the same plus gridDim.x * 32, and so on;
@@ -321,43 +386,47 @@ __device__ __forceinline__ void route_fast_token(const RouteParams& p, int64_t t
 // routes the current one (two row buffers), so loads and instructions overlap inside every warp
 // rather than only across warps.
 template <typename T, int NV, bool FULL>
-__global__ void __launch_bounds__(fast_block<NV>()) route_fast_kernel(RouteParams p) {
+__global__ void __launch_bounds__(fast_block<NV>(), fast_min_blocks<NV>()) route_fast_kernel(RouteParams p) {
   constexpr int L = kFastLanes;
   constexpr int VEC = 16 / sizeof(T);
   constexpr int CPL = NV / VEC;
   constexpr int TOKENS = fast_block<NV>() / L;
   static_assert(NV % VEC == 0 && NV <= kFastMaxValues, "whole chunks per lane");
-  // Two row buffers (chunk c at c), and the candidates: one word of padding per token keeps the four
-  // tokens of a warp on different banks.
+  // Two row buffers (chunk c at c), and the candidates: 16 and a zero pad, plus one more word, so
+  // that each token's list is 16-byte aligned (read in pairs) and the four tokens of a warp read
+  // different banks (rows 144 bytes apart).
   __shared__ __align__(16) uint4 s_row[2][TOKENS][CPL * L];
-  __shared__ uint64_t s_cand[TOKENS][kFastCandidates + 1];
+  __shared__ __align__(16) uint64_t s_cand[TOKENS][kFastCandidates + 2];
 
   const int r = threadIdx.x & (L - 1);
   const int tg = threadIdx.x / L;
   const int64_t num_tokens = p.num_tokens;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * TOKENS;
-  // Copies this lane's chunks of token t's row (the last row for t past the end) into buffer b.
-  auto fetch = [&](int b, int64_t t) {
-    const uint4* src =
-        reinterpret_cast<const uint4*>(static_cast<const T*>(p.logits) + min(t, num_tokens - 1) * p.num_experts);
+  // Running offsets (a 64-bit add a token, not a product): this lane's first chunk of the next
+  // token's row, and the current token's first output pair.
+  const int64_t row_step = stride * p.num_experts;
+  int64_t base = static_cast<int64_t>(blockIdx.x) * TOKENS;
+  const uint4* src = reinterpret_cast<const uint4*>(static_cast<const T*>(p.logits) + (base + tg) * p.num_experts) + r;
+  int64_t pair = (base + tg) * p.k;
+  // Copies this lane's chunks of the row at src into buffer b; nothing for a token past the end
+  // (its row copy holds stale data: it is routed, in step with its warp, but writes nothing).
+  auto fetch = [&](int b, bool valid) {
 #pragma unroll
     for (int j = 0; j < CPL; ++j) {
       const int c = r + j * L;
-      if (FULL || c < p.chunks_per_row) {
-        cp_async_16(smem_addr(&s_row[b][tg][c]), src + c, true);
-      }
+      if (valid && (FULL || c < p.chunks_per_row)) cp_async_16(smem_addr(&s_row[b][tg][c]), src + j * L, true);
     }
   };
   int b = 0;
-  int64_t base = static_cast<int64_t>(blockIdx.x) * TOKENS;
-  fetch(b, base + tg);
+  fetch(b, base + tg < num_tokens);
   cp_async_commit();
   // invariant: base is the same in every thread of the block, so every warp runs whole iterations.
-  for (; base < num_tokens; base += stride, b ^= 1) {
-    if (base + stride < num_tokens) fetch(b ^ 1, base + stride + tg);
+  for (; base < num_tokens; base += stride, b ^= 1, pair += stride * p.k) {
+    src = reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(src) + row_step);
+    fetch(b ^ 1, base + stride + tg < num_tokens);
     cp_async_commit();   // an empty group past the last token keeps the wait below uniform
     cp_async_wait<1>();  // this lane's copies of the current row have landed (only it reads them)
-    route_fast_token<T, NV, FULL>(p, base + tg, base + tg < num_tokens, s_row[b][tg], s_cand[tg], r);
+    route_fast_token<T, NV, FULL>(p, pair, base + tg < num_tokens, s_row[b][tg], s_cand[tg], r);
     __syncwarp();  // the candidate space is reused by the next token
   }
 }

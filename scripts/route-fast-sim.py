@@ -1,53 +1,50 @@
 #!/usr/bin/env python3
 """Simulates the selection of cuda/route_fast.cuh on the CPU (no GPU, no CUDA): the lane layout, the
-threshold (k-th largest of the 16 lane heads by two bitonic sorts), the candidate packing and the
-bitonic sort of up to 16 packed candidates, checked against a brute-force top-k (ties to the lower
-index) on random rows, including exact ties, signed zeros and -inf. Then prints how many candidates
-the threshold leaves for softmax top-8 of 128 (the numbers quoted in route_fast.cuh).
+threshold (the k-th largest of the 16 lane heads' 16-bit keys, by two bitonic sorts in one word),
+the candidate packing and the rank-by-counting of up to 16 candidates (a rank is the count of
+candidates whose value exceeds it, from the sign of an f32 difference; equal values send the token
+to the rounds), checked against a brute-force top-k (ties to the lower index) on random rows,
+including exact ties, signed zeros and -inf. Then prints how many candidates the threshold leaves
+for softmax top-8 of 128 (the numbers quoted in route_fast.cuh).
 
     python3 scripts/route-fast-sim.py [seed]
 """
 import random, struct, math, sys
 L=8
 def f32(x): return struct.unpack('f', struct.pack('f', x))[0]
-def key(f):
-    b=struct.unpack('I', struct.pack('f', f))[0]
-    k = (~b & 0xffffffff) if b & 0x80000000 else (b | 0x80000000)
-    return max(k,1)
-def pack(k,e): return (k<<32) | ((~e) & 0xffffffff)
+def bits(f): return struct.unpack('I', struct.pack('f', f))[0]
+def from_bits(b): return struct.unpack('f', struct.pack('I', b))[0]
+def key32(f):
+    b=bits(f)
+    return b ^ (0xffffffff if b & 0x80000000 else 0x80000000)
+def key_to_float(k):
+    b = (k & 0x7fffffff) if k & 0x80000000 else (~k & 0xffffffff)
+    return from_bits(b)
+def sign_of_difference(a, b):
+    """Sign bit of the f32 a - b as the GPU computes it (RN, subnormals kept, NaN positive)."""
+    if math.isnan(a) or math.isnan(b) or (math.isinf(a) and math.isinf(b) and a == b): return 0
+    d = f32(a - b)
+    if d == 0.0:
+        # RN: x - x is +0, except (-0) - (+0) = -0.
+        return 1 if (math.copysign(1, a) < 0 and math.copysign(1, b) > 0) else 0
+    return 1 if d < 0 else 0
 def keeps_max(rank,size,j,asc): return (((rank & size)==0) == ((rank & j)==0)) != asc
 def fmax(a,b): return a if a>=b else b
 def fmin(a,b): return a if a<=b else b
 def kth_head(t1,t2,k):
-    a=list(t1); b=list(t2)
+    # both lists as 16-bit keys (the high half of the order-preserving key), sorted descending
+    a=[key32(v)>>16 for v in t1]; b=[key32(v)>>16 for v in t2]
     size=2
     while size<=L:
         j=size//2
         while j>0:
             oa=[a[r^j] for r in range(L)]; ob=[b[r^j] for r in range(L)]
-            a=[fmax(a[r],oa[r]) if keeps_max(r,size,j,False) else fmin(a[r],oa[r]) for r in range(L)]
-            b=[fmax(b[r],ob[r]) if keeps_max(r,size,j,False) else fmin(b[r],ob[r]) for r in range(L)]
+            a=[max(a[r],oa[r]) if keeps_max(r,size,j,False) else min(a[r],oa[r]) for r in range(L)]
+            b=[max(b[r],ob[r]) if keeps_max(r,size,j,False) else min(b[r],ob[r]) for r in range(L)]
             j//=2
         size*=2
-    c=[fmax(a[r], b[max(k-1-r,0)]) if r<k else math.inf for r in range(L)]
-    return min(c)
-def exch(v,j,km):
-    o=[v[r^j] for r in range(L)]
-    return [o[r] if (o[r]>v[r])==km[r] else v[r] for r in range(L)]
-def best8(a,b):
-    size=2
-    while size<=L:
-        j=size//2
-        while j>0:
-            a=exch(a,j,[keeps_max(r,size,j,False) for r in range(L)])
-            b=exch(b,j,[keeps_max(r,size,j,True) for r in range(L)])
-            j//=2
-        size*=2
-    c=[max(a[r],b[r]) for r in range(L)]
-    j=L//2
-    while j>0:
-        c=exch(c,j,[keeps_max(r,L,j,False) for r in range(L)]); j//=2
-    return c
+    c=[max(a[r], b[max(k-1-r,0)]) if r<k else 0xffff for r in range(L)]
+    return key_to_float(min(c)<<16)
 def route(row, k, VEC, NV):
     E=len(row); chunks=E//VEC; CPL=NV//VEC
     x=[[-math.inf]*NV for _ in range(L)]
@@ -60,6 +57,7 @@ def route(row, k, VEC, NV):
     for r in range(L):
         s=sorted(x[r],reverse=True); t1.append(s[0]); t2.append(s[1])
     tau=kth_head(t1,t2,k)
+    # candidate: x >= tau as an f32 comparison (NaN tau: none)
     masks=[[s for s in range(NV) if x[r][s]>=tau] for r in range(L)]
     n=sum(len(m) for m in masks)
     if not (tau>-math.inf and n>=k and n<=16): return None, n
@@ -67,13 +65,15 @@ def route(row, k, VEC, NV):
     for r in range(L):
         for s in reversed(masks[r]):
             e=(r+(s//VEC)*L)*VEC+s%VEC
-            cand.append(pack(key(row[e]),e))
-    a=[cand[r] if r<n else 0 for r in range(L)]
-    b=[cand[r+L] if r+L<n else 0 for r in range(L)]
-    best=best8(a,b)
-    return [(~c)&0xffffffff for c in best[:k]], n
+            cand.append((row[e],e))
+    ranks=[sum(sign_of_difference(v, u) for u,_ in cand) for v,_ in cand]
+    if 2*sum(ranks) != n*(n-1): return None, n  # equal values: the rounds
+    sel=[None]*k
+    for (v,e),rk in zip(cand,ranks):
+        if rk<k: sel[rk]=e
+    return sel, n
 def brute(row,k):
-    idx=sorted(range(len(row)), key=lambda e:(-key(row[e]), e))
+    idx=sorted(range(len(row)), key=lambda e:(-key32(row[e]), e))
     return idx[:k]
 random.seed(int(sys.argv[1]) if len(sys.argv)>1 else 1)
 stats={'ok':0,'fallback':0}; ns=[]

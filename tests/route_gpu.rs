@@ -517,3 +517,76 @@ fn fast_top_k_path_replays_from_a_cuda_graph() {
         }
     }
 }
+
+/// Row `tok` of the mixed batch below: tokens of one warp (4 to 8 a warp on the fast path) that take
+/// different selections, so that a warp-wide shuffle inside one of them would hang the warp (as the
+/// route-top8b merge's did): distinct values (ranked by counting), all equal (more than 16
+/// candidates: the rounds), distinct but for two equal maxima (sorted, but the rank check fails on
+/// the tie: the rounds), one finite value among -inf (a threshold of -inf: the rounds).
+fn mixed_row(rng: &mut impl Rng, tok: usize, e: usize) -> Vec<f32> {
+    let mut row: Vec<f32> = (0..e).map(|i| i as f32 * 0.01 + rng.random_range(0.0..0.004)).collect();
+    for i in (1..e).rev() {
+        row.swap(i, rng.random_range(0..=i));
+    }
+    match tok % 5 {
+        1 => row.iter_mut().for_each(|x| *x = 0.25),
+        2 => {
+            let top = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let first = row.iter().position(|&x| x == top).unwrap();
+            row[(first + e / 2) % e] = top;
+        }
+        3 => {
+            row.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+            row[rng.random_range(0..e)] = 1.5;
+        }
+        _ => {}
+    }
+    row
+}
+
+#[test]
+fn fast_top_k_path_mixes_selections_within_a_warp() {
+    let _serial = common::serial();
+    let Some((_ctx, stream)) = common::gpu() else { return };
+    let mut rng = common::rng("fast_top_k_path_mixes_selections_within_a_warp");
+    let mut tally = Tally::default();
+    // T past every multiple of the tokens a warp, a block and a grid stride hold (and 1, 2).
+    for &(e, bf) in &[(128u32, false), (256, false), (64, true), (120, false)] {
+        for t in [1usize, 2, 5, 9, 33, 100, 1001] {
+            let logits: Vec<f32> = (0..t).flat_map(|tok| mixed_row(&mut rng, tok, e as usize)).collect();
+            for k in [1u32, 3, 8] {
+                for cfg in
+                    [RoutingConfig::top_k(e, k), RoutingConfig { renormalize: true, ..RoutingConfig::top_k(e, k) }]
+                {
+                    let case = Case { stream: &stream, cfg, t, logits: &logits, bias: None, bf16_logits: bf };
+                    tally.check(&case, || format!("E={e} k={k} T={t} bf16={bf} {cfg:?}"));
+                }
+            }
+        }
+    }
+    tally.finish("mixed fast-path");
+
+    // NaN logits have no reference order; the kernel must still finish and name real experts.
+    let (t, e, k) = (37usize, 128usize, 8usize);
+    let logits: Vec<f32> = (0..t * e)
+        .map(|i| match (i / e) % 3 {
+            0 => f32::NAN,
+            1 if i % 7 == 0 => f32::NAN,
+            _ => rng.random_range(-4.0f32..4.0),
+        })
+        .collect();
+    let cfg = RoutingConfig::top_k(e as u32, k as u32);
+    let d_logits = stream.clone_htod(&logits).unwrap();
+    let mut ids = stream.alloc_zeros::<i32>(t * k).unwrap();
+    let mut weights = stream.alloc_zeros::<f32>(t * k).unwrap();
+    let mut out = RouteOutput {
+        topk_ids: ids.slice_mut(..),
+        topk_weights: weights.slice_mut(..),
+        dropped_count: None,
+        workspace: None,
+    };
+    route(&stream, &cfg, t, &d_logits.slice(..), None, &mut out).unwrap();
+    let got = stream.clone_dtoh(&ids).unwrap();
+    stream.synchronize().unwrap();
+    assert!(got.iter().all(|&id| (0..e as i32).contains(&id)), "NaN rows: ids out of range: {got:?}");
+}
