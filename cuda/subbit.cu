@@ -6,7 +6,9 @@
 // marker at slot `length` in `sign` where `nonzero` is clear). Both kernels walk a phrase's nonzeros
 // with find-first-set, a handful of integer instructions each, and never touch its zeros.
 //
-// Fused matvec: every thread owns one (row, tile) stream of codewords and walks it alone, so a warp has
+// Fused matvec: every thread owns one (row, sub-stream of a tile) stream of codewords (tiles split at
+// the image's restarts, every 256 columns, into as many sub-streams as still fit on the GPU at once, the
+// block adding a row's sub-streams in order) and walks it alone, so a warp has
 // 32 independent dependency chains in flight and no scans or shuffles in its loop. One trip of the loop
 // consumes up to two nonzeros (x from shared memory, one FMA per token with the row's level) and, when
 // the phrase has no nonzero left, steps to the next codeword, whose entry was already fetched on the trip
@@ -46,9 +48,7 @@ static_assert(32 * kMaxPhrase <= kHalf, "a chunk must fit in one half of the rin
 // Fused matvec: most threads (rows) per block; nonzeros a thread consumes per trip of its walk.
 constexpr int kMatvecMaxThreads = 256;
 constexpr int kConsumesPerTrip = 2;
-// Blocks per SM the automatic table size leaves room for, and the shared memory the system keeps per
-// block.
-constexpr int64_t kMatvecBlocksPerSm = 4;
+// The shared memory the system keeps per block.
 constexpr size_t kReservedSmem = 1024;
 // Largest shared-memory x window (tile_cols * NT bf16); wider tiles read x through L1.
 constexpr size_t kMaxSmemX = 64 * 1024;
@@ -203,8 +203,12 @@ __global__ void __launch_bounds__(32 * kDecodeWarps) decode_kernel(Image im, __n
 
 // ---- fused decode + matvec ------------------------------------------------------------------------
 
+// Columns between two restarts of a tile in the image (src/subbit/image.rs RESTART_COLS).
+constexpr int kRestartCols = 256;
+
 struct MatvecParams {
   Image im;
+  const uint32_t* restarts;    // per (matrix, row, tile): tile_cols / kRestartCols packed restarts
   const __nv_bfloat16* x;      // [num_tokens, cols]
   __nv_bfloat16* y;            // [num_tokens, rows]
   float* partial;              // [tiles, num_tokens, rows] when tiles > 1
@@ -212,7 +216,10 @@ struct MatvecParams {
   int32_t matrix;
   int32_t matrices;
   int64_t num_tokens;
-  int32_t row_groups;          // ceil(rows / blockDim.x)
+  int32_t subs;                // sub-streams per (row, tile): threads of a block per row
+  int32_t stride;              // restarts per sub-stream (tile_cols / kRestartCols / subs)
+  int32_t rows_per_block;      // blockDim.x / subs
+  int32_t row_groups;          // ceil(rows / rows_per_block)
   int64_t items;               // (matrix, row group, tile) work items
   int32_t table;               // dictionary entries held in shared memory (a prefix)
   int32_t table_slots;         // table rounded up to even (the x window is 16-byte aligned after it)
@@ -250,14 +257,38 @@ __device__ __forceinline__ uint32_t pick(const uint4& g, uint32_t k) {
   return (k & 1) ? (w >> 16) : (w & 0xffffu);
 }
 
-// One thread's walk of its (row, tile) stream: codewords [lo, hi) of the tile's `width` columns,
-// acc[j] += W[r, c] * x[j][c]. Codewords come 8 at a time in aligned 16-byte loads (the image pads its
-// codeword section to 16 bytes, so such a load never leaves the image), one group ahead.
+// One thread's sub-stream of a tile: codewords [lo, hi) whose first phrase starts at column `at` of the
+// tile's `width` columns, and the columns past 0..width dropped.
+struct Stream {
+  Range range;
+  int at;
+};
+// Sub-stream s (of p.subs) of tile `tile`: restarts s * stride and (s + 1) * stride, clamped to the
+// tile's codewords (a corrupt image gives wrong values, never an out-of-bounds read or a long walk).
+__device__ __forceinline__ Stream sub_stream(const MatvecParams& p, int64_t tile, int s) {
+  const Range whole = tile_range(p.im, tile);
+  if (p.subs == 1) return {whole, 0};
+  const int per_tile = p.im.tile_cols / kRestartCols;
+  const uint32_t* r = p.restarts + tile * per_tile;
+  const int j0 = s * p.stride;
+  const int j1 = j0 + p.stride;
+  const uint32_t first = __ldg(r + j0);
+  const uint32_t lo = whole.lo + min(first >> 5, whole.hi - whole.lo);
+  const uint32_t end = j1 < per_tile ? whole.lo + min(__ldg(r + j1) >> 5, whole.hi - whole.lo) : whole.hi;
+  return {{lo, max(end, lo)}, j0 * kRestartCols + static_cast<int>(first & 31)};
+}
+
+// One thread's walk of its stream: acc[j] += W[r, c] * x[j][c] over the stream's phrases. Codewords
+// come 8 at a time in aligned 16-byte loads (the image pads its codeword section to 16 bytes, so such a
+// load never leaves the image), one group ahead; dictionary entries two codewords ahead (an L2 miss of
+// the table is ~300-600 cycles: one phrase's trips did not cover it).
 template <int NT, bool kSmem>
-__device__ __forceinline__ void walk(const Image& im, const uint64_t* table, uint32_t table_size, Range range,
+__device__ __forceinline__ void walk(const Image& im, const uint64_t* table, uint32_t table_size, Stream st,
                                      int width, float plus, float minus, const XTile<NT, kSmem>& x,
                                      float (&acc)[NT]) {
-  if (range.lo >= range.hi) return;
+  const Range range = st.range;
+  int at = st.at;  // the current phrase's first column
+  if (range.lo >= range.hi || at >= width) return;
   const uint4* groups = reinterpret_cast<const uint4*>(im.codes);
   const uint32_t last_group = (im.codes_count - 1) >> 3;  // codes_count >= hi > lo >= 0
   auto lookup = [&](uint32_t code) -> uint64_t {
@@ -269,8 +300,9 @@ __device__ __forceinline__ void walk(const Image& im, const uint64_t* table, uin
   uint4 ahead = __ldg(groups + min(group + 1, last_group));
   uint32_t i = range.lo;  // the current phrase's codeword
   Phrase p = phrase_of(lookup(pick(now, i & 7)));
-  // The entry of codeword i + 1 (absent past the range: never used, the walk stops first).
-  auto next_code = [&](uint32_t k) -> uint32_t {  // codeword k = i + 1, with k's group made current
+  // Codeword k's code; called for k = lo + 1, lo + 2, ... in order, so k's group is the current one or
+  // the next.
+  auto next_code = [&](uint32_t k) -> uint32_t {
     if ((k >> 3) != group) {
       group = k >> 3;
       now = ahead;
@@ -278,8 +310,9 @@ __device__ __forceinline__ void walk(const Image& im, const uint64_t* table, uin
     }
     return pick(now, k & 7);
   };
+  // The entries of codewords i + 1 and i + 2 (absent past the range: never used, the walk stops first).
   uint64_t pending = range.lo + 1 < range.hi ? lookup(next_code(range.lo + 1)) : kNoPhrase;
-  int at = 0;  // the current phrase's first column
+  uint64_t pending2 = range.lo + 2 < range.hi ? lookup(next_code(range.lo + 2)) : kNoPhrase;
   for (;;) {
     // kConsumesPerTrip nonzeros a trip: the step to the next codeword (run by the warp on nearly every
     // trip, as some lane almost always needs it) is then paid per ~1.6 instead of ~2.7 trips a codeword.
@@ -297,21 +330,26 @@ __device__ __forceinline__ void walk(const Image& im, const uint64_t* table, uin
       at += p.length;
       if (++i >= range.hi || at >= width) break;
       p = phrase_of(pending);
-      if (i + 1 < range.hi) pending = lookup(next_code(i + 1));
+      pending = pending2;
+      if (i + 2 < range.hi) pending2 = lookup(next_code(i + 2));
     }
   }
 }
 
 // A persistent grid: block b takes work items b, b + gridDim.x, ...; item = (matrix, row group, tile)
 // with the tile fastest (grouped) or (row group, tile) of p.matrix. Thread k of the block owns row
-// group * blockDim.x + k of the item's matrix and walks that row's tile once per group of NT tokens.
-// Blocks first copy the hottest `table` dictionary entries to shared memory.
+// group * rows_per_block + k % rows_per_block of the item's matrix and sub-stream k / rows_per_block of
+// its tile, and walks it once per group of NT tokens; with several sub-streams the block then adds them
+// up in shared memory in sub-stream order (deterministic). Blocks first copy the hottest `table`
+// dictionary entries to shared memory.
 template <int NT, bool kSmem>
 __global__ void __launch_bounds__(kMatvecMaxThreads) matvec_kernel(MatvecParams p) {
   extern __shared__ uint4 s_raw[];
   uint64_t* table = reinterpret_cast<uint64_t*>(s_raw);
   __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(table + p.table_slots);
   const Image& im = p.im;
+  // [NT][blockDim.x] partial sums of the sub-streams, after the x window (a multiple of 512 bytes).
+  float* red = reinterpret_cast<float*>(xs + (kSmem ? static_cast<size_t>(im.tile_cols) * NT : 0));
   {
     // 16-byte loads, 8 in flight a thread: the table is up to ~100 KB and every block waits for it.
     // table_slots is even and the dictionary section is padded to 16 bytes, so the last pair stays
@@ -324,6 +362,8 @@ __global__ void __launch_bounds__(kMatvecMaxThreads) matvec_kernel(MatvecParams 
   }
   // (the first item's __syncthreads orders these stores before any lookup)
 
+  const int rpb = p.rows_per_block;
+  const int sub = threadIdx.x / rpb;
   const int64_t per_matrix = static_cast<int64_t>(p.row_groups) * im.tiles;
   for (int64_t item = blockIdx.x; item < p.items; item += gridDim.x) {
     const int t = static_cast<int>(item % im.tiles);
@@ -338,21 +378,29 @@ __global__ void __launch_bounds__(kMatvecMaxThreads) matvec_kernel(MatvecParams 
     if (tok_hi <= tok_lo) continue;  // an expert without tokens reads none of its weights (block-uniform)
     const int col0 = t * im.tile_cols;
     const int width = min(im.tile_cols, im.cols - col0);
-    const int r = group * blockDim.x + threadIdx.x;
+    const int r = group * rpb + threadIdx.x % rpb;
     const bool mine = r < im.rows;
     const int64_t row = static_cast<int64_t>(m) * im.rows + r;
-    Range range{0, 0};
+    Stream st{{0, 0}, 0};
     float plus = 0.f, minus = 0.f;
     if (mine) {
-      range = tile_range(im, row * im.tiles + t);
+      st = sub_stream(p, row * im.tiles + t, sub);
       const uint32_t pair = __ldg(im.levels + row);
       plus = level(pair, 0);
       minus = -level(pair, 1);
     }
+    // Token j of this group's output for row r: y (one tile a row) or the tile's partial sum.
+    auto store = [&](int64_t tok, int rr, float v) {
+      if (im.tiles == 1) {
+        p.y[tok * im.rows + rr] = __float2bfloat16_rn(v);
+      } else {
+        p.partial[(static_cast<int64_t>(t) * p.num_tokens + tok) * im.rows + rr] = v;
+      }
+    };
     for (int64_t tok0 = tok_lo; tok0 < tok_hi; tok0 += NT) {
       const int ntok = static_cast<int>(min(static_cast<int64_t>(NT), tok_hi - tok0));
       const __nv_bfloat16* xg = p.x + tok0 * im.cols + col0;
-      __syncthreads();  // the table is in; the previous window is no longer read
+      __syncthreads();  // the table is in; the previous window and sums are no longer read
       if constexpr (kSmem) {
         // Coalesced reads of each token's row segment; padding tokens are zeros.
 #pragma unroll
@@ -363,21 +411,32 @@ __global__ void __launch_bounds__(kMatvecMaxThreads) matvec_kernel(MatvecParams 
         }
       }
       __syncthreads();
-      if (!mine) continue;
       float acc[NT];
 #pragma unroll
       for (int j = 0; j < NT; ++j) acc[j] = 0.f;
       const XTile<NT, kSmem> x{xs, xg, im.cols, ntok};
-      walk<NT, kSmem>(im, table, static_cast<uint32_t>(p.table), range, width, plus, minus, x, acc);
+      if (mine) walk<NT, kSmem>(im, table, static_cast<uint32_t>(p.table), st, width, plus, minus, x, acc);
+      if (p.subs == 1) {
+        if (mine) {
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        if (j < ntok) {
-          const int64_t tok = tok0 + j;
-          if (im.tiles == 1) {
-            p.y[tok * im.rows + r] = __float2bfloat16_rn(acc[j]);
-          } else {
-            p.partial[(static_cast<int64_t>(t) * p.num_tokens + tok) * im.rows + r] = acc[j];
-          }
+          for (int j = 0; j < NT; ++j)
+            if (j < ntok) store(tok0 + j, r, acc[j]);
+        }
+        continue;
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) red[j * blockDim.x + threadIdx.x] = acc[j];
+      __syncthreads();
+      // invariant: every thread reaches the barrier above (no early exit in this loop), and the next
+      // token group's first barrier orders these reads before `red` is written again.
+      for (int k = threadIdx.x; k < rpb * NT; k += blockDim.x) {
+        const int rl = k % rpb;
+        const int j = k / rpb;
+        const int rr = group * rpb + rl;
+        if (j < ntok && rr < im.rows) {
+          float sum = 0.f;
+          for (int s = 0; s < p.subs; ++s) sum += red[j * blockDim.x + s * rpb + rl];
+          store(tok0 + j, rr, sum);
         }
       }
     }
@@ -401,33 +460,59 @@ __global__ void __launch_bounds__(256) reduce_kernel(MatvecParams p) {
   p.y[i] = __float2bfloat16_rn(sum);
 }
 
+// Sub-streams per (row, tile): the most (powers of two, at most the tile's restarts and threads / 32)
+// whose threads still fit on the GPU at once, `resident` threads; every thread is a dependent chain, so
+// more of them hide more latency, but a second wave would double the time.
+int pick_subs(int64_t streams, int per_tile, int threads, int64_t resident) {
+  int subs = 1;
+  while (subs * 2 <= per_tile && threads / (subs * 2) >= 32 && streams * subs * 2 <= resident) subs *= 2;
+  return subs;
+}
+
 template <int NT, bool kSmem>
-cudaError_t launch_matvec_as(MatvecParams p, int threads, bool table_given, cudaStream_t stream) {
+cudaError_t launch_matvec_as(MatvecParams p, int threads, bool table_given, int substream_cols,
+                             cudaStream_t stream) {
   const size_t window = kSmem ? static_cast<size_t>(p.im.tile_cols) * NT * sizeof(__nv_bfloat16) : 0;
+  const size_t sums = static_cast<size_t>(threads) * NT * sizeof(float);
   const int sms = std::max(1, current_device_attribute<cudaDevAttrMultiProcessorCount>());
+  auto kernel = matvec_kernel<NT, kSmem>;
+  const size_t optin = static_cast<size_t>(current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>());
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(optin));
+  if (err != cudaSuccess) return err;
+  // Blocks an SM takes without a table (registers, threads): how many threads can run at once.
+  int fit = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, threads, window + sums);
+  if (err != cudaSuccess) return err;
+  fit = std::max(1, fit);
+  const int per_tile = p.im.tile_cols / kRestartCols;
+  const int64_t streams = static_cast<int64_t>(p.offsets != nullptr ? p.matrices : 1) * p.im.rows * p.im.tiles;
+  if (substream_cols > 0) {
+    p.subs = std::max(1, std::min({p.im.tile_cols / std::max(kRestartCols, substream_cols), per_tile, threads / 32}));
+  } else {
+    p.subs = pick_subs(streams, per_tile, threads, static_cast<int64_t>(fit) * threads * sms);
+  }
+  p.stride = per_tile / p.subs;
+  p.rows_per_block = threads / p.subs;
+  p.row_groups = (p.im.rows + p.rows_per_block - 1) / p.rows_per_block;
+  p.items = static_cast<int64_t>(p.offsets != nullptr ? p.matrices : 1) * p.row_groups * p.im.tiles;
   // What a block may have: the device's limit, and (table chosen here) the share that still lets the
-  // blocks the items need sit on an SM together, up to kMatvecBlocksPerSm (every thread is one
-  // dependent chain: more resident blocks hide more latency than a larger table saves).
-  size_t budget = static_cast<size_t>(current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>());
+  // blocks the items need sit on an SM together (every thread is one dependent chain: more resident
+  // blocks hide more latency than a larger table saves).
+  const size_t fixed = window + (p.subs > 1 ? sums : 0);
+  size_t budget = optin;
   if (!table_given) {
-    const int64_t want = std::min<int64_t>(kMatvecBlocksPerSm, std::max<int64_t>(1, (p.items + sms - 1) / sms));
+    const int64_t want = std::min<int64_t>(fit, std::max<int64_t>(1, (p.items + sms - 1) / sms));
     const size_t per_sm = static_cast<size_t>(current_device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>());
     const size_t share = per_sm / static_cast<size_t>(want);
     budget = std::min(budget, share > kReservedSmem ? share - kReservedSmem : 0);
   }
-  const size_t room = budget > window ? (budget - window) / sizeof(uint64_t) : 0;
+  const size_t room = budget > fixed ? (budget - fixed) / sizeof(uint64_t) : 0;
   p.table = static_cast<int32_t>(std::min<size_t>(p.table, room & ~size_t{1}));
   p.table_slots = (p.table + 1) & ~1;
-  const size_t smem = static_cast<size_t>(p.table_slots) * sizeof(uint64_t) + window;
-  auto kernel = matvec_kernel<NT, kSmem>;
-  if (smem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  const size_t smem = static_cast<size_t>(p.table_slots) * sizeof(uint64_t) + fixed;
   // A persistent grid of as many blocks as fit at once (never more than there are items).
   int per_sm = 0;
-  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
   if (err != cudaSuccess) return err;
   const int64_t resident = static_cast<int64_t>(std::max(1, per_sm)) * sms;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(p.items, resident));
@@ -436,11 +521,12 @@ cudaError_t launch_matvec_as(MatvecParams p, int threads, bool table_given, cuda
 }
 
 template <int NT>
-cudaError_t launch_matvec(const MatvecParams& p, int threads, bool table_given, cudaStream_t stream) {
+cudaError_t launch_matvec(const MatvecParams& p, int threads, bool table_given, int substream_cols,
+                          cudaStream_t stream) {
   if (static_cast<size_t>(p.im.tile_cols) * NT * sizeof(__nv_bfloat16) <= kMaxSmemX) {
-    return launch_matvec_as<NT, true>(p, threads, table_given, stream);
+    return launch_matvec_as<NT, true>(p, threads, table_given, substream_cols, stream);
   }
-  return launch_matvec_as<NT, false>(p, threads, table_given, stream);
+  return launch_matvec_as<NT, false>(p, threads, table_given, substream_cols, stream);
 }
 
 }  // namespace
@@ -455,18 +541,21 @@ extern "C" int moek_cuda_subbit_decode(const moek_subbit_decode_args* a, cudaStr
   return cudaGetLastError();
 }
 
-// rows_per_block: the threads of a block, one row each, a multiple of 32 in 32..256 (0: 128).
+// rows_per_block: the threads of a block, a multiple of 32 in 32..256 (0: 256).
 // table_entries: dictionary entries kept in shared memory, 0..65536, lowered to what fits a block beside
-// the x window; negative: as many as let the blocks the work needs (up to kMatvecBlocksPerSm) share an
-// SM.
+// the x window; negative: as many as let the blocks the work needs share an SM.
+// substream_cols: columns of a tile each thread walks (a power of two from 256 to tile_cols, rounded
+// into range); 0: the most sub-streams whose threads fit on the GPU at once (pick_subs).
 extern "C" int moek_cuda_subbit_matvec(const moek_subbit_matvec_args* a, int32_t rows_per_block,
-                                       int32_t table_entries, cudaStream_t stream) {
+                                       int32_t table_entries, int32_t substream_cols, cudaStream_t stream) {
   if (a->num_tokens <= 0) return cudaSuccess;
   const moek_subbit_weights& w = a->weights;
-  const bool grouped = a->expert_offsets != nullptr;
-  const int threads = rows_per_block > 0 ? std::min(rows_per_block, moek::kMatvecMaxThreads) : 128;
+  const int threads = rows_per_block > 0 ? std::min(rows_per_block, moek::kMatvecMaxThreads) : 256;
   moek::MatvecParams p;
   p.im = moek::image_of(w);
+  // The restarts follow the codewords, 16-byte aligned (src/subbit/image.rs restarts_at).
+  const size_t restarts_at = (w.codes_at + 2 * static_cast<size_t>(w.codes) + 15) / 16 * 16;
+  p.restarts = reinterpret_cast<const uint32_t*>(static_cast<const char*>(w.image) + restarts_at);
   p.x = static_cast<const __nv_bfloat16*>(a->x);
   p.y = static_cast<__nv_bfloat16*>(a->y);
   p.partial = static_cast<float*>(a->workspace);
@@ -474,21 +563,20 @@ extern "C" int moek_cuda_subbit_matvec(const moek_subbit_matvec_args* a, int32_t
   p.matrix = a->matrix;
   p.matrices = w.matrices;
   p.num_tokens = a->num_tokens;
-  p.row_groups = (w.rows + threads - 1) / threads;
-  p.items = static_cast<int64_t>(grouped ? w.matrices : 1) * p.row_groups * w.tiles_per_row;
+  // subs, stride, rows_per_block, row_groups and items: set by launch_matvec_as.
   const bool table_given = table_entries >= 0;
   p.table = std::min(table_given ? table_entries : 65536, w.dictionary_entries);
   p.table_slots = 0;
   const int64_t nt = std::min<int64_t>(a->num_tokens, MOEK_SUBBIT_MAX_TOKENS);
   cudaError_t err;
   if (nt <= 1) {
-    err = moek::launch_matvec<1>(p, threads, table_given, stream);
+    err = moek::launch_matvec<1>(p, threads, table_given, substream_cols, stream);
   } else if (nt <= 2) {
-    err = moek::launch_matvec<2>(p, threads, table_given, stream);
+    err = moek::launch_matvec<2>(p, threads, table_given, substream_cols, stream);
   } else if (nt <= 4) {
-    err = moek::launch_matvec<4>(p, threads, table_given, stream);
+    err = moek::launch_matvec<4>(p, threads, table_given, substream_cols, stream);
   } else {
-    err = moek::launch_matvec<8>(p, threads, table_given, stream);
+    err = moek::launch_matvec<8>(p, threads, table_given, substream_cols, stream);
   }
   if (err != cudaSuccess || w.tiles_per_row == 1) return err;
   const int64_t elements = a->num_tokens * w.rows;

@@ -58,6 +58,7 @@ mod launchers {
             args: *const sys::moek_subbit_matvec_args,
             rows_per_block: i32,
             table_entries: i32,
+            substream_cols: i32,
             stream: sys::cudaStream_t,
         ) -> i32;
         pub fn moek_cuda_ep_counts(
@@ -284,16 +285,17 @@ pub(crate) fn subbit_matvec(
     args: &sys::moek_subbit_matvec_args,
     rows_per_block: i32,
     table_entries: i32,
+    substream_cols: i32,
     stream: sys::cudaStream_t,
 ) -> LaunchCode {
     #[cfg(moek_cuda)]
     {
         // SAFETY: validated by subbit::gpu::matvec_raw; the buffers are the caller's, sized per the header.
-        unsafe { launchers::moek_cuda_subbit_matvec(args, rows_per_block, table_entries, stream) }
+        unsafe { launchers::moek_cuda_subbit_matvec(args, rows_per_block, table_entries, substream_cols, stream) }
     }
     #[cfg(not(moek_cuda))]
     {
-        let _ = (args, rows_per_block, table_entries, stream);
+        let _ = (args, rows_per_block, table_entries, substream_cols, stream);
         NO_KERNELS
     }
 }

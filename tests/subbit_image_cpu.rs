@@ -1,10 +1,12 @@
 //! The device image read the way `cuda/subbit.cu` reads it, on the CPU: dictionary entries as nonzero
 //! and sign masks with the end marker, codewords renumbered by use. Two readings, one per kernel: the
 //! decode's (32 codewords a chunk, a scan of the lengths, nonzeros into a ring of two halves written out
-//! half by half) and the fused matvec's (one stream per (row, tile) walked one nonzero a trip, its
-//! codewords read in aligned groups of 8). Both must give the CPU decoder's symbols exactly: this checks
+//! half by half) and the fused matvec's (every (row, tile) split at the image's restarts into 1..=per-tile
+//! sub-streams, each walked one nonzero a trip, its codewords read in aligned groups of 8, dictionary
+//! entries two codewords ahead). Both must give the CPU decoder's symbols exactly: this checks
 //! the image layout and the kernels' arithmetic where no GPU is at hand.
 
+use moe_kernels::subbit::image::{restarts_at, RESTART_COLS};
 use moe_kernels::subbit::{encode, random_iid, Compressed};
 use proptest::prelude::*;
 use rand::SeedableRng;
@@ -40,6 +42,10 @@ impl Img<'_> {
     /// Codeword group g (8 codewords, 16 aligned bytes), as the matvec loads it.
     fn group(&self, g: usize) -> [u32; 8] {
         std::array::from_fn(|k| self.code(8 * g + k))
+    }
+    /// Restart j of all (row, tile) restarts (see src/subbit/image.rs).
+    fn restart(&self, j: usize) -> u32 {
+        u32_at(self.image, restarts_at(&self.d) + 4 * j)
     }
     fn range(&self, tile: usize) -> (usize, usize) {
         let codes = self.d.codes as u32;
@@ -103,53 +109,75 @@ fn decode_like_the_kernel(img: &Img) -> Vec<u8> {
     out
 }
 
-/// The fused kernel's walk of every (row, tile) stream, recording each nonzero it feeds to the FMA.
-fn walk_like_the_kernel(img: &Img) -> Vec<u8> {
+/// The fused kernel's walk of every (row, tile) stream split into `subs` sub-streams at the image's
+/// restarts (as `sub_stream` in cuda/subbit.cu), recording each nonzero it feeds to the FMA; a column
+/// fed twice is an error (phrases must belong to exactly one sub-stream).
+fn walk_like_the_kernel(img: &Img, subs: usize) -> Vec<u8> {
     let d = &img.d;
     let (rows_total, tiles) = ((d.matrices * d.rows) as usize, d.tiles_per_row as usize);
     let (cols, tile_cols) = (d.cols as usize, d.tile_cols as usize);
+    let per_tile = tile_cols / RESTART_COLS;
+    let subs = subs.min(per_tile);
+    let stride = per_tile / subs;
     let last_group = (d.codes as usize).saturating_sub(1) >> 3;
     let mut out = vec![0u8; rows_total * cols];
     for tile in 0..rows_total * tiles {
         let (row, t) = (tile / tiles, tile % tiles);
         let width = tile_cols.min(cols - t * tile_cols);
-        let (lo, hi) = img.range(tile);
-        if lo >= hi {
-            continue;
-        }
-        let mut group = lo >> 3;
-        let mut now = img.group(group);
-        let mut ahead = img.group((group + 1).min(last_group));
-        let mut next_code = |k: usize| {
-            if k >> 3 != group {
-                group = k >> 3;
-                now = ahead;
-                ahead = img.group((group + 1).min(last_group));
+        let whole = img.range(tile);
+        for s in 0..subs {
+            let ((lo, hi), mut at) = if subs == 1 {
+                (whole, 0)
+            } else {
+                let restart = |j: usize| img.restart(tile * per_tile + j);
+                let (j0, j1) = (s * stride, (s + 1) * stride);
+                let first = restart(j0);
+                let count = whole.1 - whole.0;
+                let lo = whole.0 + ((first >> 5) as usize).min(count);
+                let end = if j1 < per_tile { whole.0 + ((restart(j1) >> 5) as usize).min(count) } else { whole.1 };
+                ((lo, end.max(lo)), j0 * RESTART_COLS + (first & 31) as usize)
+            };
+            if lo >= hi || at >= width {
+                continue;
             }
-            now[k & 7]
-        };
-        let mut i = lo;
-        let (mut nonzero, mut sign, mut length) = phrase(img.entry(img.group(lo >> 3)[lo & 7]));
-        let mut pending = if lo + 1 < hi { img.entry(next_code(lo + 1)) } else { NO_PHRASE };
-        let mut at = 0usize;
-        loop {
-            if nonzero != 0 {
-                let j = nonzero.trailing_zeros();
-                let c = at + j as usize;
-                if c < width {
-                    out[row * cols + t * tile_cols + c] = if (sign >> j) & 1 == 1 { 2 } else { 1 };
+            let mut group = lo >> 3;
+            let mut now = img.group(group);
+            let mut ahead = img.group((group + 1).min(last_group));
+            let mut next_code = |k: usize| {
+                if k >> 3 != group {
+                    assert_eq!(k >> 3, group + 1, "codewords are asked for in order");
+                    group = k >> 3;
+                    now = ahead;
+                    ahead = img.group((group + 1).min(last_group));
                 }
-                nonzero &= nonzero - 1;
-            }
-            if nonzero == 0 {
-                at += length;
-                i += 1;
-                if i >= hi || at >= width {
-                    break;
+                now[k & 7]
+            };
+            let mut i = lo;
+            let (mut nonzero, mut sign, mut length) = phrase(img.entry(img.group(lo >> 3)[lo & 7]));
+            let mut pending = if lo + 1 < hi { img.entry(next_code(lo + 1)) } else { NO_PHRASE };
+            let mut pending2 = if lo + 2 < hi { img.entry(next_code(lo + 2)) } else { NO_PHRASE };
+            loop {
+                if nonzero != 0 {
+                    let j = nonzero.trailing_zeros();
+                    let c = at + j as usize;
+                    if c < width {
+                        let slot = &mut out[row * cols + t * tile_cols + c];
+                        assert_eq!(*slot, 0, "column {c} of tile {tile} fed twice");
+                        *slot = if (sign >> j) & 1 == 1 { 2 } else { 1 };
+                    }
+                    nonzero &= nonzero - 1;
                 }
-                (nonzero, sign, length) = phrase(pending);
-                if i + 1 < hi {
-                    pending = img.entry(next_code(i + 1));
+                if nonzero == 0 {
+                    at += length;
+                    i += 1;
+                    if i >= hi || at >= width {
+                        break;
+                    }
+                    (nonzero, sign, length) = phrase(pending);
+                    pending = pending2;
+                    if i + 2 < hi {
+                        pending2 = img.entry(next_code(i + 2));
+                    }
                 }
             }
         }
@@ -164,7 +192,9 @@ fn check_both(ms: &[moe_kernels::subbit::TernaryMatrix], tile: usize) -> Result<
     let img = Img { image: &image, d: view.descriptor().unwrap() };
     let want: Vec<u8> = ms.iter().flat_map(|m| m.symbols.iter().copied()).collect();
     prop_assert_eq!(decode_like_the_kernel(&img), want.clone(), "decode reading");
-    prop_assert_eq!(walk_like_the_kernel(&img), want, "matvec reading");
+    for subs in [1, 2, 4, 8, 256] {
+        prop_assert_eq!(walk_like_the_kernel(&img, subs), want.clone(), "matvec reading, {} sub-streams", subs);
+    }
     Ok(())
 }
 

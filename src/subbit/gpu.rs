@@ -9,10 +9,12 @@
 //! image (see [`super::image`]) to the device once; every call then takes the uploaded weights.
 //!
 //! Tuning overrides, read once per process (for sweeps): `MOEK_SUBBIT_ROWS_PER_BLOCK` (a multiple of 32
-//! in 32..=256, default 128) sets the fused kernel's rows (threads) per block, and
-//! `MOEK_SUBBIT_TABLE_ENTRIES` (0..=65536) how many of the hottest dictionary entries each block keeps in
-//! shared memory (lowered to what fits a block beside the x window; by default as many as still let four
-//! blocks share an SM when the work has that many).
+//! in 32..=256, default 256) sets the fused kernel's threads per block, `MOEK_SUBBIT_TABLE_ENTRIES`
+//! (0..=65536) how many of the hottest dictionary entries each block keeps in shared memory (lowered to
+//! what fits a block beside the x window; by default as many as still let the blocks the work needs
+//! share an SM), and `MOEK_SUBBIT_SUBSTREAM_COLS` (a power of two in 256..=65536) how many columns of a
+//! tile one thread walks (by default: a tile is split at the image's restarts into as many sub-streams
+//! as still run in one wave).
 
 use super::image::check_descriptor;
 use super::Compressed;
@@ -99,6 +101,18 @@ fn check_weights(w: &sys::moek_subbit_weights) -> Result<()> {
     check::pointer("weights.image", w.image, true, 16)
 }
 
+/// Columns of a tile each fused-matvec thread walks from `MOEK_SUBBIT_SUBSTREAM_COLS`, or 0 (automatic).
+fn substream_cols() -> i32 {
+    static VALUE: OnceLock<i32> = OnceLock::new();
+    *VALUE.get_or_init(|| {
+        std::env::var("MOEK_SUBBIT_SUBSTREAM_COLS")
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+            .filter(|v| (256..=65536).contains(v) && v.count_ones() == 1)
+            .unwrap_or(0)
+    })
+}
+
 /// Validates a decode's arguments, then enqueues it.
 pub(crate) fn decode_raw(a: &sys::moek_subbit_decode_args, stream: sys::cudaStream_t) -> Result<()> {
     check_weights(&a.weights)?;
@@ -154,7 +168,7 @@ pub(crate) fn matvec_raw(a: &sys::moek_subbit_matvec_args, stream: sys::cudaStre
         bail!(WorkspaceTooSmall, "workspace_bytes = {} but this call needs {need}", a.workspace_bytes);
     }
     check::pointer("workspace", a.workspace, need > 0, 16)?;
-    crate::cuda::status(crate::cuda::subbit_matvec(a, rows_per_block(), table_entries(), stream))
+    crate::cuda::status(crate::cuda::subbit_matvec(a, rows_per_block(), table_entries(), substream_cols(), stream))
 }
 
 /// A validated buffer's image in device memory.

@@ -7,6 +7,14 @@
 //! | levels | the buffer's f16 scales, per matrix and row: positive level, negative magnitude | 4·M·R |
 //! | tile offsets | the buffer's u32 offsets | 4·(M·R·tiles + 1) |
 //! | codewords | the buffer's u16 codewords | 2·codes |
+//! | restarts | per (matrix, row, tile) and per [`RESTART_COLS`] columns of the tile: where decoding may start | 4·M·R·tiles·(tile_cols / 256) |
+//!
+//! A restart j of a tile names the first phrase that starts at column j·256 of the tile or later: the
+//! codeword's index counted from the tile's first (bits 5..32) and how far past j·256 the phrase starts
+//! (bits 0..5, 0..=31 as phrases are at most 32 symbols); a restart past the tile's last phrase start is
+//! the tile's codeword count with 0. The fused matvec splits every tile into sub-streams at restarts
+//! (each phrase belongs to the one where it starts), so a tile is walked by several threads at once. The
+//! restarts are not in the on-disk format: [`Compressed::write_image`] derives them.
 //!
 //! Each section starts at a multiple of 16 bytes. The image is rebuilt from a validated buffer only, and
 //! its layout is a function of the descriptor's shape fields, so a call can check a descriptor against
@@ -19,20 +27,32 @@ use crate::sys;
 
 const ALIGN: u64 = 16;
 
+/// Columns between two restarts of a tile in the image (tile_cols is a power of two of at least this).
+pub const RESTART_COLS: usize = 256;
+
 fn align(v: u64) -> Option<u64> {
     v.checked_add(ALIGN - 1).map(|v| v / ALIGN * ALIGN)
 }
 
-/// Byte offsets of the sections and the image's size, or None when they overflow 64 bits.
-fn layout(matrices: u64, rows: u64, tiles: u64, entries: u64, codes: u64) -> Option<[u64; 5]> {
+/// Byte offsets of the sections, the restarts' offset and the image's size, or None when they overflow
+/// 64 bits.
+fn layout(matrices: u64, rows: u64, tiles: u64, tile_cols: u64, entries: u64, codes: u64) -> Option<[u64; 6]> {
     let dictionary_at = 0u64;
     let scales_at = align(entries.checked_mul(8)?)?;
     let rows_total = matrices.checked_mul(rows)?;
     let offsets_at = align(scales_at.checked_add(rows_total.checked_mul(4)?)?)?;
     let offset_count = rows_total.checked_mul(tiles)?.checked_add(1)?;
     let codes_at = align(offsets_at.checked_add(offset_count.checked_mul(4)?)?)?;
-    let bytes = align(codes_at.checked_add(codes.checked_mul(2)?)?)?;
-    Some([dictionary_at, scales_at, offsets_at, codes_at, bytes])
+    let restarts_at = align(codes_at.checked_add(codes.checked_mul(2)?)?)?;
+    let restarts = rows_total.checked_mul(tiles)?.checked_mul(tile_cols / RESTART_COLS as u64)?;
+    let bytes = align(restarts_at.checked_add(restarts.checked_mul(4)?)?)?;
+    Some([dictionary_at, scales_at, offsets_at, codes_at, restarts_at, bytes])
+}
+
+/// Byte offset of the restarts section in an image with this (checked) descriptor: right after the
+/// codewords, 16-byte aligned (the kernels compute it the same way; the descriptor has no field for it).
+pub fn restarts_at(w: &sys::moek_subbit_weights) -> usize {
+    (w.codes_at + 2 * w.codes as usize).div_ceil(ALIGN as usize) * ALIGN as usize
 }
 
 /// The dictionary entry of a phrase of `length` symbols, symbol j in bits 2j..2j+2 of `symbols` (see
@@ -83,9 +103,15 @@ impl Compressed<'_> {
         }
         let tiles = self.tiles_per_row();
         let codes = (self.bytes.len() - self.codes_at) / 2;
-        let [dictionary_at, scales_at, offsets_at, codes_at, bytes] =
-            layout(self.matrices as u64, self.rows as u64, tiles as u64, self.dictionary.len() as u64, codes as u64)
-                .expect("a parsed buffer's image fits in 64 bits");
+        let [dictionary_at, scales_at, offsets_at, codes_at, _, bytes] = layout(
+            self.matrices as u64,
+            self.rows as u64,
+            tiles as u64,
+            self.tile_cols as u64,
+            self.dictionary.len() as u64,
+            codes as u64,
+        )
+        .expect("a parsed buffer's image fits in 64 bits");
         Ok(sys::moek_subbit_weights {
             matrices: self.matrices as i32,
             rows: self.rows as i32,
@@ -124,7 +150,30 @@ impl Compressed<'_> {
         for (i, slot) in out[d.codes_at..d.codes_at + 2 * codes].chunks_exact_mut(2).enumerate() {
             slot.copy_from_slice(&rank[self.code(i) as usize].to_le_bytes());
         }
+        self.write_restarts(&mut out[restarts_at(&d)..d.image_bytes]);
         Ok(())
+    }
+
+    /// The restarts section (see the module's doc) into `out`, tile by tile.
+    fn write_restarts(&self, out: &mut [u8]) {
+        let per_tile = self.tile_cols / RESTART_COLS;
+        let tiles = self.tiles_per_row();
+        let mut slots = out.chunks_exact_mut(4);
+        for tile in 0..self.matrices * self.rows * tiles {
+            let (lo, hi) = (self.offset(tile) as usize, self.offset(tile + 1) as usize);
+            let (mut i, mut start) = (lo, 0usize); // codeword i's phrase starts at column `start`
+            for j in 0..per_tile {
+                let col = j * RESTART_COLS;
+                while i < hi && start < col {
+                    start += self.dictionary.lengths[self.code(i) as usize] as usize;
+                    i += 1;
+                }
+                // invariant: a tile has at most tile_cols <= 2^16 codewords (parse refuses more), so the
+                // index fits its 27 bits; a phrase starting at `col` or later starts before col + 32.
+                let packed = if i < hi { ((i - lo) << 5 | (start - col)) as u32 } else { ((hi - lo) << 5) as u32 };
+                slots.next().expect("the section holds every restart").copy_from_slice(&packed.to_le_bytes());
+            }
+        }
     }
 
     /// The device image as a new vector.
@@ -162,11 +211,17 @@ pub(crate) fn check_descriptor(w: &sys::moek_subbit_weights) -> Result<()> {
     if rows_total.checked_mul(tiles).is_none_or(|n| n >= i64::from(u32::MAX)) {
         bail!(InvalidValue, "weights: {rows_total} rows of {tiles} tiles need more than 32-bit tile indices");
     }
-    let Some(expected) =
-        layout(w.matrices as u64, w.rows as u64, tiles as u64, w.dictionary_entries as u64, w.codes as u64)
-    else {
+    let Some([dictionary_at, scales_at, offsets_at, codes_at, _, bytes]) = layout(
+        w.matrices as u64,
+        w.rows as u64,
+        tiles as u64,
+        tile as u64,
+        w.dictionary_entries as u64,
+        w.codes as u64,
+    ) else {
         bail!(InvalidValue, "weights: the image size overflows 64 bits");
     };
+    let expected = [dictionary_at, scales_at, offsets_at, codes_at, bytes];
     let have = [w.dictionary_at, w.scales_at, w.offsets_at, w.codes_at, w.image_bytes];
     let names = ["dictionary_at", "scales_at", "offsets_at", "codes_at", "image_bytes"];
     for ((name, &h), &e) in names.iter().zip(&have).zip(&expected) {
