@@ -443,7 +443,8 @@ moek_status moek_layer(const moek_layer_args *args, cudaStream_t stream);
  *      (w.image = NULL).
  *   2. moek_subbit_write_image(bytes, n, host_image, w.image_bytes): writes the image on the host: the
  *      expanded dictionary (8 bytes per codeword: nonzero and sign masks of its phrase), the row levels,
- *      the tile offsets and the codewords, each section 16-byte aligned; the image numbers the
+ *      the tile offsets, the codewords and restart points every 256 columns of each tile (after the
+ *      codewords; included in image_bytes), each section 16-byte aligned; the image numbers the
  *      codewords by how often the buffer uses them (hottest first), so kernels can keep a prefix of the
  *      dictionary in shared memory.
  *   3. Copy host_image to device memory (16-byte aligned, e.g. cudaMalloc + cudaMemcpy) and set
