@@ -217,7 +217,8 @@ struct MatvecParams {
   int32_t matrices;
   int64_t num_tokens;
   int32_t subs;                // sub-streams per (row, tile): threads of a block per row
-  int32_t stride;              // restarts per sub-stream (tile_cols / kRestartCols / subs)
+  int32_t stride;              // restarts per sub-stream (tile_cols / kRestartCols / subs, exact: subs is a
+                               // power of two of at most tile_cols / kRestartCols)
   int32_t rows_per_block;      // blockDim.x / subs
   int32_t row_groups;          // ceil(rows / rows_per_block)
   int64_t items;               // (matrix, row group, tile) work items
@@ -274,7 +275,9 @@ __device__ __forceinline__ Stream sub_stream(const MatvecParams& p, int64_t tile
   const int j1 = j0 + p.stride;
   const uint32_t first = __ldg(r + j0);
   const uint32_t lo = whole.lo + min(first >> 5, whole.hi - whole.lo);
-  const uint32_t end = j1 < per_tile ? whole.lo + min(__ldg(r + j1) >> 5, whole.hi - whole.lo) : whole.hi;
+  // The last sub-stream runs to the tile's end whatever stride says.
+  const uint32_t end =
+      s + 1 < p.subs && j1 < per_tile ? whole.lo + min(__ldg(r + j1) >> 5, whole.hi - whole.lo) : whole.hi;
   return {{lo, max(end, lo)}, j0 * kRestartCols + static_cast<int>(first & 31)};
 }
 
@@ -487,7 +490,12 @@ cudaError_t launch_matvec_as(MatvecParams p, int threads, bool table_given, int 
   const int per_tile = p.im.tile_cols / kRestartCols;
   const int64_t streams = static_cast<int64_t>(p.offsets != nullptr ? p.matrices : 1) * p.im.rows * p.im.tiles;
   if (substream_cols > 0) {
-    p.subs = std::max(1, std::min({p.im.tile_cols / std::max(kRestartCols, substream_cols), per_tile, threads / 32}));
+    // A power of two, so that it divides per_tile: sub-stream s ends at restart (s + 1) * stride, so a
+    // stride rounded down (threads / 32 = 3, 5, 6 or 7 with MOEK_SUBBIT_ROWS_PER_BLOCK) would drop the
+    // tile's last per_tile - subs * stride restarts' columns.
+    const int most = std::max(1, std::min({p.im.tile_cols / std::max(kRestartCols, substream_cols), per_tile, threads / 32}));
+    p.subs = 1;
+    while (p.subs * 2 <= most) p.subs *= 2;
   } else {
     p.subs = pick_subs(streams, per_tile, threads, static_cast<int64_t>(fit) * threads * sms);
   }

@@ -1,5 +1,5 @@
-//! CPU reference of the sub-1-bit kernels: the dense bf16 weights the decode kernel writes, and the
-//! matrix-vector products of the fused kernel computed from them.
+//! CPU reference of the sub-1-bit kernels: the dense bf16 weights the decode kernel writes, the dense
+//! f16-level weights the fused kernel multiplies by, and the matrix-vector products computed from them.
 
 use crate::subbit::Compressed;
 use half::bf16;
@@ -10,31 +10,33 @@ pub fn dense_bf16(view: &Compressed) -> Vec<bf16> {
     (0..view.matrices).flat_map(|m| view.decode(m).dense()).map(bf16::from_f32).collect()
 }
 
-/// `y[t, r] = sum over c of x[t, c] * w[r, c]` for `w` [rows, cols] and `x` [tokens, cols], accumulated in
-/// f64 and returned in f32 ([tokens, rows]).
-pub fn matvec(w: &[bf16], rows: usize, cols: usize, x: &[bf16], tokens: usize) -> Vec<f32> {
+/// Every matrix of `view` as dense f32 [M, R, C] holding the f16 levels exactly: the weights of the
+/// fused matvec (`y = sum x * W` with W = 0, +pos or -neg, the levels in f16; see the header). These are
+/// not [`dense_bf16`]'s values: a level rounded to bf16 moves by up to 2^-8 of itself, all of a row's
+/// weights of one sign the same way, which shifts an output by up to 2^-8 of its positive and negative
+/// partial sums; where those cancel (|y| far below them) that is a large error relative to y.
+pub fn dense(view: &Compressed) -> Vec<f32> {
+    (0..view.matrices).flat_map(|m| view.decode(m).dense()).collect()
+}
+
+/// `y[t, r] = sum over c of x[t, c] * w[r, c]` for `w` [rows, cols] (see [`dense`]) and `x` [tokens, cols],
+/// accumulated in f64 and returned in f32 ([tokens, rows]).
+pub fn matvec(w: &[f32], rows: usize, cols: usize, x: &[bf16], tokens: usize) -> Vec<f32> {
     let mut y = Vec::with_capacity(tokens * rows);
     for t in 0..tokens {
         let xt = &x[t * cols..(t + 1) * cols];
         for r in 0..rows {
             let wr = &w[r * cols..(r + 1) * cols];
-            let sum: f64 = wr.iter().zip(xt).map(|(a, b)| f64::from(a.to_f32()) * f64::from(b.to_f32())).sum();
+            let sum: f64 = wr.iter().zip(xt).map(|(&a, b)| f64::from(a) * f64::from(b.to_f32())).sum();
             y.push(sum as f32);
         }
     }
     y
 }
 
-/// The grouped product: matrix m of `dense` ([M, R, C]) for rows `offsets[m]..offsets[m+1]` of `x`
+/// The grouped product: matrix m of `dense` ([M, R, C], see [`dense`]) for rows `offsets[m]..offsets[m+1]` of `x`
 /// ([tokens, C]). Rows no matrix owns are NaN in the result ([tokens, R]).
-pub fn grouped_matvec(
-    dense: &[bf16],
-    rows: usize,
-    cols: usize,
-    offsets: &[i32],
-    x: &[bf16],
-    tokens: usize,
-) -> Vec<f32> {
+pub fn grouped_matvec(dense: &[f32], rows: usize, cols: usize, offsets: &[i32], x: &[bf16], tokens: usize) -> Vec<f32> {
     let mut y = vec![f32::NAN; tokens * rows];
     for m in 0..offsets.len().saturating_sub(1) {
         let lo = (offsets[m].max(0) as usize).min(tokens);
