@@ -347,6 +347,10 @@ fn resolved_tile(a: &sys::moek_grouped_gemm_args, ask_device: bool) -> sys::moek
         33..=64 if sure_tiles(64, 128) < SM_COUNT_HINT => sys::moek_gemm_tile_MOEK_GEMM_TILE_SMALL,
         33..=64 => TILE_MEDIUM_K64,
         _ if hopper(128) => sys::moek_gemm_tile_MOEK_GEMM_TILE_HOPPER,
+        // LARGE never splits K, so where its tiles would not cover the SMs (one expert of 128 rows
+        // against a narrow n: the low-dimension projections at T = 128 made 7 CTAs over K = 7168 and
+        // took about 130 us on the H200) the 64 x 128 tile, which can split K, takes over.
+        _ if sure_tiles(128, 128) < SM_COUNT_HINT => TILE_MEDIUM_K64,
         _ => sys::moek_gemm_tile_MOEK_GEMM_TILE_LARGE,
     }
 }
