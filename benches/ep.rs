@@ -203,6 +203,7 @@ fn main() {
             hidden: h,
             max_tokens: t,
             dtype: sys::moek_dtype_MOEK_DTYPE_BF16,
+            capacity: 0,
         };
         let group = PeerGroup::new(cfg, &streams).unwrap();
         let mut bufs: Vec<Rank> = group

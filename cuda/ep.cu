@@ -37,6 +37,7 @@ struct EpLaunch {
   int64_t expand_offset;    // int32 per received row: the row holding its token's data
   int64_t members_offset;   // Member [k] per received row (filled for head rows)
   int64_t num_pairs;        // T * k of this call (dispatch only)
+  int64_t capacity;         // 0: contiguous layout; > 0: masked, rows per local expert
   // This rank's workspace.
   const int32_t* expert_counts;   // [E] pairs this rank keeps per global expert (its plan)
   const int32_t* expert_offsets;  // [E + 1] its plan's offsets (row_align 1)
@@ -48,7 +49,21 @@ struct EpLaunch {
   int32_t* segment_source_row;    // [L * R] the source's plan row of that segment's first row
   int32_t* received_offsets;      // [L + 1] caller's output (dispatch only)
   int32_t* head_row;              // [T * k] this rank's plan row of each head pair, -1 for other pairs
+  int32_t* received_counts;       // [L] rows each local expert keeps (this rank as owner)
 };
+
+// Masked layout: whether a row that would land at `row` of the owner's received rows for global expert
+// `e` fits its expert's capacity (always, in the contiguous layout).
+__device__ __forceinline__ bool row_kept(const EpLaunch& a, int32_t e, int32_t row) {
+  const int L = a.num_experts / a.num_ranks;
+  return a.capacity == 0 || row < (static_cast<int64_t>(e % L) + 1) * a.capacity;
+}
+
+// Masked layout: whether received row i is padding (past its expert's kept rows), whose map and member
+// entries are stale and must not be read.
+__device__ __forceinline__ bool padding_row(const EpLaunch& a, int64_t i) {
+  return a.capacity > 0 && i % a.capacity >= a.received_counts[i / a.capacity];
+}
 
 // One entry of a head row's member list: a received row of the same token and its routing weight.
 struct Member {
@@ -141,22 +156,54 @@ __global__ void __launch_bounds__(1024) ep_counts_kernel(const EpLaunch a) {
     if (owner == me) my_total = carry;
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    int32_t base = s_excl[e];
-    for (int q = 0; q < me; ++q) base += counts[static_cast<int64_t>(q) * E + e];
-    a.send_base[e] = base;
-  }
-  for (int j = threadIdx.x; j < L; j += blockDim.x) {
-    int32_t start = s_excl[me * L + j];
-    if (a.received_offsets != nullptr) a.received_offsets[j] = start;
-    for (int q = 0; q < R; ++q) {
-      a.segment_start[j * R + q] = start;
-      start += counts[static_cast<int64_t>(q) * E + me * L + j];
+  if (a.capacity == 0) {
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+      int32_t base = s_excl[e];
+      for (int q = 0; q < me; ++q) base += counts[static_cast<int64_t>(q) * E + e];
+      a.send_base[e] = base;
     }
-  }
-  if (threadIdx.x == 0) {
-    if (a.received_offsets != nullptr) a.received_offsets[L] = my_total;
-    a.segment_start[L * R] = my_total;
+    for (int j = threadIdx.x; j < L; j += blockDim.x) {
+      int32_t start = s_excl[me * L + j];
+      if (a.received_offsets != nullptr) a.received_offsets[j] = start;
+      for (int q = 0; q < R; ++q) {
+        a.segment_start[j * R + q] = start;
+        start += counts[static_cast<int64_t>(q) * E + me * L + j];
+      }
+      a.received_counts[j] = start - s_excl[me * L + j];
+    }
+    if (threadIdx.x == 0) {
+      if (a.received_offsets != nullptr) a.received_offsets[L] = my_total;
+      a.segment_start[L * R] = my_total;
+    }
+  } else {
+    // Masked: local expert j owns rows [j * capacity, (j + 1) * capacity); a source's rows start after
+    // the earlier sources' (rows at or past the capacity are dropped by the sender).
+    const int64_t cap = a.capacity;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+      int64_t base = static_cast<int64_t>(e % L) * cap;
+      for (int q = 0; q < me; ++q) base += counts[static_cast<int64_t>(q) * E + e];
+      a.send_base[e] = static_cast<int32_t>(min(base, static_cast<int64_t>(e % L + 1) * cap));
+    }
+    int32_t kept_total = 0;
+    for (int base = 0; base < L; base += blockDim.x) {
+      const int j = base + threadIdx.x;
+      int32_t kept = 0;
+      if (j < L) {
+        int64_t start = 0;
+        for (int q = 0; q < R; ++q) {
+          a.segment_start[j * R + q] = static_cast<int32_t>(j * cap + min(start, cap));
+          start += counts[static_cast<int64_t>(q) * E + me * L + j];
+        }
+        kept = static_cast<int32_t>(min(start, cap));
+        a.received_counts[j] = kept;
+        if (a.received_offsets != nullptr) a.received_offsets[j] = kept;
+      }
+      block_exclusive_sum(s_scratch, kept, kept_total);
+    }
+    if (threadIdx.x == 0) {
+      if (a.received_offsets != nullptr) a.received_offsets[L] = kept_total;
+      a.segment_start[L * R] = static_cast<int32_t>(L * cap);
+    }
   }
   // Each source's plan offset of my experts: an exclusive scan of its counts up to my last expert.
   for (int q = 0; q < R; ++q) {
@@ -231,8 +278,8 @@ __device__ int32_t token_head_row(const EpLaunch& a, const int32_t* topk_ids, co
       const int32_t plan_row = a.pair_row[q];
       const int32_t e = plan_row >= 0 ? topk_ids[q] : -1;  // kept pairs have ids in 0..E-1
       if (e >= 0 && e / L == owner) {
-        member = true;
         row = a.send_base[e] + (plan_row - a.expert_offsets[e]);
+        member = row_kept(a, e, row);
       }
     }
     const uint32_t mask = __ballot_sync(0xffffffffu, member);
@@ -269,6 +316,7 @@ __global__ void __launch_bounds__(kCopyThreads) ep_send_kernel(const EpLaunch a,
     const int32_t e = topk_ids[pair];
     const int owner = e / L;
     const int32_t dest_row = a.send_base[e] + static_cast<int32_t>(r - a.expert_offsets[e]);
+    if (!row_kept(a, e, dest_row)) continue;  // masked layout, past the expert's capacity: dropped
     char* peer = a.peers[owner];
     Member* list = reinterpret_cast<Member*>(peer + a.members_offset) + static_cast<int64_t>(dest_row) * a.k;
     const int32_t head = token_head_row(a, topk_ids, weights, pair / a.k, owner, dest_row, part.first ? list : nullptr);
@@ -298,6 +346,7 @@ __global__ void __launch_bounds__(kCopyThreads) ep_expand_kernel(const EpLaunch 
   for (int64_t w = blockIdx.x * (kCopyThreads / 32) + threadIdx.x / 32; w < rows * cut.slices; w += warps) {
     const RowSlice part(w, cut, vectors);
     const int64_t j = part.row;
+    if (padding_row(a, j)) continue;
     const int32_t from = map[j];
     if (from == j || from < 0 || from >= rows) continue;
     const uint4* src = reinterpret_cast<const uint4*>(own + a.received_offset + from * a.row_bytes);
@@ -329,7 +378,7 @@ __global__ void __launch_bounds__(kCopyThreads) ep_return_kernel(const EpLaunch 
   for (int64_t w = blockIdx.x * (kCopyThreads / 32) + threadIdx.x / 32; w < rows * cut.slices; w += warps) {
     const RowSlice part(w, cut, vectors);
     const int64_t i = part.row;
-    if (map[i] != i) continue;  // not a head: its output is summed at its head (warp-uniform)
+    if (padding_row(a, i) || map[i] != i) continue;  // not a head: its output is summed at its head (warp-uniform)
     int lo = 0, hi = segments;  // the last segment starting at or before i (skips empty ones)
     while (hi - lo > 1) {
       const int mid = (lo + hi) / 2;

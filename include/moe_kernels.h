@@ -551,6 +551,11 @@ moek_status moek_subbit_matvec(const moek_subbit_matvec_args *args, cudaStream_t
  *   source, its pairs in increasing p = t * k + s): local expert j owns rows
  *   received_expert_offsets[j] .. received_expert_offsets[j+1] - 1 (the contiguous layout of the
  *   grouped GEMM). They stay valid until this rank's next dispatch.
+ * - Masked layout (config.capacity > 0): the received rows are [E/R, capacity, H], local expert j at
+ *   rows j*capacity .. j*capacity + count_j - 1 in the same order (sources in rank order, then pairs),
+ *   count_j = min(rows sent to j, capacity) written to received_expert_offsets[j] (the grouped GEMM's
+ *   MOEK_GEMM_MASKED counts); a pair beyond its expert's capacity is dropped: not sent, and it adds
+ *   nothing in combine. Fixed shapes for a captured graph whatever the routing.
  * - A pair whose id is MOEK_DROPPED_ID or outside 0..E-1 is not sent and adds nothing in combine.
  * - Combine reads the expert outputs for the received rows (same layout, H wide; may be the
  *   received rows themselves, overwritten in place) and writes out[t] = residual[t] + sum over the
@@ -587,13 +592,15 @@ typedef struct moek_ep_config {
   int64_t hidden;            /* H: elements per row, a multiple of 8 */
   int64_t max_tokens;        /* most tokens any rank passes to one call, >= 0 */
   moek_dtype dtype;          /* of the rows: f32, bf16 or f16 */
+  int64_t capacity;          /* 0: the contiguous layout; > 0: the masked layout, rows per local expert */
 } moek_ep_config;
 
 /* Sizes and where things live, the same on every rank. */
 typedef struct moek_ep_layout {
   size_t symmetric_bytes;    /* of each rank's symmetric buffer (256-byte aligned) */
   size_t received_offset;    /* byte offset of the received rows in the symmetric buffer */
-  int64_t max_received_rows; /* R * max_tokens * k: rows a rank can receive (all pairs to its experts) */
+  int64_t max_received_rows; /* rows a rank can receive: R * max_tokens * k (every pair to its experts),
+                                masked: E/R * capacity */
   size_t workspace_bytes;    /* of each rank's (local, not shared) workspace, 256-byte aligned */
 } moek_ep_layout;
 
@@ -617,7 +624,8 @@ typedef struct moek_ep_dispatch_args {
   const int32_t *topk_ids;   /* device [T, k], global expert ids */
   const float *topk_weights; /* device [T, k] or NULL (weight 1): the routing weights combine applies; they
                                 travel with the rows, so the owners can sum each token's outputs */
-  int32_t *received_expert_offsets; /* device [E/R + 1], written: the received rows' expert offsets */
+  int32_t *received_expert_offsets; /* device [E/R + 1], written: the received rows' expert offsets
+                                (masked layout: entry j the rows local expert j kept, the last their sum) */
 } moek_ep_dispatch_args;
 
 /* Enqueues the dispatch: this rank's plan, the exchange of per-expert counts with every rank, the row

@@ -510,10 +510,11 @@ pub struct moek_ep_config {
     pub hidden: i64,
     pub max_tokens: i64,
     pub dtype: moek_dtype,
+    pub capacity: i64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of moek_ep_config"][::std::mem::size_of::<moek_ep_config>() - 40usize];
+    ["Size of moek_ep_config"][::std::mem::size_of::<moek_ep_config>() - 48usize];
     ["Alignment of moek_ep_config"][::std::mem::align_of::<moek_ep_config>() - 8usize];
     ["Offset of field: moek_ep_config::num_ranks"][::std::mem::offset_of!(moek_ep_config, num_ranks) - 0usize];
     ["Offset of field: moek_ep_config::rank"][::std::mem::offset_of!(moek_ep_config, rank) - 4usize];
@@ -522,6 +523,7 @@ const _: () = {
     ["Offset of field: moek_ep_config::hidden"][::std::mem::offset_of!(moek_ep_config, hidden) - 16usize];
     ["Offset of field: moek_ep_config::max_tokens"][::std::mem::offset_of!(moek_ep_config, max_tokens) - 24usize];
     ["Offset of field: moek_ep_config::dtype"][::std::mem::offset_of!(moek_ep_config, dtype) - 32usize];
+    ["Offset of field: moek_ep_config::capacity"][::std::mem::offset_of!(moek_ep_config, capacity) - 40usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -558,15 +560,15 @@ pub struct moek_ep_group {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of moek_ep_group"][::std::mem::size_of::<moek_ep_group>() - 72usize];
+    ["Size of moek_ep_group"][::std::mem::size_of::<moek_ep_group>() - 80usize];
     ["Alignment of moek_ep_group"][::std::mem::align_of::<moek_ep_group>() - 8usize];
     ["Offset of field: moek_ep_group::config"][::std::mem::offset_of!(moek_ep_group, config) - 0usize];
-    ["Offset of field: moek_ep_group::peers"][::std::mem::offset_of!(moek_ep_group, peers) - 40usize];
+    ["Offset of field: moek_ep_group::peers"][::std::mem::offset_of!(moek_ep_group, peers) - 48usize];
     ["Offset of field: moek_ep_group::symmetric_bytes"]
-        [::std::mem::offset_of!(moek_ep_group, symmetric_bytes) - 48usize];
-    ["Offset of field: moek_ep_group::workspace"][::std::mem::offset_of!(moek_ep_group, workspace) - 56usize];
+        [::std::mem::offset_of!(moek_ep_group, symmetric_bytes) - 56usize];
+    ["Offset of field: moek_ep_group::workspace"][::std::mem::offset_of!(moek_ep_group, workspace) - 64usize];
     ["Offset of field: moek_ep_group::workspace_bytes"]
-        [::std::mem::offset_of!(moek_ep_group, workspace_bytes) - 64usize];
+        [::std::mem::offset_of!(moek_ep_group, workspace_bytes) - 72usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -580,18 +582,18 @@ pub struct moek_ep_dispatch_args {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of moek_ep_dispatch_args"][::std::mem::size_of::<moek_ep_dispatch_args>() - 112usize];
+    ["Size of moek_ep_dispatch_args"][::std::mem::size_of::<moek_ep_dispatch_args>() - 120usize];
     ["Alignment of moek_ep_dispatch_args"][::std::mem::align_of::<moek_ep_dispatch_args>() - 8usize];
     ["Offset of field: moek_ep_dispatch_args::group"][::std::mem::offset_of!(moek_ep_dispatch_args, group) - 0usize];
     ["Offset of field: moek_ep_dispatch_args::num_tokens"]
-        [::std::mem::offset_of!(moek_ep_dispatch_args, num_tokens) - 72usize];
-    ["Offset of field: moek_ep_dispatch_args::x"][::std::mem::offset_of!(moek_ep_dispatch_args, x) - 80usize];
+        [::std::mem::offset_of!(moek_ep_dispatch_args, num_tokens) - 80usize];
+    ["Offset of field: moek_ep_dispatch_args::x"][::std::mem::offset_of!(moek_ep_dispatch_args, x) - 88usize];
     ["Offset of field: moek_ep_dispatch_args::topk_ids"]
-        [::std::mem::offset_of!(moek_ep_dispatch_args, topk_ids) - 88usize];
+        [::std::mem::offset_of!(moek_ep_dispatch_args, topk_ids) - 96usize];
     ["Offset of field: moek_ep_dispatch_args::topk_weights"]
-        [::std::mem::offset_of!(moek_ep_dispatch_args, topk_weights) - 96usize];
+        [::std::mem::offset_of!(moek_ep_dispatch_args, topk_weights) - 104usize];
     ["Offset of field: moek_ep_dispatch_args::received_expert_offsets"]
-        [::std::mem::offset_of!(moek_ep_dispatch_args, received_expert_offsets) - 104usize];
+        [::std::mem::offset_of!(moek_ep_dispatch_args, received_expert_offsets) - 112usize];
 };
 unsafe extern "C" {
     pub fn moek_ep_dispatch(args: *const moek_ep_dispatch_args, stream: cudaStream_t) -> moek_status;
@@ -607,16 +609,16 @@ pub struct moek_ep_combine_args {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of moek_ep_combine_args"][::std::mem::size_of::<moek_ep_combine_args>() - 104usize];
+    ["Size of moek_ep_combine_args"][::std::mem::size_of::<moek_ep_combine_args>() - 112usize];
     ["Alignment of moek_ep_combine_args"][::std::mem::align_of::<moek_ep_combine_args>() - 8usize];
     ["Offset of field: moek_ep_combine_args::group"][::std::mem::offset_of!(moek_ep_combine_args, group) - 0usize];
     ["Offset of field: moek_ep_combine_args::num_tokens"]
-        [::std::mem::offset_of!(moek_ep_combine_args, num_tokens) - 72usize];
+        [::std::mem::offset_of!(moek_ep_combine_args, num_tokens) - 80usize];
     ["Offset of field: moek_ep_combine_args::expert_out"]
-        [::std::mem::offset_of!(moek_ep_combine_args, expert_out) - 80usize];
+        [::std::mem::offset_of!(moek_ep_combine_args, expert_out) - 88usize];
     ["Offset of field: moek_ep_combine_args::residual"]
-        [::std::mem::offset_of!(moek_ep_combine_args, residual) - 88usize];
-    ["Offset of field: moek_ep_combine_args::out"][::std::mem::offset_of!(moek_ep_combine_args, out) - 96usize];
+        [::std::mem::offset_of!(moek_ep_combine_args, residual) - 96usize];
+    ["Offset of field: moek_ep_combine_args::out"][::std::mem::offset_of!(moek_ep_combine_args, out) - 104usize];
 };
 unsafe extern "C" {
     pub fn moek_ep_combine(args: *const moek_ep_combine_args, stream: cudaStream_t) -> moek_status;

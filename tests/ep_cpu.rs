@@ -17,6 +17,7 @@ fn config() -> EpConfig {
         hidden: 7168,
         max_tokens: 4096,
         dtype: sys::moek_dtype_MOEK_DTYPE_BF16,
+        capacity: 0,
     }
 }
 
@@ -134,6 +135,7 @@ fn reference_round_trip_sums_each_tokens_kept_slots() {
         hidden: 16,
         max_tokens: 50,
         dtype: sys::moek_dtype_MOEK_DTYPE_F32,
+        capacity: 0,
     };
     let counts = [50usize, 0, 1, 23];
     let xs: Vec<Vec<f32>> =
@@ -187,4 +189,30 @@ fn reference_rounds_each_owners_sum_to_the_dtype() {
         let out = combine(&cfg, &ranks, &received, &outputs, &[None; 2], &[None; 2]);
         assert_eq!(out[0], vec![want; 8], "ids {ids:?}");
     }
+}
+
+#[test]
+fn masked_layout_sizes_and_reference_keep_each_experts_first_rows() {
+    let cfg = EpConfig { capacity: 5, ..config() };
+    assert_eq!(cfg.layout().unwrap().max_received_rows, 64 * 5, "E/R x capacity rows");
+    let huge = EpConfig { capacity: 1 << 30, ..config() };
+    assert_eq!(status_of(huge), Some(Status::InvalidValue), "row indices must stay 32-bit");
+    // Two ranks, E = 4 (two per rank), k = 1, capacity 2: expert 0 gets three rows (rank 0's tokens 0
+    // and 2, rank 1's token 0) and keeps the first two in (source, pair) order.
+    let cfg = EpConfig { num_ranks: 2, num_experts: 4, k: 1, hidden: 8, max_tokens: 3, capacity: 2, ..config() };
+    let (x0, x1): (Vec<f32>, Vec<f32>) = ((0..24).map(|v| v as f32).collect(), (0..24).map(|v| -(v as f32)).collect());
+    let (ids0, ids1) = ([0i32, 3, 0], [0i32, 1, 2]);
+    let ranks = [RankTokens { x: &x0, ids: &ids0, num_tokens: 3 }, RankTokens { x: &x1, ids: &ids1, num_tokens: 3 }];
+    let received = dispatch(&cfg, &ranks);
+    assert_eq!(
+        received[0].origin,
+        vec![(0, 0), (0, 2), (1, 1)],
+        "expert 0 keeps 2 of 3; expert 1 gets rank 1's pair 1"
+    );
+    assert_eq!(received[0].expert_offsets, vec![0, 2, 3]);
+    // The dropped pair (rank 1's token 0) adds nothing: identity experts, weight 1.
+    let outputs: Vec<Vec<f32>> = received.iter().map(|r| r.rows.clone()).collect();
+    let out = combine(&cfg, &ranks, &received, &outputs, &[None; 2], &[None; 2]);
+    assert_eq!(&out[1][..8], &[0.0; 8], "rank 1's token 0 was dropped");
+    assert_eq!(&out[1][8..16], &x1[8..16], "rank 1's token 1 kept");
 }

@@ -32,13 +32,22 @@ fn run_configs(num_ranks: u32) {
     let mut rng = common::rng(&format!("ep_dispatch_combine_{num_ranks}"));
     // (E, k, H): Mixtral-like, odd E and H, DeepSeek-like, one expert per rank.
     let shapes = [(8u32, 2u32, 2880usize), (60, 6, 512), (256, 8, 1024), (num_ranks, 1, 64), (384, 8, 256)];
-    for (e, k, h) in shapes {
+    // Capacity 0: the contiguous layout; 3 (most experts overflow: drops everywhere) and 64: masked.
+    let layouts = [0usize, 3, 64];
+    for ((e, k, h), capacity) in shapes.into_iter().flat_map(|s| layouts.map(move |c| (s, c))) {
         if e % num_ranks != 0 {
             continue;
         }
         let max_tokens = 300;
-        let cfg =
-            EpConfig { num_ranks, num_experts: e, k, hidden: h, max_tokens, dtype: sys::moek_dtype_MOEK_DTYPE_BF16 };
+        let cfg = EpConfig {
+            num_ranks,
+            num_experts: e,
+            k,
+            hidden: h,
+            max_tokens,
+            dtype: sys::moek_dtype_MOEK_DTYPE_BF16,
+            capacity,
+        };
         let group = PeerGroup::new(cfg, &streams).unwrap();
         let ranks: Vec<&EpRank> = group.ranks().iter().collect();
         // Tokens per rank: T = 0 and 1 somewhere, the maximum somewhere.
@@ -53,7 +62,7 @@ fn run_configs(num_ranks: u32) {
             let bufs = bufs.get_or_insert_with(|| {
                 ranks.iter().zip(&data).map(|(&rank, d)| RankBuffers::new(rank, &cfg, d)).collect()
             });
-            let case = format!("R={num_ranks} E={e} k={k} H={h} T={counts:?} {routing:?}");
+            let case = format!("R={num_ranks} E={e} k={k} H={h} capacity={capacity} T={counts:?} {routing:?}");
             let first = round(&ranks, &cfg, &data, bufs, &case);
             let again = round(&ranks, &cfg, &data, bufs, &case);
             assert_eq!(first, again, "{case}: outputs differ between two identical runs");
@@ -92,6 +101,7 @@ fn dispatch_and_combine_replay_from_cuda_graphs() {
         hidden: 1024,
         max_tokens: 64,
         dtype: sys::moek_dtype_MOEK_DTYPE_BF16,
+        capacity: 0,
     };
     let group = PeerGroup::new(cfg, &streams).unwrap();
     let ranks: Vec<&EpRank> = group.ranks().iter().collect();

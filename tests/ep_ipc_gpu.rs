@@ -130,6 +130,7 @@ fn child(spec: &str) {
             hidden: h,
             max_tokens,
             dtype: sys::moek_dtype_MOEK_DTYPE_BF16,
+            capacity: 0,
         };
         let mut ipc = IpcRank::new(cfg, rank as u32, &stream).unwrap();
         // Published only after new returned (its zero fill done), so holding every handle means every

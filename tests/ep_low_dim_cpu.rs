@@ -19,6 +19,7 @@ fn config() -> LowDimConfig {
             hidden: 896,
             max_tokens: 4096,
             dtype: sys::moek_dtype_MOEK_DTYPE_BF16,
+            capacity: 0,
         },
         hidden: 7168,
     }
@@ -83,7 +84,7 @@ fn short_buffers_and_too_many_tokens_are_refused() {
 fn identity_projections_reduce_to_the_full_width_reference() {
     let mut rng = StdRng::seed_from_u64(7);
     let (r, h, e, k) = (2usize, 24usize, 8u32, 3u32);
-    let ep = EpConfig { num_ranks: r as u32, num_experts: e, k, hidden: h, max_tokens: 9, dtype: 1 };
+    let ep = EpConfig { num_ranks: r as u32, num_experts: e, k, hidden: h, max_tokens: 9, dtype: 1, capacity: 0 };
     let cfg = LowDimConfig { ep, hidden: h };
     let identity: Vec<f32> = (0..h * h).map(|i| if i / h == i % h { 1.0 } else { 0.0 }).collect();
     let counts = [9usize, 0];

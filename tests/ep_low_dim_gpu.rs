@@ -165,8 +165,15 @@ fn run_configs(num_ranks: u32) {
             continue;
         }
         let max_tokens = 300;
-        let ep =
-            EpConfig { num_ranks, num_experts: e, k, hidden: r, max_tokens, dtype: sys::moek_dtype_MOEK_DTYPE_BF16 };
+        let ep = EpConfig {
+            num_ranks,
+            num_experts: e,
+            k,
+            hidden: r,
+            max_tokens,
+            dtype: sys::moek_dtype_MOEK_DTYPE_BF16,
+            capacity: 0,
+        };
         let cfg = LowDimConfig { ep, hidden: h };
         let group = PeerGroup::new(ep, &streams).unwrap();
         let mut lows: Vec<LowDimRank<bf16>> = group.ranks().iter().map(|q| LowDimRank::new(q, h).unwrap()).collect();
@@ -220,7 +227,7 @@ fn low_dim_round_replays_from_cuda_graphs() {
     let Some(streams) = streams(have) else { return };
     let mut rng = common::rng("low_dim_round_replays_from_cuda_graphs");
     let num_ranks = streams.len() as u32;
-    let ep = EpConfig { num_ranks, num_experts: 16, k: 4, hidden: 360, max_tokens: 64, dtype: 1 };
+    let ep = EpConfig { num_ranks, num_experts: 16, k: 4, hidden: 360, max_tokens: 64, dtype: 1, capacity: 0 };
     assert_eq!(ep.dtype, sys::moek_dtype_MOEK_DTYPE_BF16);
     let cfg = LowDimConfig { ep, hidden: 2880 };
     let group = PeerGroup::new(ep, &streams).unwrap();

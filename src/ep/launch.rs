@@ -22,6 +22,7 @@ pub(crate) struct EpLaunch {
     expand_offset: i64,
     members_offset: i64,
     num_pairs: i64,
+    capacity: i64,
     expert_counts: *const i32,
     expert_offsets: *const i32,
     row_source: *const i32,
@@ -32,6 +33,7 @@ pub(crate) struct EpLaunch {
     segment_source_row: *mut i32,
     received_offsets: *mut i32,
     head_row: *mut i32,
+    received_counts: *mut i32,
 }
 
 /// Byte offsets of the pieces of a rank's workspace (each 256-byte aligned).
@@ -49,6 +51,8 @@ pub(crate) struct Carve {
     /// i32 per pair: this rank's plan row of each head pair (the first of a token's slots on an
     /// owner, where that owner's sum returns), -1 for the others.
     head_row: usize,
+    /// i32 per local expert: the rows it keeps (this rank as owner; the masked layout's counts).
+    received_counts: usize,
     plan_workspace: usize,
     plan_workspace_bytes: usize,
     /// Bytes of the whole workspace.
@@ -77,6 +81,7 @@ impl Carve {
         let segment_start = take((e + 1) * 4);
         let segment_source_row = take(e * 4);
         let head_row = take(pairs * 4);
+        let received_counts = take(e * 4);
         let plan_workspace = take(plan_workspace_bytes);
         Ok(Carve {
             state,
@@ -89,6 +94,7 @@ impl Carve {
             segment_start,
             segment_source_row,
             head_row,
+            received_counts,
             plan_workspace,
             plan_workspace_bytes,
             total: at,
@@ -128,6 +134,7 @@ fn launch_block(a: &sys::moek_ep_group, lay: &EpLayout, peers: &[usize], carve: 
         expand_offset: lay.expand_offset as i64,
         members_offset: lay.members_offset as i64,
         num_pairs: 0,
+        capacity: c.capacity,
         expert_counts: at(carve.expert_counts) as *const i32,
         expert_offsets: at(carve.expert_offsets) as *const i32,
         row_source: at(carve.row_source) as *const i32,
@@ -138,6 +145,7 @@ fn launch_block(a: &sys::moek_ep_group, lay: &EpLayout, peers: &[usize], carve: 
         segment_source_row: at(carve.segment_source_row) as *mut i32,
         received_offsets: std::ptr::null_mut(),
         head_row: at(carve.head_row) as *mut i32,
+        received_counts: at(carve.received_counts) as *mut i32,
     }
 }
 

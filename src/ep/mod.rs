@@ -57,6 +57,9 @@ pub struct EpConfig {
     pub max_tokens: usize,
     /// Element type of the rows.
     pub dtype: sys::moek_dtype,
+    /// 0: the contiguous layout (received rows grouped by expert, offsets). > 0: the masked layout,
+    /// `[E/R, capacity, H]` with per-expert counts; pairs beyond an expert's capacity are dropped.
+    pub capacity: usize,
 }
 
 /// Sizes and offsets of an [`EpConfig`], the same on every rank (the header's `moek_ep_layout`).
@@ -66,7 +69,7 @@ pub struct EpLayout {
     pub symmetric_bytes: usize,
     /// Byte offset of the received rows inside the symmetric buffer.
     pub received_offset: usize,
-    /// Rows a rank can receive: R * max_tokens * k.
+    /// Rows a rank can receive: R * max_tokens * k, or E/R * capacity in the masked layout.
     pub max_received_rows: usize,
     /// Bytes of each rank's local workspace.
     pub workspace_bytes: usize,
@@ -92,6 +95,7 @@ impl EpConfig {
             hidden: i64::try_from(self.hidden).unwrap_or(i64::MAX),
             max_tokens: i64::try_from(self.max_tokens).unwrap_or(i64::MAX),
             dtype: self.dtype,
+            capacity: i64::try_from(self.capacity).unwrap_or(i64::MAX),
         }
     }
 
@@ -133,9 +137,19 @@ pub(crate) fn layout(c: &sys::moek_ep_config) -> Result<EpLayout> {
     }
     let (ranks, k, hidden) = (r as usize, c.k as usize, c.hidden as usize);
     let pairs = c.max_tokens as usize * k;
-    let received_rows = ranks * pairs;
-    if received_rows > i32::MAX as usize {
-        bail!(InvalidNumTokens, "num_ranks * max_tokens * k = {received_rows}; row indices are 32-bit");
+    if c.capacity < 0 || c.capacity > i64::from(i32::MAX) {
+        bail!(InvalidValue, "capacity = {} is outside 0..=2^31-1", c.capacity);
+    }
+    let received_rows = if c.capacity > 0 { (e / r) as usize * c.capacity as usize } else { ranks * pairs };
+    if ranks * pairs > i32::MAX as usize {
+        bail!(InvalidNumTokens, "num_ranks * max_tokens * k = {}; row indices are 32-bit", ranks * pairs);
+    }
+    // A sender's row index at the owner is at most the masked rows plus its own pairs: 32-bit as well.
+    if c.capacity > 0 && received_rows + ranks * pairs > i32::MAX as usize {
+        bail!(
+            InvalidValue,
+            "num_experts / num_ranks * capacity = {received_rows} (plus the pairs sent); row indices are 32-bit"
+        );
     }
     let row_bytes = hidden * elem;
     let counts_offset = FLAG_BYTES;

@@ -21,7 +21,9 @@ pub struct RankTokens<'a> {
 pub struct Received {
     /// [rows, H], grouped by local expert, then source rank, then pair index.
     pub rows: Vec<f32>,
-    /// [E/R + 1] first row of each local expert; the last entry is the number of rows.
+    /// [E/R + 1] first row of each local expert in `rows`; the last entry is the number of rows. In the
+    /// masked layout (`capacity > 0`) the GPU places local expert j's rows at `j * capacity`, and its
+    /// count is `expert_offsets[j + 1] - expert_offsets[j]`.
     pub expert_offsets: Vec<i32>,
     /// Per row: the source rank and the pair (t * k + s) there.
     pub origin: Vec<(usize, usize)>,
@@ -31,7 +33,8 @@ fn rank_plan(cfg: &EpConfig, t: &RankTokens) -> permute::Plan {
     permute::plan(&PlanConfig::new(cfg.num_experts, cfg.k), t.num_tokens, t.ids)
 }
 
-/// Every rank's received rows after a dispatch of `ranks` (one entry per rank).
+/// Every rank's received rows after a dispatch of `ranks` (one entry per rank); with `capacity > 0`
+/// each expert keeps its first `capacity` rows (the masked layout) and the others are dropped.
 pub fn dispatch(cfg: &EpConfig, ranks: &[RankTokens]) -> Vec<Received> {
     let (r, h, k) = (cfg.num_ranks as usize, cfg.hidden, cfg.k as usize);
     let local = cfg.local_experts();
@@ -44,9 +47,15 @@ pub fn dispatch(cfg: &EpConfig, ranks: &[RankTokens]) -> Vec<Received> {
             let mut expert_offsets = vec![0i32];
             for j in 0..local {
                 let e = owner * local + j;
+                let mut kept = 0;
                 for (q, (plan, t)) in plans.iter().zip(ranks).enumerate() {
                     let (a, b) = (plan.expert_offsets[e] as usize, plan.expert_offsets[e + 1] as usize);
                     for &pair in &plan.row_source[a..b] {
+                        // The masked layout keeps an expert's first `capacity` rows (sources in order).
+                        if cfg.capacity > 0 && kept == cfg.capacity {
+                            break;
+                        }
+                        kept += 1;
                         let tok = pair as usize / k;
                         rows.extend_from_slice(&t.x[tok * h..(tok + 1) * h]);
                         origin.push((q, pair as usize));

@@ -161,6 +161,50 @@ pub fn combine_all(ranks: &[&EpRank], data: &[RankData], bufs: &mut [RankBuffers
     }
 }
 
+/// Where one rank's received rows sit on the GPU: packed by expert (contiguous layout) or at
+/// `j * capacity` (masked layout).
+pub struct ReceivedLayout {
+    offsets: Vec<i32>,
+    capacity: usize,
+    /// Rows to read back: the used ones, or the whole masked area.
+    pub gpu_rows: usize,
+}
+
+impl ReceivedLayout {
+    pub fn new(cfg: &EpConfig, want: &reference::Received) -> Self {
+        let offsets = want.expert_offsets.clone();
+        let local = cfg.local_experts();
+        let gpu_rows = if cfg.capacity > 0 { local * cfg.capacity } else { offsets[local] as usize };
+        ReceivedLayout { offsets, capacity: cfg.capacity, gpu_rows }
+    }
+
+    /// Rows local expert j received.
+    pub fn count(&self, j: usize) -> usize {
+        (self.offsets[j + 1] - self.offsets[j]) as usize
+    }
+
+    /// The GPU row of local expert j's i-th row.
+    pub fn gpu_row(&self, j: usize, i: usize) -> usize {
+        if self.capacity > 0 {
+            j * self.capacity + i
+        } else {
+            self.offsets[j] as usize + i
+        }
+    }
+
+    /// What dispatch writes to received_offsets: the offsets, or (masked) each expert's count and
+    /// their sum.
+    pub fn written_offsets(&self) -> Vec<i32> {
+        if self.capacity == 0 {
+            return self.offsets.clone();
+        }
+        let local = self.offsets.len() - 1;
+        let mut v: Vec<i32> = (0..local).map(|j| self.count(j) as i32).collect();
+        v.push(self.offsets[local]);
+        v
+    }
+}
+
 pub fn max_abs_error(got: &[bf16], want: &[f32]) -> f32 {
     got.iter().zip(want).map(|(g, w)| (g.to_f32() - w).abs() / (1.0 + w.abs())).fold(0.0, f32::max)
 }
@@ -189,12 +233,27 @@ pub fn round(
     for (rank, b) in ranks.iter().zip(bufs.iter()) {
         let w = &want[rank.rank() as usize];
         let offsets = rank.stream().clone_dtoh(&b.offsets).unwrap();
-        assert_eq!(offsets, w.expert_offsets, "{case}: rank {} received offsets", rank.rank());
-        let rows = offsets[local] as usize;
-        let got: Vec<bf16> = rank.received_rows_to_host(rows).unwrap();
-        let bad = got.iter().zip(&w.rows).position(|(g, x)| g.to_f32() != *x);
-        assert!(bad.is_none(), "{case}: rank {} received row {} differs", rank.rank(), bad.unwrap_or(0) / h);
-        rank.write_received_rows(&to_bf16(&outputs[rank.rank() as usize])).unwrap();
+        let layout = ReceivedLayout::new(cfg, w);
+        assert_eq!(offsets, layout.written_offsets(), "{case}: rank {} received offsets", rank.rank());
+        let got: Vec<bf16> = rank.received_rows_to_host(layout.gpu_rows).unwrap();
+        for j in 0..local {
+            for i in 0..layout.count(j) {
+                let (g, x) = (layout.gpu_row(j, i), w.expert_offsets[j] as usize + i);
+                let same =
+                    got[g * h..(g + 1) * h].iter().zip(&w.rows[x * h..(x + 1) * h]).all(|(a, b)| a.to_f32() == *b);
+                assert!(same, "{case}: rank {} received row {i} of local expert {j} differs", rank.rank());
+            }
+        }
+        // The experts' outputs where the GPU keeps the rows; NaN in the masked layout's padding, which
+        // combine must never read.
+        let mut placed = vec![f32::NAN; layout.gpu_rows * h];
+        for j in 0..local {
+            for i in 0..layout.count(j) {
+                let (g, x) = (layout.gpu_row(j, i), w.expert_offsets[j] as usize + i);
+                placed[g * h..(g + 1) * h].copy_from_slice(&outputs[rank.rank() as usize][x * h..(x + 1) * h]);
+            }
+        }
+        rank.write_received_rows(&to_bf16(&placed)).unwrap();
     }
     combine_all(ranks, data, bufs, true);
     let weights: Vec<Option<&[f32]>> = data.iter().map(|d| Some(d.weights.as_slice())).collect();
