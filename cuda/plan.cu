@@ -207,6 +207,24 @@ __device__ __forceinline__ void sum_chunks(const PlaceArgs& a, int e, int64_t fi
 struct Nothing {
   __device__ void operator()() const {}
 };
+// Step (2)'s partial sums, `split` threads per expert (thread e + j * E holds the j-th part), gathered
+// through scratch into expert e's total and earlier-chunks count. Every thread of the block calls it.
+__device__ __forceinline__ void gather_split_partials(const PlaceSmem& s, int E, int split, int e, int32_t part_total,
+                                                      int32_t part_before, int32_t& total, int32_t& before) {
+  s.scratch[threadIdx.x] = part_total;
+  __syncthreads();
+  if (e < E) {
+    for (int j = 0; j < split; ++j) total += s.scratch[j * E + e];
+  }
+  __syncthreads();
+  s.scratch[threadIdx.x] = part_before;
+  __syncthreads();
+  if (e < E) {
+    for (int j = 0; j < split; ++j) before += s.scratch[j * E + e];
+  }
+  __syncthreads();
+}
+
 template <typename Totals, typename LaidOut = Nothing>
 __device__ __forceinline__ void lay_out_and_place(const PlaceArgs& a, const PlaceSmem& s, int64_t begin, int64_t end,
                                                   int32_t* my_slice, Totals totals, LaidOut laid_out = {}) {
@@ -314,18 +332,7 @@ __global__ void __launch_bounds__(1024) plan_place_kernel(PlaceArgs a) {
   lay_out_and_place(a, s, begin, end, my_slice, [&](int e, int32_t& total, int32_t& before) {
     if (a.num_chunks > 1 && split > 1) {
       // split > 1 means E <= blockDim / 2: one round, partials gathered through scratch.
-      s.scratch[threadIdx.x] = part_total;
-      __syncthreads();
-      if (e < E) {
-        for (int j = 0; j < split; ++j) total += s.scratch[j * E + e];
-      }
-      __syncthreads();
-      s.scratch[threadIdx.x] = part_before;
-      __syncthreads();
-      if (e < E) {
-        for (int j = 0; j < split; ++j) before += s.scratch[j * E + e];
-      }
-      __syncthreads();
+      gather_split_partials(s, E, split, e, part_total, part_before, total, before);
     } else if (e < E) {
       if (a.num_chunks > 1) {
         sum_chunks(a, e, 0, 1, total, before);
@@ -409,18 +416,7 @@ __global__ void __launch_bounds__(1024) plan_cluster_kernel(PlaceArgs a) {
   const auto totals = [&](int e, int32_t& total, int32_t& before) {
     if (split > 1) {
       // One round (E <= blockDim / 2), partials gathered through scratch.
-      s.scratch[threadIdx.x] = part_total;
-      __syncthreads();
-      if (e < E) {
-        for (int j = 0; j < split; ++j) total += s.scratch[j * E + e];
-      }
-      __syncthreads();
-      s.scratch[threadIdx.x] = part_before;
-      __syncthreads();
-      if (e < E) {
-        for (int j = 0; j < split; ++j) before += s.scratch[j * E + e];
-      }
-      __syncthreads();
+      gather_split_partials(s, E, split, e, part_total, part_before, total, before);
     } else if (e < E) {
       sum_blocks(e, 0, 1, total, before);
     }
