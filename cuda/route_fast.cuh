@@ -20,6 +20,16 @@
 // shuffles (56). The threshold leaves few candidates: on uniform random logits (E = 128, k = 8)
 // 8 in 48% of tokens, 8.9 in the mean (scripts/route-fast-sim.py simulates this selection).
 //
+// V2 (MOEK_ROUTE_FAST_V=2, off by default until measured on the H200): the same selection, 440
+// per lane on that path instead of 525 by a walk of the sm_90a SASS at n = 10 (414 vs 497 at n = 8;
+// static 1384 vs 1632 in the f32 16-value FULL kernel): heads from four groups (18 min/max, not 44;
+// top_two_groups), the mask from the signs of x - tau (an FADD and a funnel shift a value), the
+// offsets and n from a shared counter (one ATOMS, not a 3-step scan and a broadcast), 1/sum by
+// rcp.approx, the ranking unrolled, and the loop's steps precomputed by the host (RouteParams'
+// fast_* fields) with running output pointers. Its termination is the same: the rank loop has at
+// most 8 trips, the packing at most NV; no new collective, and the counter is reset by lane 0
+// between warp barriers. Cheaper heads mean a few more candidates (8.73 -> 9.23 a token).
+//
 // Layout: a token is handled by 8 consecutive lanes; the row's 16-byte chunks (VEC values) go to lane
 // c % 8 (coalesced, as route_kernel), NV values a lane. The kernel is persistent: each lane copies
 // its chunks of its next token into shared memory (cp.async, two row buffers) while it routes the
@@ -165,6 +175,30 @@ __device__ __forceinline__ void top_two(const float (&x)[N], float& t1, float& t
   merge_pairs<N / 2>(a, b, t1, t2);
 }
 
+// V2's cheaper heads: t1 the lane's maximum, t2 the second largest of the maxima of its four
+// groups of N / 4 consecutive slots (N - 4 + 6 min/max, 18 for 16 values, not 44). t2 is then a
+// real value at another slot than t1 (fmaxf/fminf skip NaN: NaN may duplicate a head, harmless
+// as above), at most the lane's second largest, equal to it unless the two largest share a group
+// (a quarter of lanes or less): the threshold below stays exact, only a little lower on average
+// (scripts: 8.73 -> 9.23 candidates a token on normal logits, top-8 of 128; more than 16, which
+// takes the rounds, in 2 tokens of 10^4).
+template <int N>
+__device__ __forceinline__ void top_two_groups(const float (&x)[N], float& t1, float& t2) {
+  static_assert(N >= 8 && N % 4 == 0, "four groups");
+  constexpr int G = N / 4;
+  float g[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    g[i] = x[i * G];
+#pragma unroll
+    for (int s = 1; s < G; ++s) g[i] = fmaxf(g[i], x[i * G + s]);
+  }
+  const float hi01 = fmaxf(g[0], g[1]), lo01 = fminf(g[0], g[1]);
+  const float hi23 = fmaxf(g[2], g[3]), lo23 = fminf(g[2], g[3]);
+  t1 = fmaxf(hi01, hi23);
+  t2 = fmaxf(fminf(hi01, hi23), fmaxf(lo01, lo23));
+}
+
 // The group's threshold (k <= 8): the smallest float whose 16-bit key (the high half of the
 // order-preserving key) is at least the k-th largest of the 16 heads' keys, every lane's t1 and t2;
 // at least k row values (the heads above it) are >= it. Both keys travel in one word, t1's in the
@@ -213,15 +247,30 @@ __device__ __forceinline__ float exp2_approx(float x) {
   return y;
 }
 
+// 1/x by the hardware approximation (about 1 ulp): for the row's exponential sum, which is >= 1
+// (the row maximum's term is 2^0) or NaN, so no subnormal input or result.
+__device__ __forceinline__ float rcp_approx(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 }  // namespace route_fast_detail
 
 // Routes the token whose first output pair is `pair` (t * k; valid: t < T; an invalid token is routed
 // too, from whatever its row copy holds, so that every lane of the warp runs every shuffle, and
 // writes nothing). row: the token's row copy in shared memory (chunk c at c, the lane's own chunks
 // present), cand: its candidate space.
-template <typename T, int NV, bool FULL>
+//
+// V2 (MOEK_ROUTE_FAST_V=2): the same selection with fewer instructions on the common path: heads
+// from four groups (top_two_groups), the candidate mask from the signs of x - tau, the packing
+// trip's expert in fewer ops, the ranking loop unrolled (a group-uniform exit a pair), 1/sum by
+// rcp.approx, and the output through the lane's running pointers (ids_out, w_out: ids + t * k + r,
+// weights + t * k + r); `pair` is then the token t itself (used only for the capacity counts).
+template <typename T, int NV, bool FULL, bool V2>
 __device__ __forceinline__ void route_fast_token(const RouteParams& p, int64_t pair, bool valid, const uint4* row,
-                                                 uint64_t* cand, int r) {
+                                                 uint64_t* cand, int r, int32_t* ids_out, float* w_out,
+                                                 int* count) {
   using namespace route_fast_detail;
   constexpr int L = kFastLanes;
   constexpr int VEC = 16 / sizeof(T);
@@ -244,7 +293,11 @@ __device__ __forceinline__ void route_fast_token(const RouteParams& p, int64_t p
   }
 
   float t1, t2;
-  top_two(x, t1, t2);
+  if constexpr (V2) {
+    top_two_groups(x, t1, t2);
+  } else {
+    top_two(x, t1, t2);
+  }
   // softmax: 2^(x log2 e - shift) * inv_sum is the score, shift the row maximum times log2 e.
   const float shift = max8(t1) * kLog2e;
   float inv_sum = 1.f;
@@ -257,18 +310,42 @@ __device__ __forceinline__ void route_fast_token(const RouteParams& p, int64_t p
       const float term = fast_exp2(fmaf(x[s], kLog2e, -shift));  // 0 for -inf
       part[s % 4] = s < 4 ? term : part[s % 4] + term;
     }
-    inv_sum = 1.f / sum8((part[0] + part[1]) + (part[2] + part[3]));
+    const float sum = sum8((part[0] + part[1]) + (part[2] + part[3]));
+    inv_sum = V2 ? rcp_approx(sum) : 1.f / sum;
   }
 
   // Candidates: values >= tau. tau is a real row value (k heads are >= it) unless the row has NaN or
   // -inf, so slots past the row (-inf) never qualify when tau > -inf.
   const float tau = kth_largest_head(r, t1, t2, k);
   uint32_t mask = 0;
+  if constexpr (V2) {
+    // The sign of x - tau, shifted in from the top slot down (one FADD and one SHF a value): set
+    // where x < tau in the keys' order (-0 < +0: +0 - -0 = +0, -0 - +0 = -0; x - x = +0), clear for
+    // x >= tau, and clear for NaN (the canonical NaN): a NaN candidate never ranks (its differences
+    // are NaN both ways), so the rank sum falls short and the token takes the exact rounds. Slots
+    // past the row (-inf) are below any tau > -inf; tau = -inf or NaN leaves the token unsorted.
+    // All ones to start: the bits shifted above slot NV - 1 stay set, so ~below needs no mask.
+    uint32_t below = ~0u;
 #pragma unroll
-  for (int s = 0; s < NV; ++s) mask |= (x[s] >= tau ? 1u : 0u) << s;
+    for (int s = NV - 1; s >= 0; --s) below = __funnelshift_l(__float_as_uint(x[s] - tau), below, 1);
+    mask = ~below;
+  } else {
+#pragma unroll
+    for (int s = 0; s < NV; ++s) mask |= (x[s] >= tau ? 1u : 0u) << s;
+  }
   const int own = __popc(mask);
-  const int offset = exclusive_sum8(own, r);
-  const int n = from_lane8(offset + own, L - 1);
+  int offset, n;
+  if constexpr (V2) {
+    // The offsets from the group's counter in shared memory (zero here; reset below once every lane
+    // has read it), not a scan: the list's order is the order the atomics ran in, which the ranking
+    // does not depend on (a rank is a count of greater candidates). The fallback reads no list.
+    offset = atomicAdd(count, own);
+    __syncwarp();
+    n = *count;
+  } else {
+    offset = exclusive_sum8(own, r);
+    n = from_lane8(offset + own, L - 1);
+  }
   // Uniform over the group (tau and n are).
   const bool sorted = tau > -INFINITY && n >= k && n <= kFastCandidates;
 
@@ -289,11 +366,24 @@ __device__ __forceinline__ void route_fast_token(const RouteParams& p, int64_t p
   uint2* list = reinterpret_cast<uint2*>(cand);
   uint2* out = list + offset;
   // Terminates: each trip clears one set bit of a 32-bit mask (at most NV trips).
-  while (mask != 0) {
-    const uint32_t s = 31 - __clz(mask);
-    mask ^= 1u << s;
-    const uint32_t e = slot_expert<VEC>(r, s);
-    *out++ = make_uint2(__float_as_uint(to_float(srow[e])), e);
+  if constexpr (V2) {
+    // slot_expert as (s % VEC | r * VEC) + (s / VEC) * 8 * VEC (VEC a power of two, r * VEC its
+    // multiple), hoisted: lane_bits once, then two ops and an add a trip.
+    static_assert((VEC & (VEC - 1)) == 0, "VEC a power of two");
+    const uint32_t lane_bits = static_cast<uint32_t>(r) * VEC;
+    while (mask != 0) {
+      const uint32_t s = 31 - __clz(mask);
+      mask ^= 1u << s;
+      const uint32_t e = ((s & (VEC - 1)) | lane_bits) + (s & ~static_cast<uint32_t>(VEC - 1)) * kFastLanes;
+      *out++ = make_uint2(__float_as_uint(to_float(srow[e])), e);
+    }
+  } else {
+    while (mask != 0) {
+      const uint32_t s = 31 - __clz(mask);
+      mask ^= 1u << s;
+      const uint32_t e = slot_expert<VEC>(r, s);
+      *out++ = make_uint2(__float_as_uint(to_float(srow[e])), e);
+    }
   }
   if (r == L - 1) list[m] = make_uint2(__float_as_uint(-INFINITY), 0);  // pads the pairs read below
   __syncwarp();
@@ -311,19 +401,35 @@ __device__ __forceinline__ void route_fast_token(const RouteParams& p, int64_t p
   uint32_t rank0 = 0, rank1 = 0;
   const uint4* pairs = reinterpret_cast<const uint4*>(cand);
   // Terminates: m <= 16 (0 where not sorted), the same in the group; at most 8 trips, no shuffle.
-  for (int j = 0; j < m; j += 2) {
-    const uint4 w = pairs[j / 2];
-    rank0 = beats(rank0, v0, w.x);
-    rank0 = beats(rank0, v0, w.z);
-    rank1 = beats(rank1, v1, w.x);
-    rank1 = beats(rank1, v1, w.z);
+  if constexpr (V2) {
+    // Unrolled: 8 trips at most, each leaving (group-uniformly: m is) once past the candidates.
+#pragma unroll
+    for (int j = 0; j < kFastCandidates; j += 2) {
+      if (j >= m) break;
+      const uint4 w = pairs[j / 2];
+      rank0 = beats(rank0, v0, w.x);
+      rank0 = beats(rank0, v0, w.z);
+      rank1 = beats(rank1, v1, w.x);
+      rank1 = beats(rank1, v1, w.z);
+    }
+  } else {
+    for (int j = 0; j < m; j += 2) {
+      const uint4 w = pairs[j / 2];
+      rank0 = beats(rank0, v0, w.x);
+      rank0 = beats(rank0, v0, w.z);
+      rank1 = beats(rank1, v1, w.x);
+      rank1 = beats(rank1, v1, w.z);
+    }
   }
   const int mine = (r < m ? static_cast<int>(rank0) : 0) + (r + L < m ? static_cast<int>(rank1) : 0);
   // Not under `sorted &&`: its short circuit would put the shuffles in a group-divergent branch.
   const int rank_sum = isum8(mine);  // integer adds: no I2F/F2I round trip
   const bool ranked = sorted && 2 * rank_sum == m * (m - 1);  // uniform over the group
-  // Every lane has read every candidate before any slot below is written over them.
+  // Every lane has read every candidate before any slot below is written over them (and the
+  // group's count, which V2 resets for the next token: the writes before its next atomics are
+  // ordered by the barriers below and the kernel's one after the token).
   __syncwarp();
+  if (V2 && r == 0) *count = 0;
   if (ranked && r < m && rank0 < static_cast<uint32_t>(k)) list[rank0] = c0;
   if (ranked && r + L < m && rank1 < static_cast<uint32_t>(k)) list[rank1] = c1;
   __syncwarp();
@@ -374,9 +480,16 @@ __device__ __forceinline__ void route_fast_token(const RouteParams& p, int64_t p
   }
   if (p.renormalize) score /= sum8(score);
   if (valid && r < k) {
-    p.ids[pair + r] = static_cast<int32_t>(sel_expert);
-    p.weights[pair + r] = score * p.scale;
-    if (p.capacity > 0) atomicAdd(p.chunk_counts + sel_expert * p.num_chunks + (pair + r) / p.chunk, 1);
+    if constexpr (V2) {
+      *ids_out = static_cast<int32_t>(sel_expert);
+      *w_out = score * p.scale;
+      // pair is the token here (V2 passes t, not t * k).
+      if (p.capacity > 0) atomicAdd(p.chunk_counts + sel_expert * p.num_chunks + (pair * k + r) / p.chunk, 1);
+    } else {
+      p.ids[pair + r] = static_cast<int32_t>(sel_expert);
+      p.weights[pair + r] = score * p.scale;
+      if (p.capacity > 0) atomicAdd(p.chunk_counts + sel_expert * p.num_chunks + (pair + r) / p.chunk, 1);
+    }
   }
 }
 
@@ -385,7 +498,7 @@ __device__ __forceinline__ void route_fast_token(const RouteParams& p, int64_t p
 // each lane copies its chunks of the next token's row into shared memory with cp.async while it
 // routes the current one (two row buffers), so loads and instructions overlap inside every warp
 // rather than only across warps.
-template <typename T, int NV, bool FULL>
+template <typename T, int NV, bool FULL, bool V2>
 __global__ void __launch_bounds__(fast_block<NV>(), fast_min_blocks<NV>()) route_fast_kernel(RouteParams p) {
   constexpr int L = kFastLanes;
   constexpr int VEC = 16 / sizeof(T);
@@ -397,6 +510,7 @@ __global__ void __launch_bounds__(fast_block<NV>(), fast_min_blocks<NV>()) route
   // different banks (rows 144 bytes apart).
   __shared__ __align__(16) uint4 s_row[2][TOKENS][CPL * L];
   __shared__ __align__(16) uint64_t s_cand[TOKENS][kFastCandidates + 2];
+  __shared__ int s_count[V2 ? TOKENS : 1];  // V2: each token's candidate count (route_fast_token)
 
   const int r = threadIdx.x & (L - 1);
   const int tg = threadIdx.x / L;
@@ -417,6 +531,46 @@ __global__ void __launch_bounds__(fast_block<NV>(), fast_min_blocks<NV>()) route
       if (valid && (FULL || c < p.chunks_per_row)) cp_async_16(smem_addr(&s_row[b][tg][c]), src + j * L, true);
     }
   };
+  if constexpr (V2) {
+    // The same loop with its per-token bookkeeping trimmed: the row buffer as a byte offset (0 or
+    // kBuf) toggled a token, the tokens left to this lane's group as one running count, running
+    // output pointers, and the steps from the parameters (host-computed constants, not products).
+    // p.fast_stride is gridDim.x * TOKENS (launch_route_fast_variant), so base stays block-uniform.
+    constexpr uint32_t kBuf = sizeof(s_row[0]);
+    const uint32_t dst0 = smem_addr(&s_row[0][tg][r]);
+    const char* row0 = reinterpret_cast<const char*>(s_row[0][tg]);
+    uint32_t buf = 0;
+    int64_t left = num_tokens - (base + tg);  // > 0: the current token is valid
+    char* ids_out = reinterpret_cast<char*>(p.ids + pair + r);
+    char* w_out = reinterpret_cast<char*>(p.weights + pair + r);
+    auto fetch2 = [&](uint32_t dst, bool valid) {
+#pragma unroll
+      for (int j = 0; j < CPL; ++j) {
+        const int c = r + j * L;
+        if (valid && (FULL || c < p.chunks_per_row)) cp_async_16(dst + j * L * 16, src + j * L, true);
+      }
+    };
+    if (r == 0) s_count[tg] = 0;
+    __syncwarp();
+    fetch2(dst0, left > 0);
+    cp_async_commit();
+    // invariant: base is the same in every thread of the block, so every warp runs whole iterations.
+    for (; base < num_tokens; base += p.fast_stride) {
+      src = reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(src) + p.fast_row_step);
+      fetch2(dst0 + (buf ^ kBuf), left > p.fast_stride);
+      cp_async_commit();   // an empty group past the last token keeps the wait below uniform
+      cp_async_wait<1>();  // this lane's copies of the current row have landed (only it reads them)
+      route_fast_token<T, NV, FULL, true>(p, num_tokens - left, left > 0, reinterpret_cast<const uint4*>(row0 + buf),
+                                          s_cand[tg], r, reinterpret_cast<int32_t*>(ids_out),
+                                          reinterpret_cast<float*>(w_out), &s_count[tg]);
+      __syncwarp();  // the candidate space is reused by the next token
+      buf ^= kBuf;
+      left -= p.fast_stride;
+      ids_out += p.fast_out_step;
+      w_out += p.fast_out_step;
+    }
+    return;
+  }
   int b = 0;
   fetch(b, base + tg < num_tokens);
   cp_async_commit();
@@ -426,7 +580,8 @@ __global__ void __launch_bounds__(fast_block<NV>(), fast_min_blocks<NV>()) route
     fetch(b ^ 1, base + stride + tg < num_tokens);
     cp_async_commit();   // an empty group past the last token keeps the wait below uniform
     cp_async_wait<1>();  // this lane's copies of the current row have landed (only it reads them)
-    route_fast_token<T, NV, FULL>(p, pair, base + tg < num_tokens, s_row[b][tg], s_cand[tg], r);
+    route_fast_token<T, NV, FULL, false>(p, pair, base + tg < num_tokens, s_row[b][tg], s_cand[tg], r, nullptr, nullptr,
+                                         nullptr);
     __syncwarp();  // the candidate space is reused by the next token
   }
 }
@@ -441,9 +596,19 @@ inline int fast_blocks_per_sm_knob() {
   return knob;
 }
 
+// MOEK_ROUTE_FAST_V=2 (read once; for A/B runs): the V2 router (route_fast_token); anything else, the
+// first.
+inline bool fast_v2_knob() {
+  static const bool knob = [] {
+    const char* v = std::getenv("MOEK_ROUTE_FAST_V");
+    return v != nullptr && std::atoi(v) == 2;
+  }();
+  return knob;
+}
+
 // Blocks per SM that fit for this variant on the current device (asked once per device; 0 when it
 // cannot be asked). No stream work, no synchronisation: safe while a graph is being captured.
-template <typename T, int NV, bool FULL>
+template <typename T, int NV, bool FULL, bool V2>
 int fast_resident_blocks() {
   static std::atomic<int> cache[64];  // per device: 0 unknown, else the value + 1
   int device = 0;
@@ -451,10 +616,8 @@ int fast_resident_blocks() {
   int known = cache[device].load(std::memory_order_relaxed);
   if (known == 0) {
     int blocks = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, route_fast_kernel<T, NV, FULL>, fast_block<NV>(), 0) !=
-        cudaSuccess) {
-      return 0;
-    }
+    const auto kernel = route_fast_kernel<T, NV, FULL, V2>;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, fast_block<NV>(), 0) != cudaSuccess) return 0;
     known = blocks + 1;
     cache[device].store(known, std::memory_order_relaxed);
   }
@@ -462,27 +625,41 @@ int fast_resident_blocks() {
 }
 
 // One block per 32 (or 16) tokens, but no more than the GPU holds at once (the kernel is persistent).
-template <typename T, int NV, bool FULL>
+template <typename T, int NV, bool FULL, bool V2>
 cudaError_t launch_route_fast_variant(const RouteParams& p, cudaStream_t stream) {
   constexpr int tokens = fast_block<NV>() / kFastLanes;
   int64_t blocks = (p.num_tokens + tokens - 1) / tokens;
   const int knob = fast_blocks_per_sm_knob();
   if (knob != 0) {
-    int per_sm = fast_resident_blocks<T, NV, FULL>();
+    int per_sm = fast_resident_blocks<T, NV, FULL, V2>();
     if (knob > 0) per_sm = std::min(per_sm, knob);
     const int sms = current_device_attribute<cudaDevAttrMultiProcessorCount>();
     if (per_sm > 0 && sms > 0) blocks = std::min(blocks, static_cast<int64_t>(per_sm) * sms);
   }
-  route_fast_kernel<T, NV, FULL><<<static_cast<unsigned>(blocks), fast_block<NV>(), 0, stream>>>(p);
+  RouteParams q = p;
+  q.fast_stride = blocks * tokens;
+  q.fast_row_step = q.fast_stride * p.num_experts * static_cast<int64_t>(sizeof(T));
+  q.fast_out_step = q.fast_stride * p.k * static_cast<int64_t>(sizeof(int32_t));
+  route_fast_kernel<T, NV, FULL, V2><<<static_cast<unsigned>(blocks), fast_block<NV>(), 0, stream>>>(q);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_route_fast_variants(const RouteParams& p, int nv, bool full, cudaStream_t stream) {
-  if (nv <= 16) {
-    return full ? launch_route_fast_variant<T, 16, true>(p, stream) : launch_route_fast_variant<T, 16, false>(p, stream);
+  if (fast_v2_knob()) {
+    if (nv <= 16) {
+      return full ? launch_route_fast_variant<T, 16, true, true>(p, stream)
+                  : launch_route_fast_variant<T, 16, false, true>(p, stream);
+    }
+    return full ? launch_route_fast_variant<T, 32, true, true>(p, stream)
+                : launch_route_fast_variant<T, 32, false, true>(p, stream);
   }
-  return full ? launch_route_fast_variant<T, 32, true>(p, stream) : launch_route_fast_variant<T, 32, false>(p, stream);
+  if (nv <= 16) {
+    return full ? launch_route_fast_variant<T, 16, true, false>(p, stream)
+                : launch_route_fast_variant<T, 16, false, false>(p, stream);
+  }
+  return full ? launch_route_fast_variant<T, 32, true, false>(p, stream)
+              : launch_route_fast_variant<T, 32, false, false>(p, stream);
 }
 
 }  // namespace moek

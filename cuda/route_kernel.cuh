@@ -44,6 +44,12 @@ struct RouteParams {
   int capacity;
   int chunk;
   int64_t num_chunks;
+  // route_fast's V2 loop (set by launch_route_fast_variant, unused elsewhere): the grid's tokens a
+  // trip (gridDim.x * tokens a block, > 0), and what it advances the lane's row pointer and output
+  // pointers by, in bytes, so that the loop adds constant operands instead of recomputing them.
+  int64_t fast_stride = 0;
+  int64_t fast_row_step = 0;
+  int64_t fast_out_step = 0;
 };
 
 // Launches route_kernel for logits of type T (defined in route_f32.cu / route_bf16.cu).
