@@ -83,12 +83,9 @@ constexpr int fast_block() {
 // Resident blocks a variant is built for. 16 values a lane: 4 blocks (64 registers a thread, 32
 // warps an SM; left alone ptxas took 76 registers, 24 warps). 32 values a lane: 6 blocks (at most
 // 85 registers, what it used before; 64 spilled on sm_80).
-#ifndef MOEK_ROUTE_V2_MIN_BLOCKS
-#define MOEK_ROUTE_V2_MIN_BLOCKS 5
-#endif
-template <int NV, bool V2>
+template <int NV>
 constexpr int fast_min_blocks() {
-  return NV <= 16 ? (V2 ? MOEK_ROUTE_V2_MIN_BLOCKS : 4) : 6;
+  return NV <= 16 ? 4 : 6;
 }
 
 // Launches route_fast_kernel for logits of type T (route_f32.cu, route_bf16.cu); nv is 16 or 32, full
@@ -502,7 +499,7 @@ __device__ __forceinline__ void route_fast_token(const RouteParams& p, int64_t p
 // routes the current one (two row buffers), so loads and instructions overlap inside every warp
 // rather than only across warps.
 template <typename T, int NV, bool FULL, bool V2>
-__global__ void __launch_bounds__(fast_block<NV>(), (fast_min_blocks<NV, V2>())) route_fast_kernel(RouteParams p) {
+__global__ void __launch_bounds__(fast_block<NV>(), fast_min_blocks<NV>()) route_fast_kernel(RouteParams p) {
   constexpr int L = kFastLanes;
   constexpr int VEC = 16 / sizeof(T);
   constexpr int CPL = NV / VEC;
