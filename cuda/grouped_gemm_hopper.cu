@@ -26,6 +26,18 @@
 // box may run into the next expert's rows or past the buffer, where TMA zero-fills; K and N tails
 // are zero-filled the same way). No atomics: deterministic.
 //
+// Staged epilogue (bf16/f16 output; Narrow always, Wide for K <= 2048, where it fits;
+// MOEK_GEMM_HOPPER_EPILOGUE=direct turns it off): a consumer whose 64 rows all belong to the tile's expert writes them, activated and
+// rounded, into its own 32 KB of shared memory (boxes of 64 x 64 in TMA's 128-byte swizzle) and one
+// thread stores them with TMA, asynchronously: the consumer goes on to the next tile's K steps while
+// the stores drain. ncu (Qwen3 down, K = 768, 12 K steps a tile) had the tensor pipe 42% busy with
+// direct stores: every CTA ends its tiles at about the same time, so 132 SMs' 64 KB bursts queue for
+// HBM and the consumers stall on them. Rows past the expert's end (a tile's last rows) still take the
+// direct, masked path: a TMA box would overwrite the next expert's rows. The staging buffers cost Wide
+// its fourth stage (3 x 48 KB + 64 KB), which costs more than the overlap gains at long K (see
+// staged_pays); Narrow keeps four (4 x 40 KB + 32 KB). Measured: the Qwen3 down projection (T = 16384)
+// went from 1073 to 1023 us, still 0.75x torch._grouped_mm (768 us): the short-K tiles lose elsewhere too.
+//
 // Tensor maps are encoded on the host per call (cuTensorMapEncodeTiled through cudart's driver entry
 // point) and passed as __grid_constant__ parameters: A as 2-D [rows, K], B as 3-D [E, N, K].
 #include "grouped_gemm_kernel.cuh"
@@ -33,6 +45,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
 namespace moek {
@@ -45,24 +58,31 @@ constexpr int B_BYTES = BN * BK * 2;                   // 32 KB
 constexpr size_t kStaticSmemSlack = 256;
 // The H100/H200 opt-in shared memory per block (227 KB): every variant fits it at the most experts.
 constexpr size_t kSmemOptin = 232448;
+// The staged epilogue's boxes: 64 output columns (128 bytes, the swizzle's span) x 64 rows, 8 KB; a
+// consumer stages up to 256 columns of its 64 rows in four of them.
+constexpr int OUT_BOX = 64;
+constexpr int OUT_BOX_BYTES = OUT_BOX * OUT_BOX * 2;
+constexpr int OUT_STAGE_BYTES = (BN / OUT_BOX) * OUT_BOX_BYTES;  // 32 KB
 
 // A kernel variant: CONSUMERS warpgroups of 64 rows each (BM = 64 * CONSUMERS) behind one producer
 // warpgroup, a STAGES-deep ring.
-template <int CONSUMERS_, int STAGES_>
+template <int CONSUMERS_, int STAGES_, bool STAGED_ = false>
 struct Variant {
   static constexpr int CONSUMERS = CONSUMERS_, STAGES = STAGES_;
+  static constexpr bool STAGED = STAGED_;  // the staged (TMA store) epilogue
   static constexpr int BM = 64 * CONSUMERS;
   static constexpr int THREADS = 128 * (1 + CONSUMERS);
   static constexpr int A_BYTES = BM * BK * 2;             // A's box: BM rows of 64
   static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
   static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
+  static constexpr int OUT_BYTES = STAGED ? CONSUMERS * OUT_STAGE_BYTES : 0;  // each consumer's staged rows
   static constexpr int BAR_BYTES = 2 * STAGES * 8;        // full[STAGES], empty[STAGES]
   static constexpr int CONSUMER_WARPS = 4 * CONSUMERS;    // arrivals that free a stage
 
   // Dynamic shared memory: 1024 bytes of alignment slack (the swizzled tiles need 1024-byte
-  // alignment), the ring, the barriers, the E + 1 prefix of m-tiles.
+  // alignment), the ring, the staged output rows, the barriers, the E + 1 prefix of m-tiles.
   static constexpr size_t smem_bytes(int num_experts) {
-    return 1024 + PIPE_BYTES + BAR_BYTES + (static_cast<size_t>(num_experts) + 1) * sizeof(int32_t);
+    return 1024 + PIPE_BYTES + OUT_BYTES + BAR_BYTES + (static_cast<size_t>(num_experts) + 1) * sizeof(int32_t);
   }
 
   static_assert(A_BYTES % 1024 == 0 && STAGE_BYTES % 1024 == 0, "swizzled boxes start 1024-byte aligned");
@@ -73,6 +93,11 @@ using Wide = Variant<2, 4>;
 // fit beside the tile table of 8192 experts; four already keep 128 KB of weights in flight per SM,
 // several times what the HBM latency needs at 1/132 of its bandwidth.
 using Narrow = Variant<1, 4>;
+// The same with the staged epilogue (bf16/f16 output); they fit fewer experts (staged_fits).
+using WideStaged = Variant<2, 3, true>;
+using NarrowStaged = Variant<1, 4, true>;
+// The longest K for which WideStaged (three stages) beats Wide (four): see staged_pays.
+constexpr int64_t kStagedWideMaxK = 2048;
 // Both fit the most experts, and Wide needs the more shared memory: one availability check serves both.
 static_assert(Wide::smem_bytes(MOEK_GEMM_MAX_EXPERTS) + kStaticSmemSlack <= kSmemOptin, "Wide fits 8192 experts");
 static_assert(Narrow::smem_bytes(MOEK_GEMM_MAX_EXPERTS) <= Wide::smem_bytes(MOEK_GEMM_MAX_EXPERTS), "Wide bounds both");
@@ -120,8 +145,30 @@ __device__ __forceinline__ Tile decode_tile(const ExpertRows& r, const int32_t* 
   return tile;
 }
 
+// Two adjacent outputs (16-bit) into a staged box: row r (0..63) of the consumer's rows, output column c
+// (even, 0..255) of the tile, at TMA's 128-byte swizzle (16-byte chunk c / 8 of the row XOR r % 8), so
+// the 8 rows a warp writes at once fall in different banks.
 template <typename Tout>
-__device__ __forceinline__ void store_tile(const GemmParams& p, const Tile& tile, int consumer, float (&acc)[128]) {
+__device__ __forceinline__ void stage_pair(uint32_t buf, int r, int c, float x, float y) {
+  const int cc = c % OUT_BOX;
+  const uint32_t at = buf + (c / OUT_BOX) * OUT_BOX_BYTES + r * 128 + ((((cc * 2) >> 4) ^ (r & 7)) << 4) + (cc * 2) % 16;
+  uint32_t bits;
+  if constexpr (std::is_same<Tout, __half>::value) {
+    const __half2 v = __floats2half2_rn(x, y);
+    bits = *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
+    bits = *reinterpret_cast<const uint32_t*>(&v);
+  }
+  asm volatile("st.shared.b32 [%0], %1;" ::"r"(at), "r"(bits) : "memory");
+}
+
+// The epilogue of one consumer's 64 rows: activation, row scale, rounding; stored straight to global
+// memory (TO_SMEM false: rows past the tile's and columns past N masked), or into the consumer's staged
+// boxes at `buf` (TO_SMEM true: a full 64 rows; columns past N are clipped by the TMA store).
+template <typename Tout, bool TO_SMEM>
+__device__ __forceinline__ void store_tile(const GemmParams& p, const Tile& tile, int consumer, float (&acc)[128],
+                                           uint32_t buf = 0) {
   const int t = threadIdx.x & 127, lane = t & 31, warp = t / 32;
   const int g = lane >> 2, q = lane & 3;
   Tout* out = static_cast<Tout*>(p.out);
@@ -131,7 +178,7 @@ __device__ __forceinline__ void store_tile(const GemmParams& p, const Tile& tile
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = consumer * 64 + warp * 16 + g + h * 8;
-    if (r >= tile.rows) continue;
+    if (!TO_SMEM && r >= tile.rows) continue;
     const int64_t row = static_cast<int64_t>(tile.row0) + r;
     const float scale = p.row_scale != nullptr ? __ldg(p.row_scale + row) : 1.f;
     Tout* out_row = out + row * p.n_out;
@@ -140,21 +187,55 @@ __device__ __forceinline__ void store_tile(const GemmParams& p, const Tile& tile
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
         const int64_t col = static_cast<int64_t>(tile.n_block) * (BN / 2) + j * 8 + q * 2;
-        if (col >= p.n_out) continue;
+        if (!TO_SMEM && col >= p.n_out) continue;
         const float x = silu(acc[4 * j + 2 * h]) * acc[4 * (j + 16) + 2 * h] * scale;
         const float y = silu(acc[4 * j + 2 * h + 1]) * acc[4 * (j + 16) + 2 * h + 1] * scale;
-        store_pair(out_row + col, x, y);
+        if constexpr (TO_SMEM) {
+          stage_pair<Tout>(buf, r - consumer * 64, j * 8 + q * 2, x, y);
+        } else {
+          store_pair(out_row + col, x, y);
+        }
       }
     } else {
 #pragma unroll
       for (int j = 0; j < 32; ++j) {
         const int64_t col = static_cast<int64_t>(tile.n_block) * BN + j * 8 + q * 2;
-        if (col >= p.n_out) continue;
+        if (!TO_SMEM && col >= p.n_out) continue;
         const float x = activate(p.epilogue, acc[4 * j + 2 * h]) * scale;
         const float y = activate(p.epilogue, acc[4 * j + 2 * h + 1]) * scale;
-        store_pair(out_row + col, x, y);
+        if constexpr (TO_SMEM) {
+          stage_pair<Tout>(buf, r - consumer * 64, j * 8 + q * 2, x, y);
+        } else {
+          store_pair(out_row + col, x, y);
+        }
       }
     }
+  }
+}
+
+// The staged epilogue of one consumer's 64 full rows: wait until its previous tile's TMA stores have
+// read the boxes, write this tile's into them, and let one thread store them (asynchronously).
+template <typename Tout>
+__device__ __forceinline__ void stage_and_store(const GemmParams& p, const CUtensorMap& map_c, const Tile& tile,
+                                                int consumer, float (&acc)[128], uint32_t buf) {
+  const bool leader = threadIdx.x % 128 == 0;
+  const int barrier = 1 + consumer;  // a hardware barrier per consumer warpgroup (0 is __syncthreads)
+  if (leader) sm90::bulk_wait_read<0>();
+  sm90::named_barrier(barrier, 128);
+  store_tile<Tout, true>(p, tile, consumer, acc, buf);
+  sm90::fence_async_shared();
+  sm90::named_barrier(barrier, 128);
+  if (leader) {
+    const bool swiglu = p.epilogue == MOEK_EPILOGUE_SWIGLU;
+    const int32_t col0 = tile.n_block * out_cols_per_tile(swiglu);
+    const int32_t row0 = tile.row0 + consumer * 64;
+#pragma unroll
+    for (int b = 0; b < BN / OUT_BOX; ++b) {
+      if (b * OUT_BOX < out_cols_per_tile(swiglu) && col0 + b * OUT_BOX < p.n_out) {
+        sm90::tma_store_2d(&map_c, buf + b * OUT_BOX_BYTES, col0 + b * OUT_BOX, row0);
+      }
+    }
+    sm90::bulk_commit();
   }
 }
 
@@ -163,17 +244,18 @@ __device__ __forceinline__ void store_tile(const GemmParams& p, const Tile& tile
 template <typename Tin, typename Tout, typename V>
 __global__ void __launch_bounds__(V::THREADS, 1)
     grouped_gemm_hopper_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
-                               const GemmParams p, int32_t n_tiles) {
+                               const __grid_constant__ CUtensorMap map_c, const GemmParams p, int32_t n_tiles) {
 #if defined(MOEK_SM90A)
   constexpr int BM = V::BM, STAGES = V::STAGES, STAGE_BYTES = V::STAGE_BYTES, A_BYTES = V::A_BYTES;
-  constexpr int PIPE_BYTES = V::PIPE_BYTES, BAR_BYTES = V::BAR_BYTES;
+  constexpr int PIPE_BYTES = V::PIPE_BYTES, OUT_BYTES = V::OUT_BYTES, BAR_BYTES = V::BAR_BYTES;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = sm90::smem_u32(smem_raw);
   const uint32_t ring = (raw + 1023u) & ~1023u;  // stage s: A at ring + s * STAGE_BYTES, B after it
   unsigned char* aligned = smem_raw + (ring - raw);
-  const uint32_t full_bar = ring + PIPE_BYTES;   // full[s] at full_bar + 8s
+  const uint32_t out_stage = ring + PIPE_BYTES;            // consumer c's staged rows at + c * OUT_STAGE_BYTES
+  const uint32_t full_bar = out_stage + OUT_BYTES;        // full[s] at full_bar + 8s
   const uint32_t empty_bar = full_bar + STAGES * 8;
-  int32_t* prefix = reinterpret_cast<int32_t*>(aligned + PIPE_BYTES + BAR_BYTES);
+  int32_t* prefix = reinterpret_cast<int32_t*>(aligned + PIPE_BYTES + OUT_BYTES + BAR_BYTES);
 
   if (threadIdx.x == 0) {
 #pragma unroll
@@ -184,6 +266,7 @@ __global__ void __launch_bounds__(V::THREADS, 1)
     sm90::mbar_fence_init();
     sm90::tma_prefetch_map(&map_a);
     sm90::tma_prefetch_map(&map_b);
+    if constexpr (V::STAGED) sm90::tma_prefetch_map(&map_c);
   }
   const int32_t m_total = scan_m_tiles<BM, V::THREADS>(p.experts, prefix);  // ends with a barrier: barriers initialised
   const int64_t tiles = static_cast<int64_t>(m_total) * n_tiles;
@@ -244,8 +327,16 @@ __global__ void __launch_bounds__(V::THREADS, 1)
         sm90::fence_regs(acc);
         if (arrives) sm90::mbar_arrive(empty_bar + 8 * s);
       }
-      store_tile<Tout>(p, tile, consumer, acc);
+      if constexpr (V::STAGED) {
+        if ((consumer + 1) * 64 <= tile.rows) {
+          stage_and_store<Tout>(p, map_c, tile, consumer, acc, out_stage + consumer * OUT_STAGE_BYTES);
+          continue;
+        }
+      }
+      store_tile<Tout, false>(p, tile, consumer, acc);
     }
+    // The staged rows must be read out before the CTA's shared memory goes away.
+    if (V::STAGED && threadIdx.x % 128 == 0) sm90::bulk_wait_all();
   }
 #else
   // Never launched: the host launches this kernel only where its sm_90a code was loaded.
@@ -270,10 +361,12 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   return fn;
 }
 
-// A K-major tensor of 16-bit elements, `rank` 2 ([rows, K]) or 3 ([E, N, K]), in boxes of 64 x
-// box_rows (x 1) elements with the 128-byte swizzle. False when the driver rejects it.
+// A row-major tensor of 16-bit elements, `rank` 2 ([rows, K]) or 3 ([E, N, K]), in boxes of 64 x
+// box_rows (x 1) elements (64 = BK for the operands, OUT_BOX for the output) with the 128-byte
+// swizzle. False when the driver rejects it (a base not 16-byte aligned, a row not a multiple of 16 bytes).
 bool encode(CUtensorMap* map, CUtensorMapDataType type, const void* base, int rank, const uint64_t* dims,
             uint32_t box_rows) {
+  static_assert(BK == 64 && OUT_BOX == 64, "one box width serves the operands and the output");
   const PFN_cuTensorMapEncodeTiled_v12000 fn = encode_fn();
   if (fn == nullptr) return false;
   cuuint64_t size[3] = {dims[0], dims[1], rank == 3 ? dims[2] : 1};
@@ -299,12 +392,19 @@ cudaError_t launch(const GemmParams& p, cudaStream_t stream) {
 
   const CUtensorMapDataType type =
       std::is_same<Tin, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  CUtensorMap map_a, map_b;
+  CUtensorMap map_a, map_b, map_c{};
   const uint64_t dims_a[2] = {static_cast<uint64_t>(p.k), static_cast<uint64_t>(rows)};
   const uint64_t dims_b[3] = {static_cast<uint64_t>(p.k), static_cast<uint64_t>(p.n),
                               static_cast<uint64_t>(p.experts.num_experts)};
   if (!encode(&map_a, type, p.a, 2, dims_a, V::BM) || !encode(&map_b, type, p.b, 3, dims_b, B_BOX_ROWS)) {
     return cudaErrorNotSupported;
+  }
+  if constexpr (V::STAGED) {
+    static_assert(sizeof(Tout) == 2, "the staged epilogue writes 16-bit outputs");
+    const CUtensorMapDataType out_type =
+        std::is_same<Tout, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    const uint64_t dims_c[2] = {static_cast<uint64_t>(p.n_out), static_cast<uint64_t>(rows)};
+    if (!encode(&map_c, out_type, p.out, 2, dims_c, OUT_BOX)) return cudaErrorNotSupported;
   }
 
   int device = 0, sms = 0;
@@ -318,7 +418,7 @@ cudaError_t launch(const GemmParams& p, cudaStream_t stream) {
   auto kernel = grouped_gemm_hopper_kernel<Tin, Tout, V>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  kernel<<<grid, V::THREADS, smem, stream>>>(map_a, map_b, p, static_cast<int32_t>(n_tiles));
+  kernel<<<grid, V::THREADS, smem, stream>>>(map_a, map_b, map_c, p, static_cast<int32_t>(n_tiles));
   return cudaGetLastError();
 }
 
@@ -351,7 +451,7 @@ bool available(int num_experts) {
     bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
               cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess &&
               major == 9 && minor == 0 && has_sm90a_body<Wide>() && has_sm90a_body<Narrow>() &&
-              encode_fn() != nullptr;
+              has_sm90a_body<WideStaged>() && has_sm90a_body<NarrowStaged>() && encode_fn() != nullptr;
     (void)cudaGetLastError();
     known = ok ? 2 : 1;
     state[device].store(known, std::memory_order_relaxed);
@@ -365,10 +465,56 @@ bool available(int num_experts) {
   return Wide::smem_bytes(num_experts) + kStaticSmemSlack <= static_cast<size_t>(optin);
 }
 
+// Whether the staged epilogue is wanted: MOEK_GEMM_HOPPER_EPILOGUE=direct turns it off (read once).
+bool staged_epilogue_wanted() {
+  static const bool wanted = [] {
+    const char* v = std::getenv("MOEK_GEMM_HOPPER_EPILOGUE");
+    return v == nullptr || std::strcmp(v, "direct") != 0;
+  }();
+  return wanted;
+}
+
+// Whether variant V's shared memory for E experts fits the current device.
 template <typename V>
+bool fits(int num_experts) {
+  int device = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return V::smem_bytes(num_experts) + kStaticSmemSlack <= static_cast<size_t>(optin);
+}
+
+// Whether the staged epilogue pays at this K. Narrow keeps its four stages, so it always does. Wide
+// gives up its fourth stage for the staging buffers: on the H200 (2026-11-28, same run) that was 4-5%
+// faster for K <= 2048 (Qwen3 T = 4096 and 16384: 426 / 273 / 1448 / 1023 us against 445 / 281 / 1487 /
+// 1073 direct) and 2-3% slower for Mixtral's K = 4096 and 14336 (3224 / 1519 against 3155 / 1479).
+template <typename Staged>
+bool staged_pays(int64_t k) {
+  return Staged::CONSUMERS == 1 || k <= kStagedWideMaxK;
+}
+
+// 16-bit outputs take the staged epilogue where it is wanted, pays, fits and its output map encodes
+// (row pitch a multiple of 16 bytes, 16-byte aligned base); otherwise, and for f32, the direct one.
+template <typename Tin, typename Tout, typename Direct, typename Staged>
+cudaError_t launch_epilogue(const GemmParams& p, cudaStream_t stream) {
+  if constexpr (sizeof(Tout) == 2) {
+    if (staged_epilogue_wanted() && staged_pays<Staged>(p.k) && fits<Staged>(p.experts.num_experts)) {
+      const cudaError_t err = launch<Tin, Tout, Staged>(p, stream);
+      if (err != cudaErrorNotSupported) return err;
+    }
+  }
+  return launch<Tin, Tout, Direct>(p, stream);
+}
+
+template <typename Direct, typename Staged>
 cudaError_t launch_variant(const GemmParams& p, bool f16, bool f32_out, cudaStream_t stream) {
-  if (f16) return f32_out ? launch<__half, float, V>(p, stream) : launch<__half, __half, V>(p, stream);
-  return f32_out ? launch<__nv_bfloat16, float, V>(p, stream) : launch<__nv_bfloat16, __nv_bfloat16, V>(p, stream);
+  if (f16) {
+    return f32_out ? launch<__half, float, Direct>(p, stream) : launch_epilogue<__half, __half, Direct, Staged>(p, stream);
+  }
+  return f32_out ? launch<__nv_bfloat16, float, Direct>(p, stream)
+                 : launch_epilogue<__nv_bfloat16, __nv_bfloat16, Direct, Staged>(p, stream);
 }
 
 }  // namespace hopper
@@ -380,8 +526,8 @@ cudaError_t launch_grouped_gemm_hopper(const GemmParams& p, bool narrow, bool f1
                                        cudaStream_t stream) {
   if (!hopper::available(p.experts.num_experts)) return cudaErrorNotSupported;
   const bool f32_out = out_dtype == MOEK_DTYPE_F32;
-  return narrow ? hopper::launch_variant<hopper::Narrow>(p, f16, f32_out, stream)
-                : hopper::launch_variant<hopper::Wide>(p, f16, f32_out, stream);
+  return narrow ? hopper::launch_variant<hopper::Narrow, hopper::NarrowStaged>(p, f16, f32_out, stream)
+                : hopper::launch_variant<hopper::Wide, hopper::WideStaged>(p, f16, f32_out, stream);
 }
 
 }  // namespace moek
