@@ -26,17 +26,21 @@
 // box may run into the next expert's rows or past the buffer, where TMA zero-fills; K and N tails
 // are zero-filled the same way). No atomics: deterministic.
 //
-// Staged epilogue (bf16/f16 output; Narrow always, Wide for K <= 2048, where it fits;
-// MOEK_GEMM_HOPPER_EPILOGUE=direct turns it off): a consumer whose 64 rows all belong to the tile's expert writes them, activated and
-// rounded, into its own 32 KB of shared memory (boxes of 64 x 64 in TMA's 128-byte swizzle) and one
-// thread stores them with TMA, asynchronously: the consumer goes on to the next tile's K steps while
-// the stores drain. ncu (Qwen3 down, K = 768, 12 K steps a tile) had the tensor pipe 42% busy with
-// direct stores: every CTA ends its tiles at about the same time, so 132 SMs' 64 KB bursts queue for
-// HBM and the consumers stall on them. Rows past the expert's end (a tile's last rows) still take the
-// direct, masked path: a TMA box would overwrite the next expert's rows. The staging buffers cost Wide
-// its fourth stage (3 x 48 KB + 64 KB), which costs more than the overlap gains at long K (see
-// staged_pays); Narrow keeps four (4 x 40 KB + 32 KB). Measured: the Qwen3 down projection (T = 16384)
-// went from 1073 to 1023 us, still 0.75x torch._grouped_mm (768 us): the short-K tiles lose elsewhere too.
+// Staged epilogue (bf16/f16 output of the plain epilogues, not SwiGLU, where it fits; see
+// launch_epilogue; MOEK_GEMM_HOPPER_EPILOGUE=direct turns it off): a
+// consumer whose 64 rows all belong to the tile's expert writes them, activated and rounded, 32
+// columns at a time into one of its two 4 KB subtile buffers (TMA's 64-byte swizzle), and one thread
+// stores each subtile with TMA, asynchronously: the consumer reuses a buffer once the store before last
+// has read it, and goes on to the next tile's K steps while the stores drain. ncu (Qwen3 down, K = 768,
+// 12 K steps a tile) had the tensor pipe 42% busy with direct stores: every CTA ends its tiles at about
+// the same time, so 132 SMs' 64 KB bursts queue for HBM and the consumers stall on them. Rows past the
+// expert's end (a tile's last rows) still take the direct, masked path: a TMA box would overwrite the
+// next expert's rows. The 16 KB of buffers leave Wide its four stages (a first version staged whole
+// 32 KB halves and cost Wide its fourth stage: Qwen3 4-5% faster, Mixtral 2-3% slower); the subtiles
+// follow what torch._grouped_mm's CUTLASS kernel does (ncu: 128 x 32 subtiles, two buffers). It gains
+// 3-6% on the short-K down projections; that CUTLASS kernel (128 x 256 tiles too, but in 2 x 1 clusters
+// multicasting B) kept the tensor pipe 70% busy on Qwen3's down projection where ours was at 42%. A
+// paired variant of ours (branch gemm-cluster) was correct but slower on Mixtral; not merged.
 //
 // Tensor maps are encoded on the host per call (cuTensorMapEncodeTiled through cudart's driver entry
 // point) and passed as __grid_constant__ parameters: A as 2-D [rows, K], B as 3-D [E, N, K].
@@ -58,11 +62,10 @@ constexpr int B_BYTES = BN * BK * 2;                   // 32 KB
 constexpr size_t kStaticSmemSlack = 256;
 // The H100/H200 opt-in shared memory per block (227 KB): every variant fits it at the most experts.
 constexpr size_t kSmemOptin = 232448;
-// The staged epilogue's boxes: 64 output columns (128 bytes, the swizzle's span) x 64 rows, 8 KB; a
-// consumer stages up to 256 columns of its 64 rows in four of them.
-constexpr int OUT_BOX = 64;
-constexpr int OUT_BOX_BYTES = OUT_BOX * OUT_BOX * 2;
-constexpr int OUT_STAGE_BYTES = (BN / OUT_BOX) * OUT_BOX_BYTES;  // 32 KB
+// The staged epilogue's subtiles: 32 output columns (64 bytes, stored with the 64-byte swizzle) x a
+// consumer's 64 rows, 4 KB; each consumer has two, alternating.
+constexpr int OUT_SUB = 32;
+constexpr int OUT_SUB_BYTES = 64 * OUT_SUB * 2;
 
 // A kernel variant: CONSUMERS warpgroups of 64 rows each (BM = 64 * CONSUMERS) behind one producer
 // warpgroup, a STAGES-deep ring.
@@ -75,7 +78,7 @@ struct Variant {
   static constexpr int A_BYTES = BM * BK * 2;             // A's box: BM rows of 64
   static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
   static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
-  static constexpr int OUT_BYTES = STAGED ? CONSUMERS * OUT_STAGE_BYTES : 0;  // each consumer's staged rows
+  static constexpr int OUT_BYTES = STAGED ? CONSUMERS * 2 * OUT_SUB_BYTES : 0;  // each consumer's two subtiles
   static constexpr int BAR_BYTES = 2 * STAGES * 8;        // full[STAGES], empty[STAGES]
   static constexpr int CONSUMER_WARPS = 4 * CONSUMERS;    // arrivals that free a stage
 
@@ -94,10 +97,8 @@ using Wide = Variant<2, 4>;
 // several times what the HBM latency needs at 1/132 of its bandwidth.
 using Narrow = Variant<1, 4>;
 // The same with the staged epilogue (bf16/f16 output); they fit fewer experts (staged_fits).
-using WideStaged = Variant<2, 3, true>;
+using WideStaged = Variant<2, 4, true>;
 using NarrowStaged = Variant<1, 4, true>;
-// The longest K for which WideStaged (three stages) beats Wide (four): see staged_pays.
-constexpr int64_t kStagedWideMaxK = 2048;
 // Both fit the most experts, and Wide needs the more shared memory: one availability check serves both.
 static_assert(Wide::smem_bytes(MOEK_GEMM_MAX_EXPERTS) + kStaticSmemSlack <= kSmemOptin, "Wide fits 8192 experts");
 static_assert(Narrow::smem_bytes(MOEK_GEMM_MAX_EXPERTS) <= Wide::smem_bytes(MOEK_GEMM_MAX_EXPERTS), "Wide bounds both");
@@ -145,13 +146,52 @@ __device__ __forceinline__ Tile decode_tile(const ExpertRows& r, const int32_t* 
   return tile;
 }
 
-// Two adjacent outputs (16-bit) into a staged box: row r (0..63) of the consumer's rows, output column c
-// (even, 0..255) of the tile, at TMA's 128-byte swizzle (16-byte chunk c / 8 of the row XOR r % 8), so
-// the 8 rows a warp writes at once fall in different banks.
+// The epilogue of one consumer's 64 rows straight to global memory: activation, row scale, rounding,
+// rows past the tile's and columns past N masked.
+template <typename Tout>
+__device__ __forceinline__ void store_tile(const GemmParams& p, const Tile& tile, int consumer, float (&acc)[128]) {
+  const int t = threadIdx.x & 127, lane = t & 31, warp = t / 32;
+  const int g = lane >> 2, q = lane & 3;
+  Tout* out = static_cast<Tout*>(p.out);
+  const bool swiglu = p.epilogue == MOEK_EPILOGUE_SWIGLU;
+  // Accumulator 4j + 2h + c holds row (warp * 16 + g + 8h) of this warpgroup's 64, product column
+  // 8j + 2q + c of the tile's 256.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = consumer * 64 + warp * 16 + g + h * 8;
+    if (r >= tile.rows) continue;
+    const int64_t row = static_cast<int64_t>(tile.row0) + r;
+    const float scale = p.row_scale != nullptr ? __ldg(p.row_scale + row) : 1.f;
+    Tout* out_row = out + row * p.n_out;
+    if (swiglu) {
+      // Columns 0..127 are the gate rows of outputs n_block * 128 + c, columns 128..255 their up rows.
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const int64_t col = static_cast<int64_t>(tile.n_block) * (BN / 2) + j * 8 + q * 2;
+        if (col >= p.n_out) continue;
+        const float x = silu(acc[4 * j + 2 * h]) * acc[4 * (j + 16) + 2 * h] * scale;
+        const float y = silu(acc[4 * j + 2 * h + 1]) * acc[4 * (j + 16) + 2 * h + 1] * scale;
+        store_pair(out_row + col, x, y);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        const int64_t col = static_cast<int64_t>(tile.n_block) * BN + j * 8 + q * 2;
+        if (col >= p.n_out) continue;
+        const float x = activate(p.epilogue, acc[4 * j + 2 * h]) * scale;
+        const float y = activate(p.epilogue, acc[4 * j + 2 * h + 1]) * scale;
+        store_pair(out_row + col, x, y);
+      }
+    }
+  }
+}
+
+// Two adjacent outputs (16-bit) into a staged subtile: row r (0..63) of the consumer's rows, column c
+// (even, 0..31) of the subtile, at TMA's 64-byte swizzle (16-byte chunk c / 8 of the 64-byte row XOR
+// bits 1-2 of r), so the 8 rows a warp writes at once fall in different banks.
 template <typename Tout>
 __device__ __forceinline__ void stage_pair(uint32_t buf, int r, int c, float x, float y) {
-  const int cc = c % OUT_BOX;
-  const uint32_t at = buf + (c / OUT_BOX) * OUT_BOX_BYTES + r * 128 + ((((cc * 2) >> 4) ^ (r & 7)) << 4) + (cc * 2) % 16;
+  const uint32_t at = buf + r * (OUT_SUB * 2) + ((((c * 2) >> 4) ^ ((r >> 1) & 3)) << 4) + (c * 2) % 16;
   uint32_t bits;
   if constexpr (std::is_same<Tout, __half>::value) {
     const __half2 v = __floats2half2_rn(x, y);
@@ -163,79 +203,62 @@ __device__ __forceinline__ void stage_pair(uint32_t buf, int r, int c, float x, 
   asm volatile("st.shared.b32 [%0], %1;" ::"r"(at), "r"(bits) : "memory");
 }
 
-// The epilogue of one consumer's 64 rows: activation, row scale, rounding; stored straight to global
-// memory (TO_SMEM false: rows past the tile's and columns past N masked), or into the consumer's staged
-// boxes at `buf` (TO_SMEM true: a full 64 rows; columns past N are clipped by the TMA store).
-template <typename Tout, bool TO_SMEM>
-__device__ __forceinline__ void store_tile(const GemmParams& p, const Tile& tile, int consumer, float (&acc)[128],
-                                           uint32_t buf = 0) {
+// The staged epilogue of one consumer's 64 full rows, SUBTILES subtiles of 32 output columns through
+// the consumer's two buffers at `base`: wait until the store of the subtile before last has read its
+// buffer, write this one (activation, row scale, rounding), and let one thread store it with TMA.
+template <typename Tout, int SUBTILES, bool SWIGLU>
+__device__ __forceinline__ void stage_subtiles(const GemmParams& p, const CUtensorMap& map_c, const Tile& tile,
+                                               int consumer, float (&acc)[128], uint32_t base) {
   const int t = threadIdx.x & 127, lane = t & 31, warp = t / 32;
   const int g = lane >> 2, q = lane & 3;
-  Tout* out = static_cast<Tout*>(p.out);
-  const bool swiglu = p.epilogue == MOEK_EPILOGUE_SWIGLU;
-  // Accumulator 4j + 2h + c holds row (warp * 16 + g + 8h) of this warpgroup's 64, product column
-  // 8j + 2q + c of the tile's 256.
+  const bool leader = t == 0;
+  const int barrier = 1 + consumer;  // a hardware barrier per consumer warpgroup (0 is __syncthreads)
+  const int64_t row0 = static_cast<int64_t>(tile.row0) + consumer * 64;
+  float scale[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int r = consumer * 64 + warp * 16 + g + h * 8;
-    if (!TO_SMEM && r >= tile.rows) continue;
-    const int64_t row = static_cast<int64_t>(tile.row0) + r;
-    const float scale = p.row_scale != nullptr ? __ldg(p.row_scale + row) : 1.f;
-    Tout* out_row = out + row * p.n_out;
-    if (swiglu) {
-      // Columns 0..127 are the gate rows of outputs n_block * 128 + c, columns 128..255 their up rows.
+    scale[h] = p.row_scale != nullptr ? __ldg(p.row_scale + row0 + warp * 16 + g + h * 8) : 1.f;
+  }
+  const int32_t col0 = tile.n_block * out_cols_per_tile(SWIGLU);
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const int64_t col = static_cast<int64_t>(tile.n_block) * (BN / 2) + j * 8 + q * 2;
-        if (!TO_SMEM && col >= p.n_out) continue;
-        const float x = silu(acc[4 * j + 2 * h]) * acc[4 * (j + 16) + 2 * h] * scale;
-        const float y = silu(acc[4 * j + 2 * h + 1]) * acc[4 * (j + 16) + 2 * h + 1] * scale;
-        if constexpr (TO_SMEM) {
-          stage_pair<Tout>(buf, r - consumer * 64, j * 8 + q * 2, x, y);
-        } else {
-          store_pair(out_row + col, x, y);
-        }
-      }
-    } else {
+  for (int sub = 0; sub < SUBTILES; ++sub) {
+    const uint32_t buf = base + (sub & 1) * OUT_SUB_BYTES;
+    if (leader) sm90::bulk_wait_read<1>();
+    sm90::named_barrier(barrier, 128);
 #pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        const int64_t col = static_cast<int64_t>(tile.n_block) * BN + j * 8 + q * 2;
-        if (!TO_SMEM && col >= p.n_out) continue;
-        const float x = activate(p.epilogue, acc[4 * j + 2 * h]) * scale;
-        const float y = activate(p.epilogue, acc[4 * j + 2 * h + 1]) * scale;
-        if constexpr (TO_SMEM) {
-          stage_pair<Tout>(buf, r - consumer * 64, j * 8 + q * 2, x, y);
+    for (int jj = 0; jj < OUT_SUB / 8; ++jj) {
+      const int j = sub * (OUT_SUB / 8) + jj;  // 8-column chunk of the tile's outputs
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float x, y;
+        if constexpr (SWIGLU) {
+          x = silu(acc[4 * j + 2 * h]) * acc[4 * (j + 16) + 2 * h] * scale[h];
+          y = silu(acc[4 * j + 2 * h + 1]) * acc[4 * (j + 16) + 2 * h + 1] * scale[h];
         } else {
-          store_pair(out_row + col, x, y);
+          x = activate(p.epilogue, acc[4 * j + 2 * h]) * scale[h];
+          y = activate(p.epilogue, acc[4 * j + 2 * h + 1]) * scale[h];
         }
+        stage_pair<Tout>(buf, warp * 16 + g + h * 8, jj * 8 + q * 2, x, y);
       }
+    }
+    sm90::fence_async_shared();
+    sm90::named_barrier(barrier, 128);
+    if (leader) {
+      if (col0 + sub * OUT_SUB < p.n_out) {
+        sm90::tma_store_2d(&map_c, buf, col0 + sub * OUT_SUB, static_cast<int32_t>(row0));
+      }
+      sm90::bulk_commit();
     }
   }
 }
 
-// The staged epilogue of one consumer's 64 full rows: wait until its previous tile's TMA stores have
-// read the boxes, write this tile's into them, and let one thread store them (asynchronously).
 template <typename Tout>
 __device__ __forceinline__ void stage_and_store(const GemmParams& p, const CUtensorMap& map_c, const Tile& tile,
-                                                int consumer, float (&acc)[128], uint32_t buf) {
-  const bool leader = threadIdx.x % 128 == 0;
-  const int barrier = 1 + consumer;  // a hardware barrier per consumer warpgroup (0 is __syncthreads)
-  if (leader) sm90::bulk_wait_read<0>();
-  sm90::named_barrier(barrier, 128);
-  store_tile<Tout, true>(p, tile, consumer, acc, buf);
-  sm90::fence_async_shared();
-  sm90::named_barrier(barrier, 128);
-  if (leader) {
-    const bool swiglu = p.epilogue == MOEK_EPILOGUE_SWIGLU;
-    const int32_t col0 = tile.n_block * out_cols_per_tile(swiglu);
-    const int32_t row0 = tile.row0 + consumer * 64;
-#pragma unroll
-    for (int b = 0; b < BN / OUT_BOX; ++b) {
-      if (b * OUT_BOX < out_cols_per_tile(swiglu) && col0 + b * OUT_BOX < p.n_out) {
-        sm90::tma_store_2d(&map_c, buf + b * OUT_BOX_BYTES, col0 + b * OUT_BOX, row0);
-      }
-    }
-    sm90::bulk_commit();
+                                                int consumer, float (&acc)[128], uint32_t base) {
+  if (p.epilogue == MOEK_EPILOGUE_SWIGLU) {
+    stage_subtiles<Tout, BN / 2 / OUT_SUB, true>(p, map_c, tile, consumer, acc, base);
+  } else {
+    stage_subtiles<Tout, BN / OUT_SUB, false>(p, map_c, tile, consumer, acc, base);
   }
 }
 
@@ -252,7 +275,7 @@ __global__ void __launch_bounds__(V::THREADS, 1)
   const uint32_t raw = sm90::smem_u32(smem_raw);
   const uint32_t ring = (raw + 1023u) & ~1023u;  // stage s: A at ring + s * STAGE_BYTES, B after it
   unsigned char* aligned = smem_raw + (ring - raw);
-  const uint32_t out_stage = ring + PIPE_BYTES;            // consumer c's staged rows at + c * OUT_STAGE_BYTES
+  const uint32_t out_stage = ring + PIPE_BYTES;  // consumer c's two subtile buffers at + c * 2 * OUT_SUB_BYTES
   const uint32_t full_bar = out_stage + OUT_BYTES;        // full[s] at full_bar + 8s
   const uint32_t empty_bar = full_bar + STAGES * 8;
   int32_t* prefix = reinterpret_cast<int32_t*>(aligned + PIPE_BYTES + OUT_BYTES + BAR_BYTES);
@@ -329,11 +352,11 @@ __global__ void __launch_bounds__(V::THREADS, 1)
       }
       if constexpr (V::STAGED) {
         if ((consumer + 1) * 64 <= tile.rows) {
-          stage_and_store<Tout>(p, map_c, tile, consumer, acc, out_stage + consumer * OUT_STAGE_BYTES);
+          stage_and_store<Tout>(p, map_c, tile, consumer, acc, out_stage + consumer * 2 * OUT_SUB_BYTES);
           continue;
         }
       }
-      store_tile<Tout, false>(p, tile, consumer, acc);
+      store_tile<Tout>(p, tile, consumer, acc);
     }
     // The staged rows must be read out before the CTA's shared memory goes away.
     if (V::STAGED && threadIdx.x % 128 == 0) sm90::bulk_wait_all();
@@ -361,20 +384,19 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   return fn;
 }
 
-// A row-major tensor of 16-bit elements, `rank` 2 ([rows, K]) or 3 ([E, N, K]), in boxes of 64 x
-// box_rows (x 1) elements (64 = BK for the operands, OUT_BOX for the output) with the 128-byte
-// swizzle. False when the driver rejects it (a base not 16-byte aligned, a row not a multiple of 16 bytes).
+// A row-major tensor of 16-bit elements, `rank` 2 ([rows, K]) or 3 ([E, N, K]), in boxes of box_cols
+// x box_rows (x 1) elements with the given swizzle (its span is box_cols * 2 bytes). False when the
+// driver rejects it (a base not 16-byte aligned, a row not a multiple of 16 bytes).
 bool encode(CUtensorMap* map, CUtensorMapDataType type, const void* base, int rank, const uint64_t* dims,
-            uint32_t box_rows) {
-  static_assert(BK == 64 && OUT_BOX == 64, "one box width serves the operands and the output");
+            uint32_t box_cols, uint32_t box_rows, CUtensorMapSwizzle swizzle) {
   const PFN_cuTensorMapEncodeTiled_v12000 fn = encode_fn();
   if (fn == nullptr) return false;
   cuuint64_t size[3] = {dims[0], dims[1], rank == 3 ? dims[2] : 1};
   cuuint64_t stride[2] = {dims[0] * 2, dims[0] * dims[1] * 2};  // bytes of dims 1 and 2
-  cuuint32_t box[3] = {BK, box_rows, 1};
+  cuuint32_t box[3] = {box_cols, box_rows, 1};
   cuuint32_t elem_stride[3] = {1, 1, 1};
   const CUresult r = fn(map, type, static_cast<cuuint32_t>(rank), const_cast<void*>(base), size, stride, box,
-                        elem_stride, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                        elem_stride, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
                         CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS;
 }
@@ -396,7 +418,9 @@ cudaError_t launch(const GemmParams& p, cudaStream_t stream) {
   const uint64_t dims_a[2] = {static_cast<uint64_t>(p.k), static_cast<uint64_t>(rows)};
   const uint64_t dims_b[3] = {static_cast<uint64_t>(p.k), static_cast<uint64_t>(p.n),
                               static_cast<uint64_t>(p.experts.num_experts)};
-  if (!encode(&map_a, type, p.a, 2, dims_a, V::BM) || !encode(&map_b, type, p.b, 3, dims_b, B_BOX_ROWS)) {
+  // Operands: 64-wide K boxes (128 bytes) in the 128-byte swizzle that desc_k128 describes.
+  if (!encode(&map_a, type, p.a, 2, dims_a, BK, V::BM, CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !encode(&map_b, type, p.b, 3, dims_b, BK, B_BOX_ROWS, CU_TENSOR_MAP_SWIZZLE_128B)) {
     return cudaErrorNotSupported;
   }
   if constexpr (V::STAGED) {
@@ -404,7 +428,9 @@ cudaError_t launch(const GemmParams& p, cudaStream_t stream) {
     const CUtensorMapDataType out_type =
         std::is_same<Tout, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
     const uint64_t dims_c[2] = {static_cast<uint64_t>(p.n_out), static_cast<uint64_t>(rows)};
-    if (!encode(&map_c, out_type, p.out, 2, dims_c, OUT_BOX)) return cudaErrorNotSupported;
+    if (!encode(&map_c, out_type, p.out, 2, dims_c, OUT_SUB, 64, CU_TENSOR_MAP_SWIZZLE_64B)) {
+      return cudaErrorNotSupported;
+    }
   }
 
   int device = 0, sms = 0;
@@ -486,21 +512,17 @@ bool fits(int num_experts) {
   return V::smem_bytes(num_experts) + kStaticSmemSlack <= static_cast<size_t>(optin);
 }
 
-// Whether the staged epilogue pays at this K. Narrow keeps its four stages, so it always does. Wide
-// gives up its fourth stage for the staging buffers: on the H200 (2026-11-28, same run) that was 4-5%
-// faster for K <= 2048 (Qwen3 T = 4096 and 16384: 426 / 273 / 1448 / 1023 us against 445 / 281 / 1487 /
-// 1073 direct) and 2-3% slower for Mixtral's K = 4096 and 14336 (3224 / 1519 against 3155 / 1479).
-template <typename Staged>
-bool staged_pays(int64_t k) {
-  return Staged::CONSUMERS == 1 || k <= kStagedWideMaxK;
-}
-
-// 16-bit outputs take the staged epilogue where it is wanted, pays, fits and its output map encodes
-// (row pitch a multiple of 16 bytes, 16-byte aligned base); otherwise, and for f32, the direct one.
+// 16-bit outputs of the plain epilogues (not SwiGLU) take the staged epilogue where it is wanted, fits
+// and its output map encodes (row pitch a multiple of 16 bytes, 16-byte aligned base); otherwise, and
+// for f32, the direct one. SwiGLU stays direct: its tiles write half the columns (128), and on the
+// H200 (2026-11-28, same run) staging them was 1-2.5% slower (gate|up at T = 4096 and 16384: Qwen3 399
+// / 1465 us against 391 / 1443 direct, DeepSeek 535 / 1592 against 528 / 1554) while the down
+// projections gained up to 6% (Qwen3 266 / 1039 against 283 / 1074, DeepSeek 288 / 919 against 300 /
+// 934; Mixtral's long K within 1%: 1468 / 6059 against 1455 / 6033).
 template <typename Tin, typename Tout, typename Direct, typename Staged>
 cudaError_t launch_epilogue(const GemmParams& p, cudaStream_t stream) {
   if constexpr (sizeof(Tout) == 2) {
-    if (staged_epilogue_wanted() && staged_pays<Staged>(p.k) && fits<Staged>(p.experts.num_experts)) {
+    if (p.epilogue != MOEK_EPILOGUE_SWIGLU && staged_epilogue_wanted() && fits<Staged>(p.experts.num_experts)) {
       const cudaError_t err = launch<Tin, Tout, Staged>(p, stream);
       if (err != cudaErrorNotSupported) return err;
     }
