@@ -27,6 +27,23 @@ int current_device_attribute() {
   return known - 1;
 }
 
+// Host side: lets `kernel` launch with as much dynamic shared memory as the current device allows a
+// block (the opt-in limit less the kernel's static shared memory). Always that one value, never a
+// call's own size: the attribute belongs to the function, process-wide, so per-call sizes raced
+// between host threads (one thread lowered it between another's set and launch, whose launch then
+// failed with cudaErrorInvalidValue: seen in grouped_gemm_gpu's parallel tests on the H200). No stream
+// work, so it may run during graph capture.
+template <typename Kernel>
+cudaError_t allow_max_dynamic_smem(Kernel* kernel) {
+  cudaFuncAttributes attr{};
+  const cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+  if (err != cudaSuccess) return err;
+  const int optin = current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
+  if (optin <= static_cast<int>(attr.sharedSizeBytes)) return cudaErrorInvalidValue;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              optin - static_cast<int>(attr.sharedSizeBytes));
+}
+
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }

@@ -212,7 +212,7 @@ cudaError_t launch_fused(FusedParams p, int64_t counter_words, cudaStream_t stre
   if (err != cudaSuccess) return err;
   const size_t smem = fused_smem_bytes<Cfg>(E);
   auto kernel = fused_layer_kernel<Cfg>;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  err = allow_max_dynamic_smem(kernel);
   if (err != cudaSuccess) return err;
   const int per_sm = fused_blocks_per_sm<Cfg>(smem);
   const int sms = current_device_attribute<cudaDevAttrMultiProcessorCount>();

@@ -442,7 +442,7 @@ cudaError_t launch(const GemmParams& p, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(tiles < sms ? tiles : sms);
   const size_t smem = V::smem_bytes(p.experts.num_experts);
   auto kernel = grouped_gemm_hopper_kernel<Tin, Tout, V>;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  err = allow_max_dynamic_smem(kernel);
   if (err != cudaSuccess) return err;
   kernel<<<grid, V::THREADS, smem, stream>>>(map_a, map_b, map_c, p, static_cast<int32_t>(n_tiles));
   return cudaGetLastError();

@@ -324,8 +324,7 @@ cudaError_t launch_gemm_tile(const GemmParams& p, cudaStream_t stream) {
   auto kernel = grouped_gemm_kernel<Tin, Tout, Cfg>;
   // Every launch (a host-side attribute, legal during stream capture): the default allows only 48 KB
   // less the kernel's static shared memory, which the 48 KB rings would already exceed.
-  const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  const cudaError_t err = allow_max_dynamic_smem(kernel);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles), static_cast<unsigned>(p.splits));
   kernel<<<grid, Cfg::THREADS, smem, stream>>>(p);

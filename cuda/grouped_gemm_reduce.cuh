@@ -73,8 +73,7 @@ cudaError_t launch_gemm_reduce(const GemmParams& p, cudaStream_t stream) {
   const size_t smem = (static_cast<size_t>(p.experts.num_experts) + 1) * sizeof(int32_t);
   auto kernel = grouped_gemm_reduce_kernel<Tout>;
   if (smem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    const cudaError_t err = allow_max_dynamic_smem(kernel);
     if (err != cudaSuccess) return err;
   }
   kernel<<<dim3(static_cast<unsigned>(m_tiles), static_cast<unsigned>(col_blocks)), kReduceThreads, smem, stream>>>(p);

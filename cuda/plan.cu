@@ -609,8 +609,7 @@ extern "C" int moek_cuda_plan(const moek_plan_args* a, int64_t num_chunks, int p
       if (err != cudaSuccess) return err;
     }
     if (smem > 48 * 1024) {
-      const cudaError_t err = cudaFuncSetAttribute(plan_cluster_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                   static_cast<int>(smem));
+      const cudaError_t err = allow_max_dynamic_smem(plan_cluster_kernel);
       if (err != cudaSuccess) return err;
     }
     cluster = cluster_fits(static_cast<int>(num_chunks), 32 * warps, smem);
@@ -625,8 +624,7 @@ extern "C" int moek_cuda_plan(const moek_plan_args* a, int64_t num_chunks, int p
   }
   auto kernel = cluster ? plan_cluster_kernel : fused ? plan_fused_kernel : plan_place_kernel;
   if (!cluster && smem > 48 * 1024) {  // above the default limit: opt in (per device, so on every such call)
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    const cudaError_t err = allow_max_dynamic_smem(kernel);
     if (err != cudaSuccess) return err;
   }
   PlaceArgs p;
