@@ -114,19 +114,36 @@ GEMM_MODELS = [
     ("deepseek_v3_ep8", 32, 7168, 2048, lambda t: t * 8 * 32 // 256),
 ]
 GEMM_TOKENS = [1, 16, 64, 256, 4096, 16384]
+GEMM_UNEVEN_TOKENS = [4096]
+
+
+def uneven_counts(rows, e):
+    """benches/grouped_gemm.rs's uneven_offsets: shares proportional to 50 + (37 x mod 101), rounded down,
+    the rows left over one each to the first experts."""
+    weights = [50 + (37 * x) % 101 for x in range(e)]
+    counts = [rows * w // sum(weights) for w in weights]
+    left = rows - sum(counts)
+    return [c + (x < left) for x, c in enumerate(counts)]
+
+
+def gemm_routings(rows, e, t):
+    """(case-name suffix, per-expert counts) of every routing measured at t tokens."""
+    out = [("", [rows // e + (x < rows % e) for x in range(e)])]
+    if t in GEMM_UNEVEN_TOKENS:
+        out.append(("_uneven", uneven_counts(rows, e)))
+    return out
 
 
 def gemm_cases():
-    """Same names, shapes and balanced offsets as benches/grouped_gemm.rs. Each case: (full op, bare
-    _grouped_mm, per-expert loop)."""
+    """Same names, shapes and offsets (balanced; uneven too at T = 4096) as benches/grouped_gemm.rs.
+    Each case: (full op, bare _grouped_mm, per-expert loop)."""
     bf16 = torch.bfloat16
     out = {}
     for name, e, h, i, rows_of in GEMM_MODELS:
         w_gate_up = torch.randn(e, 2 * i, h, device="cuda", dtype=bf16)
         w_down = torch.randn(e, h, i, device="cuda", dtype=bf16)
-        for t in GEMM_TOKENS:
+        for t, (routing, counts) in ((t, r) for t in GEMM_TOKENS for r in gemm_routings(rows_of(t), e, t)):
             rows = rows_of(t)
-            counts = [rows // e + (x < rows % e) for x in range(e)]
             bounds = [0]
             for c in counts:
                 bounds.append(bounds[-1] + c)
@@ -156,8 +173,8 @@ def gemm_cases():
             def dn_loop(mid=mid, w=w_down, bounds=bounds, scale=scale):
                 return torch.cat([mid[bounds[g]:bounds[g + 1]] @ w[g].T for g in range(len(bounds) - 1)]) * scale
 
-            out[f"{name}_T{t}_gate_up"] = (gu, gu_mm, gu_loop)
-            out[f"{name}_T{t}_down"] = (dn, dn_mm, dn_loop)
+            out[f"{name}_T{t}{routing}_gate_up"] = (gu, gu_mm, gu_loop)
+            out[f"{name}_T{t}{routing}_down"] = (dn, dn_mm, dn_loop)
     return out
 
 

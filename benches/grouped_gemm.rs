@@ -1,5 +1,6 @@
 //! Grouped-GEMM benchmarks on the GPU for the shapes (Mixtral-8x7B, Qwen3-30B-A3B, a DeepSeek-V3
-//! expert-parallel slice; T in {1, 16, 64, 256, 4096, 16384}, balanced routing): the gate|up projection
+//! expert-parallel slice; T in {1, 16, 64, 256, 4096, 16384}, balanced routing, and uneven routing at
+//! T = 4096, the `_uneven` cases, as a layer's real routing gives): the gate|up projection
 //! with SwiGLU and the down projection with the routing weight as row scale, bf16. Timed with CUDA
 //! events (criterion's `iter_custom`) and as one call's share of a CUDA graph of calls, plus a JSON of
 //! medians (MOEK_BENCH_JSON, default target/bench-grouped-gemm.json) with the weight bytes touched and
@@ -49,6 +50,36 @@ fn balanced_offsets(rows: usize, experts: usize) -> Vec<i32> {
     offsets
 }
 
+/// Uneven routing (a layer's experts are not balanced): expert e's share of the rows is proportional to
+/// 50 + (37 e mod 101), so from 50 to 150, rounded down; the rows left over go one each to the first
+/// experts. benches/compare_torch.py builds the same counts.
+fn uneven_offsets(rows: usize, experts: usize) -> Vec<i32> {
+    let weight = |e: usize| 50 + (37 * e) % 101;
+    let total: usize = (0..experts).map(weight).sum();
+    let mut counts: Vec<usize> = (0..experts).map(|e| rows * weight(e) / total).collect();
+    let left = rows - counts.iter().sum::<usize>();
+    for count in counts.iter_mut().take(left) {
+        *count += 1;
+    }
+    let mut offsets = vec![0i32];
+    for (e, count) in counts.iter().enumerate() {
+        offsets.push(offsets[e] + *count as i32);
+    }
+    offsets
+}
+
+/// Token counts that also get the uneven routing.
+const UNEVEN_TOKENS: [usize; 1] = [4096];
+
+/// The routings measured at T tokens: (case-name suffix, offsets).
+fn routings(rows: usize, experts: usize, t: usize) -> Vec<(&'static str, Vec<i32>)> {
+    let mut all = vec![("", balanced_offsets(rows, experts))];
+    if UNEVEN_TOKENS.contains(&t) {
+        all.push(("_uneven", uneven_offsets(rows, experts)));
+    }
+    all
+}
+
 fn row(name: &str, t: usize, bytes: f64, flop: f64, (stream_us, graph_us): (f64, f64)) -> String {
     format!(
         "{{\"case\":\"{name}\",\"tokens\":{t},\"stream_us\":{stream_us:.3},\"graph_us\":{graph_us:.3},\"bytes\":{bytes},\"flop\":{flop}}}"
@@ -69,10 +100,12 @@ fn benches(crit: &mut Criterion) {
         let (e, h, i) = (m.experts, m.hidden, m.inter);
         let w_gate_up = random_buffer(&stream, &mut rng, e * 2 * i * h);
         let w_down = random_buffer(&stream, &mut rng, e * h * i);
-        for t in TOKENS {
+        for (t, (routing, host_offsets)) in
+            TOKENS.into_iter().flat_map(|t| routings((m.rows)(t), m.experts, t).into_iter().map(move |r| (t, r)))
+        {
             let rows = (m.rows)(t);
             let touched = rows.min(e);
-            let offsets = stream.clone_htod(&balanced_offsets(rows, e)).unwrap();
+            let offsets = stream.clone_htod(&host_offsets).unwrap();
             let x = random_buffer(&stream, &mut rng, rows * h);
             let mut mid = stream.alloc_zeros::<bf16>((rows * i).max(1)).unwrap();
             let mut out = stream.alloc_zeros::<bf16>((rows * h).max(1)).unwrap();
@@ -98,7 +131,7 @@ fn benches(crit: &mut Criterion) {
                     Some(&mut workspace.slice_mut(..)),
                 )
             };
-            let name = format!("{}_T{t}_gate_up", m.name);
+            let name = format!("{}_T{t}{routing}_gate_up", m.name);
             let bytes = ((touched * 2 * i * h + rows * h + rows * i) * 2) as f64;
             let flop = (2 * rows * 2 * i * h) as f64;
             if wanted(&name) {
@@ -124,7 +157,7 @@ fn benches(crit: &mut Criterion) {
                     Some(&mut workspace.slice_mut(..)),
                 )
             };
-            let name = format!("{}_T{t}_down", m.name);
+            let name = format!("{}_T{t}{routing}_down", m.name);
             let bytes = ((touched * h * i + rows * i + rows * h) * 2) as f64;
             let flop = (2 * rows * h * i) as f64;
             if wanted(&name) {
