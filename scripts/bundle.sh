@@ -43,6 +43,7 @@ XZ_OPT="-T0 -6" tar -C bundle -cJf bundle/bins.tar.xz tests bin
 tar -tJf bundle/bins.tar.xz | sed 's/^/  /'
 rm -rf bundle/tests bundle/bin
 cp scripts/run-bundle.sh bundle/run.sh
+cp scripts/bench-ab.sh bundle/ab.sh
 cp benches/compare_torch.py benches/compare_nccl.py bundle/
 size=$(du -sm bundle | cut -f1)
 echo "bundle/: ${size} MiB"
