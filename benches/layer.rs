@@ -6,7 +6,8 @@
 //!
 //! Both implementations run: `layer_{preset}_T{t}` is the composed one, `..._fused` the fused kernel
 //! (`..._auto` the automatic choice). `MOEK_BENCH_LAYER_IMPLS=composed,fused,auto` picks which (default
-//! composed,fused), `MOEK_BENCH_TOKENS=1,16,64` the token counts (default 1, 16, 64, 256, 4096, 16384).
+//! composed,fused), `MOEK_BENCH_TOKENS=1,16,64` the token counts (default 1, 16, 64, 256, 4096, 16384);
+//! `MOEK_BENCH_ONLY` (as in every bench) keeps the cases whose name contains it.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use moe_kernels::layer::{moe_layer, LayerBuffers, LayerConfig, LayerImpl, LayerInputs, Routing};
@@ -16,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use std::time::Duration;
 
 mod common;
-use common::random_buffer;
+use common::{random_buffer, wanted, write_json};
 
 const TOKENS: [usize; 6] = [1, 16, 64, 256, 4096, 16384];
 
@@ -75,6 +76,9 @@ fn benches(crit: &mut Criterion) {
         let mut buffers = LayerBuffers::new(&stream, &cfg, max_t).unwrap();
         for (t, implementation) in tokens.iter().flat_map(|&t| impls.iter().map(move |&i| (t, i))) {
             let case = format!("layer_{name}_T{t}{}", suffix(implementation));
+            if !wanted(&case) {
+                continue;
+            }
             let cfg = LayerConfig { implementation, ..cfg };
             let inputs = LayerInputs {
                 x: x.slice(..t * h),
@@ -107,9 +111,7 @@ fn benches(crit: &mut Criterion) {
             ));
         }
     }
-    let path = std::env::var("MOEK_BENCH_JSON").unwrap_or_else(|_| "target/bench-layer.json".into());
-    std::fs::write(&path, format!("[\n{}\n]\n", rows.join(",\n"))).unwrap();
-    eprintln!("wrote {path}");
+    write_json("target/bench-layer.json", &rows);
 }
 
 criterion_group! {
