@@ -26,21 +26,16 @@
 // box may run into the next expert's rows or past the buffer, where TMA zero-fills; K and N tails
 // are zero-filled the same way). No atomics: deterministic.
 //
-// Staged epilogue (opt-in, MOEK_GEMM_HOPPER_EPILOGUE=staged: see staged_epilogue_wanted; bf16/f16
-// output of the plain epilogues, not SwiGLU, where it fits; see launch_epilogue): a
-// consumer whose 64 rows all belong to the tile's expert writes them, activated and rounded, 32
-// columns at a time into one of its two 4 KB subtile buffers (TMA's 64-byte swizzle), and one thread
-// stores each subtile with TMA, asynchronously: the consumer reuses a buffer once the store before last
-// has read it, and goes on to the next tile's K steps while the stores drain. ncu (Qwen3 down, K = 768,
-// 12 K steps a tile) had the tensor pipe 42% busy with direct stores: every CTA ends its tiles at about
-// the same time, so 132 SMs' 64 KB bursts queue for HBM and the consumers stall on them. Rows past the
-// expert's end (a tile's last rows) still take the direct, masked path: a TMA box would overwrite the
-// next expert's rows. The 16 KB of buffers leave Wide its four stages (a first version staged whole
-// 32 KB halves and cost Wide its fourth stage: Qwen3 4-5% faster, Mixtral 2-3% slower); the subtiles
-// follow what torch._grouped_mm's CUTLASS kernel does (ncu: 128 x 32 subtiles, two buffers). It gains
-// 3-6% on the short-K down projections; that CUTLASS kernel (128 x 256 tiles too, but in 2 x 1 clusters
-// multicasting B) kept the tensor pipe 70% busy on Qwen3's down projection where ours was at 42%. A
-// paired variant of ours (branch gemm-cluster) was correct but slower on Mixtral; not merged.
+// Staged epilogue (opt-in, MOEK_GEMM_HOPPER_EPILOGUE=staged; bf16/f16 output of the plain epilogues,
+// not SwiGLU, where it fits: launch_epilogue says when and what it measured): a consumer whose 64 rows
+// all belong to the tile's expert writes them, activated and rounded, 32 columns at a time into one of
+// its two 4 KB subtile buffers (TMA's 64-byte swizzle), and one thread stores each subtile with TMA,
+// asynchronously: the consumer reuses a buffer once the store before last has read it, and goes on to
+// the next tile's K steps while the stores drain. Why: ncu had the tensor pipe 42% busy on Qwen3's
+// down projection (K = 768) with direct stores, as every CTA ends its tiles at about the same time and
+// 132 SMs' 64 KB bursts queue for HBM; torch._grouped_mm's CUTLASS kernel stores 128 x 32 subtiles this
+// way. Rows past the expert's end (a tile's last rows) still take the direct, masked path: a TMA box
+// would overwrite the next expert's rows. The 16 KB of buffers leave Wide its four stages.
 //
 // Tensor maps are encoded on the host per call (cuTensorMapEncodeTiled through cudart's driver entry
 // point) and passed as __grid_constant__ parameters: A as 2-D [rows, K], B as 3-D [E, N, K].
@@ -96,7 +91,7 @@ using Wide = Variant<2, 4>;
 // fit beside the tile table of 8192 experts; four already keep 128 KB of weights in flight per SM,
 // several times what the HBM latency needs at 1/132 of its bandwidth.
 using Narrow = Variant<1, 4>;
-// The same with the staged epilogue (bf16/f16 output); they fit fewer experts (staged_fits).
+// The same with the staged epilogue (bf16/f16 output); they fit fewer experts (see `fits`).
 using WideStaged = Variant<2, 4, true>;
 using NarrowStaged = Variant<1, 4, true>;
 // Both fit the most experts, and Wide needs the more shared memory: one availability check serves both.
@@ -192,15 +187,9 @@ __device__ __forceinline__ void store_tile(const GemmParams& p, const Tile& tile
 template <typename Tout>
 __device__ __forceinline__ void stage_pair(uint32_t buf, int r, int c, float x, float y) {
   const uint32_t at = buf + r * (OUT_SUB * 2) + ((((c * 2) >> 4) ^ ((r >> 1) & 3)) << 4) + (c * 2) % 16;
-  uint32_t bits;
-  if constexpr (std::is_same<Tout, __half>::value) {
-    const __half2 v = __floats2half2_rn(x, y);
-    bits = *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
-    bits = *reinterpret_cast<const uint32_t*>(&v);
-  }
-  asm volatile("st.shared.b32 [%0], %1;" ::"r"(at), "r"(bits) : "memory");
+  alignas(4) Tout pair[2];
+  store_pair(pair, x, y);  // the direct epilogue's rounding, into registers
+  asm volatile("st.shared.b32 [%0], %1;" ::"r"(at), "r"(*reinterpret_cast<const uint32_t*>(pair)) : "memory");
 }
 
 // The staged epilogue of one consumer's 64 full rows, SUBTILES subtiles of 32 output columns through
@@ -458,9 +447,10 @@ bool has_sm90a_body() {
          attr.binaryVersion == 90 && attr.sharedSizeBytes >= V::THREADS / 32 * sizeof(int32_t);
 }
 
-// Whether the current device runs the sm_90a kernels, both variants (compute capability 9.0, this build
+// Whether the current device runs the sm_90a kernels, every variant (compute capability 9.0, this build
 // holds their sm_90a code, the driver encodes tensor maps, enough shared memory for E experts' prefix:
-// Wide needs more than Narrow, so its check covers both). Cached per device; safe during stream
+// Wide needs more than Narrow, so its check covers both; the staged variants are checked per launch,
+// `fits`). Cached per device; safe during stream
 // capture (no stream work).
 bool available(int num_experts) {
   constexpr int kDevices = 64;
@@ -506,12 +496,7 @@ bool staged_epilogue_wanted() {
 // Whether variant V's shared memory for E experts fits the current device.
 template <typename V>
 bool fits(int num_experts) {
-  int device = 0, optin = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
+  const int optin = current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
   return V::smem_bytes(num_experts) + kStaticSmemSlack <= static_cast<size_t>(optin);
 }
 

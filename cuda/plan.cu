@@ -544,6 +544,17 @@ int place_warps(int E, bool fused, bool extra) {
   return 1;
 }
 
+// Makes `config` launch its whole grid (along x) as one thread-block cluster; `attr` is the attribute's
+// storage, which the config points at.
+void as_one_cluster(cudaLaunchConfig_t& config, cudaLaunchAttribute& attr) {
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = config.gridDim.x;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+}
+
 // Whether a cluster of `blocks` blocks of the cluster kernel can run on this device (sm_90 and later,
 // and the occupancy calculator finds room for one such cluster). Remembered per configuration (the
 // last one asked, per thread: a plan's shape rarely changes between calls).
@@ -564,13 +575,8 @@ bool cluster_fits(int blocks, int threads, size_t smem) {
   config.gridDim = dim3(static_cast<unsigned>(blocks));
   config.blockDim = dim3(static_cast<unsigned>(threads));
   config.dynamicSmemBytes = smem;
-  cudaLaunchAttribute cluster[1];
-  cluster[0].id = cudaLaunchAttributeClusterDimension;
-  cluster[0].val.clusterDim.x = static_cast<unsigned>(blocks);
-  cluster[0].val.clusterDim.y = 1;
-  cluster[0].val.clusterDim.z = 1;
-  config.attrs = cluster;
-  config.numAttrs = 1;
+  cudaLaunchAttribute cluster;
+  as_one_cluster(config, cluster);
   int clusters = 0;
   if (cudaOccupancyMaxActiveClusters(&clusters, plan_cluster_kernel, &config) != cudaSuccess) {
     (void)cudaGetLastError();  // clear it: the fallback launch reports its own status
@@ -651,12 +657,7 @@ extern "C" int moek_cuda_plan(const moek_plan_args* a, int64_t num_chunks, int p
   config.stream = stream;
   cudaLaunchAttribute attr[1];
   if (cluster) {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(num_chunks);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    config.attrs = attr;
-    config.numAttrs = 1;
+    as_one_cluster(config, attr[0]);
   } else if (num_chunks > 1 && !fused && programmatic_launch()) {
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
