@@ -99,7 +99,7 @@ static_assert(Wide::smem_bytes(MOEK_GEMM_MAX_EXPERTS) + kStaticSmemSlack <= kSme
 static_assert(Narrow::smem_bytes(MOEK_GEMM_MAX_EXPERTS) <= Wide::smem_bytes(MOEK_GEMM_MAX_EXPERTS), "Wide bounds both");
 
 // Output columns per tile: 256 product columns, or 128 SwiGLU outputs.
-inline __host__ __device__ int out_cols_per_tile(bool swiglu) { return swiglu ? BN / 2 : BN; }
+constexpr __host__ __device__ int out_cols_per_tile(bool swiglu) { return swiglu ? BN / 2 : BN; }
 
 #if defined(MOEK_SM90A)
 
@@ -141,42 +141,41 @@ __device__ __forceinline__ Tile decode_tile(const ExpertRows& r, const int32_t* 
   return tile;
 }
 
-// The epilogue of one consumer's 64 rows straight to global memory: activation, row scale, rounding,
-// rows past the tile's and columns past N masked.
-template <typename Tout>
+// The epilogue of one consumer's 64 rows straight to global memory: activation EPI (a compile-time
+// moek_gemm_epilogue, see with_epilogue), row scale, rounding; rows past the tile's and columns past N
+// masked. Each pair's address is the row's base plus a constant, and its column test one compare with
+// a constant, so a pair costs a few instructions (ncu, Qwen3's down projection: the run-time switch
+// this replaces took the consumers as long as their main loop).
+template <typename Tout, int EPI>
 __device__ __forceinline__ void store_tile(const GemmParams& p, const Tile& tile, int consumer, float (&acc)[128]) {
+  constexpr bool SWIGLU = EPI == MOEK_EPILOGUE_SWIGLU;
+  constexpr int COLS = SWIGLU ? BN / 2 : BN;  // output columns of the tile
   const int t = threadIdx.x & 127, lane = t & 31, warp = t / 32;
   const int g = lane >> 2, q = lane & 3;
-  Tout* out = static_cast<Tout*>(p.out);
-  const bool swiglu = p.epilogue == MOEK_EPILOGUE_SWIGLU;
+  const int64_t col0 = static_cast<int64_t>(tile.n_block) * COLS + q * 2;
+  // Pair j (columns 8j + 2q, + 1 of the tile) lies inside the output when 8j < left (n_out is even).
+  const int left = static_cast<int>(min(p.n_out - col0, static_cast<int64_t>(COLS)));
   // Accumulator 4j + 2h + c holds row (warp * 16 + g + 8h) of this warpgroup's 64, product column
-  // 8j + 2q + c of the tile's 256.
+  // 8j + 2q + c of the tile's 256 (SwiGLU: columns 0..127 the gate rows of outputs n_block * 128 + c,
+  // 128..255 their up rows).
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = consumer * 64 + warp * 16 + g + h * 8;
     if (r >= tile.rows) continue;
     const int64_t row = static_cast<int64_t>(tile.row0) + r;
     const float scale = p.row_scale != nullptr ? __ldg(p.row_scale + row) : 1.f;
-    Tout* out_row = out + row * p.n_out;
-    if (swiglu) {
-      // Columns 0..127 are the gate rows of outputs n_block * 128 + c, columns 128..255 their up rows.
+    Tout* out = static_cast<Tout*>(p.out) + row * p.n_out + col0;
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const int64_t col = static_cast<int64_t>(tile.n_block) * (BN / 2) + j * 8 + q * 2;
-        if (col >= p.n_out) continue;
-        const float x = silu(acc[4 * j + 2 * h]) * acc[4 * (j + 16) + 2 * h] * scale;
-        const float y = silu(acc[4 * j + 2 * h + 1]) * acc[4 * (j + 16) + 2 * h + 1] * scale;
-        store_pair(out_row + col, x, y);
+    for (int j = 0; j < COLS / 8; ++j) {
+      float x, y;
+      if constexpr (SWIGLU) {
+        x = silu(acc[4 * j + 2 * h]) * acc[4 * (j + 16) + 2 * h] * scale;
+        y = silu(acc[4 * j + 2 * h + 1]) * acc[4 * (j + 16) + 2 * h + 1] * scale;
+      } else {
+        x = activate<EPI>(acc[4 * j + 2 * h]) * scale;
+        y = activate<EPI>(acc[4 * j + 2 * h + 1]) * scale;
       }
-    } else {
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        const int64_t col = static_cast<int64_t>(tile.n_block) * BN + j * 8 + q * 2;
-        if (col >= p.n_out) continue;
-        const float x = activate(p.epilogue, acc[4 * j + 2 * h]) * scale;
-        const float y = activate(p.epilogue, acc[4 * j + 2 * h + 1]) * scale;
-        store_pair(out_row + col, x, y);
-      }
+      if (8 * j < left) store_pair(out + 8 * j, x, y);
     }
   }
 }
@@ -195,9 +194,11 @@ __device__ __forceinline__ void stage_pair(uint32_t buf, int r, int c, float x, 
 // The staged epilogue of one consumer's 64 full rows, SUBTILES subtiles of 32 output columns through
 // the consumer's two buffers at `base`: wait until the store of the subtile before last has read its
 // buffer, write this one (activation, row scale, rounding), and let one thread store it with TMA.
-template <typename Tout, int SUBTILES, bool SWIGLU>
+template <typename Tout, int EPI>
 __device__ __forceinline__ void stage_subtiles(const GemmParams& p, const CUtensorMap& map_c, const Tile& tile,
                                                int consumer, float (&acc)[128], uint32_t base) {
+  constexpr bool SWIGLU = EPI == MOEK_EPILOGUE_SWIGLU;
+  constexpr int SUBTILES = out_cols_per_tile(SWIGLU) / OUT_SUB;
   const int t = threadIdx.x & 127, lane = t & 31, warp = t / 32;
   const int g = lane >> 2, q = lane & 3;
   const bool leader = t == 0;
@@ -224,8 +225,8 @@ __device__ __forceinline__ void stage_subtiles(const GemmParams& p, const CUtens
           x = silu(acc[4 * j + 2 * h]) * acc[4 * (j + 16) + 2 * h] * scale[h];
           y = silu(acc[4 * j + 2 * h + 1]) * acc[4 * (j + 16) + 2 * h + 1] * scale[h];
         } else {
-          x = activate(p.epilogue, acc[4 * j + 2 * h]) * scale[h];
-          y = activate(p.epilogue, acc[4 * j + 2 * h + 1]) * scale[h];
+          x = activate<EPI>(acc[4 * j + 2 * h]) * scale[h];
+          y = activate<EPI>(acc[4 * j + 2 * h + 1]) * scale[h];
         }
         stage_pair<Tout>(buf, warp * 16 + g + h * 8, jj * 8 + q * 2, x, y);
       }
@@ -238,16 +239,6 @@ __device__ __forceinline__ void stage_subtiles(const GemmParams& p, const CUtens
       }
       sm90::bulk_commit();
     }
-  }
-}
-
-template <typename Tout>
-__device__ __forceinline__ void stage_and_store(const GemmParams& p, const CUtensorMap& map_c, const Tile& tile,
-                                                int consumer, float (&acc)[128], uint32_t base) {
-  if (p.epilogue == MOEK_EPILOGUE_SWIGLU) {
-    stage_subtiles<Tout, BN / 2 / OUT_SUB, true>(p, map_c, tile, consumer, acc, base);
-  } else {
-    stage_subtiles<Tout, BN / OUT_SUB, false>(p, map_c, tile, consumer, acc, base);
   }
 }
 
@@ -339,13 +330,16 @@ __global__ void __launch_bounds__(V::THREADS, 1)
         sm90::fence_regs(acc);
         if (arrives) sm90::mbar_arrive(empty_bar + 8 * s);
       }
-      if constexpr (V::STAGED) {
-        if ((consumer + 1) * 64 <= tile.rows) {
-          stage_and_store<Tout>(p, map_c, tile, consumer, acc, out_stage + consumer * 2 * OUT_SUB_BYTES);
-          continue;
+      const bool staged = V::STAGED && (consumer + 1) * 64 <= tile.rows;
+      with_epilogue(p.epilogue, [&](auto epi) {
+        if constexpr (V::STAGED && decltype(epi)::value != MOEK_EPILOGUE_SWIGLU) {  // never staged
+          if (staged) {
+            stage_subtiles<Tout, decltype(epi)::value>(p, map_c, tile, consumer, acc, out_stage + consumer * 2 * OUT_SUB_BYTES);
+            return;
+          }
         }
-      }
-      store_tile<Tout>(p, tile, consumer, acc);
+        store_tile<Tout, decltype(epi)::value>(p, tile, consumer, acc);
+      });
     }
     // The staged rows must be read out before the CTA's shared memory goes away.
     if (V::STAGED && threadIdx.x % 128 == 0) sm90::bulk_wait_all();

@@ -23,6 +23,8 @@
 #include "mma_sm80.cuh"
 #include "moe_kernels.h"
 
+#include <type_traits>
+
 namespace moek {
 
 // Everything the kernel reads, resolved by the launcher (cuda/grouped_gemm.cu).
@@ -81,16 +83,56 @@ __device__ __forceinline__ void store_pair(__half* p, float x, float y) {
   *reinterpret_cast<__half2*>(p) = __floats2half2_rn(x, y);
 }
 
-__device__ __forceinline__ float silu(float x) { return x / (1.f + __expf(-x)); }
+// x * sigmoid(x), with the fast division (a reciprocal and a multiply, 2 ulp) instead of the IEEE one,
+// whose refinement and slow-path call sat at every SwiGLU output (64 a thread in the sm_90a epilogue);
+// the error is far below the output's rounding.
+__device__ __forceinline__ float silu(float x) { return __fdividef(x, 1.f + __expf(-x)); }
 
+// The plain epilogues' activation, known at compile time (EPI: a moek_gemm_epilogue other than SwiGLU,
+// which pairs two accumulators and is written out where it is used).
+template <int EPI>
+__device__ __forceinline__ float activate(float x) {
+  if constexpr (EPI == MOEK_EPILOGUE_GELU) {
+    return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+  } else if constexpr (EPI == MOEK_EPILOGUE_RELU) {
+    return fmaxf(x, 0.f);
+  } else {
+    return x;
+  }
+}
+
+// The same chosen at run time, for code outside a hot per-element loop.
 __device__ __forceinline__ float activate(int epilogue, float x) {
   switch (epilogue) {
     case MOEK_EPILOGUE_GELU:
-      return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+      return activate<MOEK_EPILOGUE_GELU>(x);
     case MOEK_EPILOGUE_RELU:
-      return fmaxf(x, 0.f);
+      return activate<MOEK_EPILOGUE_RELU>(x);
     default:
       return x;
+  }
+}
+
+// Calls body(std::integral_constant<int, EPI>{}) with p.epilogue as a compile-time EPI. Why: an
+// epilogue that switches on the activation per element is a branch ladder around every store (and
+// GELU's erf inlined at every one); on the H200 the sm_90a kernel's consumers spent as long in such
+// an epilogue as in the main loop of Qwen3's down projection (K = 768: ncu, 2026-11-28), issue-bound
+// and missing the instruction cache. One switch per tile leaves straight-line stores.
+template <typename Body>
+__device__ __forceinline__ void with_epilogue(int epilogue, Body&& body) {
+  switch (epilogue) {
+    case MOEK_EPILOGUE_SWIGLU:
+      body(std::integral_constant<int, MOEK_EPILOGUE_SWIGLU>{});
+      break;
+    case MOEK_EPILOGUE_GELU:
+      body(std::integral_constant<int, MOEK_EPILOGUE_GELU>{});
+      break;
+    case MOEK_EPILOGUE_RELU:
+      body(std::integral_constant<int, MOEK_EPILOGUE_RELU>{});
+      break;
+    default:
+      body(std::integral_constant<int, MOEK_EPILOGUE_IDENTITY>{});
+      break;
   }
 }
 
@@ -262,14 +304,19 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const MTile& tile
           store_pair(out_row + j, x, y);
         }
       } else {
+        with_epilogue(p.epilogue, [&](auto epi) {  // the activation known at compile time, as in the stores
+          constexpr int EPI = decltype(epi)::value;
+          if constexpr (EPI != MOEK_EPILOGUE_SWIGLU) {  // handled above
 #pragma unroll
-        for (int ni = 0; ni < NI; ++ni) {
-          const int64_t col = static_cast<int64_t>(n_tile) * BN + warp_n * Cfg::WTN + ni * 8 + q * 2;
-          if (col >= p.n_out) continue;
-          const float x = activate(p.epilogue, acc[mi][ni][h * 2]) * scale;
-          const float y = activate(p.epilogue, acc[mi][ni][h * 2 + 1]) * scale;
-          store_pair(out_row + col, x, y);
-        }
+            for (int ni = 0; ni < NI; ++ni) {
+              const int64_t col = static_cast<int64_t>(n_tile) * BN + warp_n * Cfg::WTN + ni * 8 + q * 2;
+              if (col >= p.n_out) continue;
+              const float x = activate<EPI>(acc[mi][ni][h * 2]) * scale;
+              const float y = activate<EPI>(acc[mi][ni][h * 2 + 1]) * scale;
+              store_pair(out_row + col, x, y);
+            }
+          }
+        });
       }
     }
   }
