@@ -26,8 +26,8 @@
 // box may run into the next expert's rows or past the buffer, where TMA zero-fills; K and N tails
 // are zero-filled the same way). No atomics: deterministic.
 //
-// Staged epilogue (opt-in, MOEK_GEMM_HOPPER_EPILOGUE=staged; bf16/f16 output of the plain epilogues,
-// not SwiGLU, where it fits: launch_epilogue says when and what it measured): a consumer whose 64 rows
+// Staged epilogue (the default for bf16/f16 output of the plain epilogues, not SwiGLU, where it fits;
+// MOEK_GEMM_HOPPER_EPILOGUE chooses otherwise: launch_epilogue says when and what it measured): a consumer whose 64 rows
 // all belong to the tile's expert writes them, activated and rounded, 32 columns at a time into one of
 // its two 4 KB subtile buffers (TMA's 64-byte swizzle), and one thread stores each subtile with TMA,
 // asynchronously: the consumer reuses a buffer once the store before last has read it, and goes on to
@@ -332,7 +332,7 @@ __global__ void __launch_bounds__(V::THREADS, 1)
       }
       const bool staged = V::STAGED && (consumer + 1) * 64 <= tile.rows;
       with_epilogue(p.epilogue, [&](auto epi) {
-        if constexpr (V::STAGED && decltype(epi)::value != MOEK_EPILOGUE_SWIGLU) {  // never staged
+        if constexpr (V::STAGED) {
           if (staged) {
             stage_subtiles<Tout, decltype(epi)::value>(p, map_c, tile, consumer, acc, out_stage + consumer * 2 * OUT_SUB_BYTES);
             return;
@@ -475,16 +475,19 @@ bool available(int num_experts) {
   return Wide::smem_bytes(num_experts) + kStaticSmemSlack <= static_cast<size_t>(optin);
 }
 
-// Whether the staged epilogue is wanted: only with MOEK_GEMM_HOPPER_EPILOGUE=staged (read once). Off by
-// default: it made the whole Qwen3 layer at T = 4096 26-30% slower on the H200 (1112 us against 853-874;
-// T = 16384 3425 against 2995; the DeepSeek slice 1-8%), real routing's uneven experts, while the
-// balanced grouped-GEMM bench ran its down projections 1-6% faster. Not diagnosed yet.
-bool staged_epilogue_wanted() {
-  static const bool wanted = [] {
+// Which epilogue MOEK_GEMM_HOPPER_EPILOGUE asks for (read once): unset or "staged", the staged one for
+// the plain epilogues (identity, GELU, ReLU) and the direct one for SwiGLU; "direct", the direct one
+// always; "staged-all", the staged one for SwiGLU too (for measuring it). Anything else: the default.
+enum class EpiloguePolicy { kStagedPlain, kDirect, kStagedAll };
+
+EpiloguePolicy epilogue_policy() {
+  static const EpiloguePolicy policy = [] {
     const char* v = std::getenv("MOEK_GEMM_HOPPER_EPILOGUE");
-    return v != nullptr && std::strcmp(v, "staged") == 0;
+    if (v != nullptr && std::strcmp(v, "direct") == 0) return EpiloguePolicy::kDirect;
+    if (v != nullptr && std::strcmp(v, "staged-all") == 0) return EpiloguePolicy::kStagedAll;
+    return EpiloguePolicy::kStagedPlain;
   }();
-  return wanted;
+  return policy;
 }
 
 // Whether variant V's shared memory for E experts fits the current device.
@@ -494,17 +497,22 @@ bool fits(int num_experts) {
   return V::smem_bytes(num_experts) + kStaticSmemSlack <= static_cast<size_t>(optin);
 }
 
-// 16-bit outputs of the plain epilogues (not SwiGLU) take the staged epilogue where it is wanted, fits
-// and its output map encodes (row pitch a multiple of 16 bytes, 16-byte aligned base); otherwise, and
-// for f32, the direct one. SwiGLU stays direct: its tiles write half the columns (128), and on the
-// H200 (2026-11-28, same run) staging them was 1-2.5% slower (gate|up at T = 4096 and 16384: Qwen3 399
-// / 1465 us against 391 / 1443 direct, DeepSeek 535 / 1592 against 528 / 1554) while the down
-// projections gained up to 6% (Qwen3 266 / 1039 against 283 / 1074, DeepSeek 288 / 919 against 300 /
-// 934; Mixtral's long K within 1%: 1468 / 6059 against 1455 / 6033).
+// 16-bit outputs of the plain epilogues (not SwiGLU) take the staged epilogue where it fits and its
+// output map encodes (row pitch a multiple of 16 bytes, 16-byte aligned base); otherwise, and for f32,
+// the direct one. Measured on the H200 (2026-11-28, same run, after the compile-time epilogue): staged
+// down projections 1-18% faster, balanced and uneven (Qwen3 T = 4096 210 us against 256 direct, T =
+// 16384 800 against 921, uneven 273 against 323; DeepSeek T = 4096 264 against 283, uneven 334 against
+// 401; Mixtral within 1-2%). Before that change the staged kernel's direct fallback (a tile's last,
+// partial rows) carried the slow per-element epilogue, and uneven experts ran 40-80% slower staged.
+// SwiGLU stays direct unless MOEK_GEMM_HOPPER_EPILOGUE=staged-all: its tiles write 128 columns, and
+// staging them was 1-2.5% slower with the old epilogue code.
 template <typename Tin, typename Tout, typename Direct, typename Staged>
 cudaError_t launch_epilogue(const GemmParams& p, cudaStream_t stream) {
   if constexpr (sizeof(Tout) == 2) {
-    if (p.epilogue != MOEK_EPILOGUE_SWIGLU && staged_epilogue_wanted() && fits<Staged>(p.experts.num_experts)) {
+    const EpiloguePolicy policy = epilogue_policy();
+    const bool staged = policy == EpiloguePolicy::kStagedAll ||
+                        (policy == EpiloguePolicy::kStagedPlain && p.epilogue != MOEK_EPILOGUE_SWIGLU);
+    if (staged && fits<Staged>(p.experts.num_experts)) {
       const cudaError_t err = launch<Tin, Tout, Staged>(p, stream);
       if (err != cudaErrorNotSupported) return err;
     }

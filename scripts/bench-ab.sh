@@ -2,7 +2,7 @@
 # A/B of one benchmark under several environments, on the GPU machine, from what scripts/bundle.sh packed
 # (it travels as bundle/ab.sh):
 #   bash bundle/ab.sh BENCH LABEL[:VAR=VALUE[,VAR=VALUE...]] ...
-# e.g. MOEK_BENCH_ONLY=T4096 bash bundle/ab.sh grouped_gemm direct staged:MOEK_GEMM_HOPPER_EPILOGUE=staged
+# e.g. MOEK_BENCH_ONLY=T4096 bash bundle/ab.sh grouped_gemm default direct:MOEK_GEMM_HOPPER_EPILOGUE=direct
 # runs bench-BENCH once per variant, in the order given (alternate them, or repeat the first at the end,
 # to see the machine's drift), writes $OUT/ab-BENCH-LABEL.json, and prints graph us per case, a column per
 # variant with its ratio to the first. MOEK_BENCH_ONLY and the rest of the caller's environment pass through.
