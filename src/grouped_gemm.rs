@@ -18,7 +18,10 @@
 //! decode tiles, `small6`: SMALL with 6 stages, and
 //! `medium64`: 64 × 128 with BK = 64; `auto` keeps the automatic choice), `MOEK_GEMM_HOPPER=0` keeps
 //! the automatic choice on the portable path, `MOEK_GEMM_SPLIT_K=n` (1..=64) replaces `split_k = 0`,
-//! and `MOEK_GEMM_SPLIT_TARGET=ctas` replaces the CTA count the automatic split aims at (768).
+//! `MOEK_GEMM_SPLIT_TARGET=ctas` replaces the CTA count the automatic split aims at (768), and
+//! `MOEK_GEMM_HOPPER_EPILOGUE=direct|staged-all` changes how the sm_90a kernel stores 16-bit outputs (by
+//! default through shared memory and TMA for the plain epilogues, with direct stores for SwiGLU;
+//! `direct`: direct stores always; `staged-all`: SwiGLU staged too).
 
 use crate::check;
 use crate::dtype::{self, Element};
