@@ -646,6 +646,67 @@ typedef struct moek_ep_combine_args {
  * sums are added up in a fixed order. */
 moek_status moek_ep_combine(const moek_ep_combine_args *args, cudaStream_t stream);
 
+/* ------------------------------------------------------------------------------------------------
+ * Low-dimension expert parallelism (BigMac, Jin et al., AAAI 2025: descend, communicate, communicate,
+ * ascend): the rows cross NVLink at a projected width r instead of the model width H. Composed from the
+ * calls above, each enqueued on the caller's stream:
+ *   moek_ep_low_dim_dispatch: the descend projection P = x . W_down^T (x [T, H], W_down [r, H]) into
+ *     the low-dimension workspace, then moek_ep_dispatch of P's rows at width r;
+ *   moek_ep_low_dim_combine: moek_ep_combine of the expert outputs at width r (each token's weighted
+ *     sum, rounded to dtype) into the low-dimension workspace, then the ascend projection of those sums
+ *     . W_up^T (W_up [H, r]) into out [T, H], then out += residual where one is given (the projection
+ *     rounded to dtype first).
+ * The group's config.hidden is r (a multiple of 8) and its dtype bf16 or f16; the symmetric buffer and
+ * the workspace are those of moek_ep_layout_query for that configuration, and the whole contract of
+ * moek_ep_dispatch / moek_ep_combine holds (every rank makes both calls, in the same order). The
+ * received rows and expert_out are r wide. Each rank also passes its own low-dimension workspace
+ * (moek_ep_low_dim_workspace_size), which every call overwrites: no zero fill needed, never shared.
+ * Everything is checked before anything is enqueued.
+ * One process driving several GPUs from one host thread: have the library's kernels loaded before the
+ * first round (CUDA_MODULE_LOADING=EAGER, or one round on a group of one rank per device first): under
+ * lazy loading a kernel's first launch waits for the device's running kernels, and the ascend
+ * projection is enqueued behind a combine that waits for the other ranks' combines, which that host
+ * thread has not enqueued yet (docs/expert-parallel.md). The Rust LowDimRank does this warm-up itself.
+ * ---------------------------------------------------------------------------------------------- */
+
+/* What both low-dimension calls of one rank take. */
+typedef struct moek_ep_low_dim_group {
+  moek_ep_group group;             /* config.hidden = r, the projected width; dtype bf16 or f16 */
+  int64_t model_hidden;            /* H: the width of x, the residual and out, a multiple of 8 */
+  void *low_dim_workspace;         /* device, 256-byte aligned, this rank's; overwritten by every call */
+  size_t low_dim_workspace_bytes;  /* at least moek_ep_low_dim_workspace_size's answer */
+} moek_ep_low_dim_group;
+
+/* Bytes of the low-dimension workspace: two [max_tokens, r] buffers of dtype, the projections' offsets
+ * and their split-K space. Reads only group->group.config (all but rank) and group->model_hidden. */
+moek_status moek_ep_low_dim_workspace_size(const moek_ep_low_dim_group *group, size_t *bytes);
+
+typedef struct moek_ep_low_dim_dispatch_args {
+  moek_ep_low_dim_group group;
+  int64_t num_tokens;              /* T of this rank, 0..max_tokens */
+  const void *x;                   /* device [T, H], 16-byte aligned */
+  const void *w_down;              /* device [r, H], 16-byte aligned: the descend projection */
+  const int32_t *topk_ids;         /* device [T, k], global expert ids (as moek_ep_dispatch) */
+  const float *topk_weights;       /* device [T, k] or NULL (weight 1) */
+  int32_t *received_expert_offsets; /* device [E/R + 1], written (as moek_ep_dispatch) */
+} moek_ep_low_dim_dispatch_args;
+
+/* Enqueues the descend projection and the dispatch at width r. */
+moek_status moek_ep_low_dim_dispatch(const moek_ep_low_dim_dispatch_args *args, cudaStream_t stream);
+
+typedef struct moek_ep_low_dim_combine_args {
+  moek_ep_low_dim_group group;
+  int64_t num_tokens;              /* T of this rank's matching dispatch */
+  const void *expert_out;          /* device [received rows, r], 16-byte aligned (as moek_ep_combine) */
+  const void *w_up;                /* device [H, r], 16-byte aligned: the ascend projection */
+  const void *residual;            /* device [T, H], 16-byte aligned, or NULL; must not overlap out (the
+                                      projection is written to out before the residual is added) */
+  void *out;                       /* device [T, H], 16-byte aligned, written */
+} moek_ep_low_dim_combine_args;
+
+/* Enqueues the combine at width r, the ascend projection and the residual add. */
+moek_status moek_ep_low_dim_combine(const moek_ep_low_dim_combine_args *args, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -294,6 +294,42 @@ pub unsafe extern "C" fn moek_ep_combine(
     to_status(unsafe { read_args(args, "args") }.and_then(|a| ep::combine_raw(a, stream)))
 }
 
+/// See `moek_ep_low_dim_workspace_size` in the header.
+///
+/// # Safety
+/// `group` is NULL or valid; `bytes` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn moek_ep_low_dim_workspace_size(
+    group: *const sys::moek_ep_low_dim_group,
+    bytes: *mut usize,
+) -> sys::moek_status {
+    unsafe { query(group, bytes, "bytes", ep::low_dim_workspace_bytes) }
+}
+
+/// See `moek_ep_low_dim_dispatch` in the header.
+///
+/// # Safety
+/// `args` is NULL or valid, and its pointers satisfy the header's contract.
+#[no_mangle]
+pub unsafe extern "C" fn moek_ep_low_dim_dispatch(
+    args: *const sys::moek_ep_low_dim_dispatch_args,
+    stream: sys::cudaStream_t,
+) -> sys::moek_status {
+    to_status(unsafe { read_args(args, "args") }.and_then(|a| ep::low_dim_dispatch_raw(a, stream)))
+}
+
+/// See `moek_ep_low_dim_combine` in the header.
+///
+/// # Safety
+/// `args` is NULL or valid, and its pointers satisfy the header's contract.
+#[no_mangle]
+pub unsafe extern "C" fn moek_ep_low_dim_combine(
+    args: *const sys::moek_ep_low_dim_combine_args,
+    stream: sys::cudaStream_t,
+) -> sys::moek_status {
+    to_status(unsafe { read_args(args, "args") }.and_then(|a| ep::low_dim_combine_raw(a, stream)))
+}
+
 // Compile-time proof that the definitions above have the header's signatures.
 const _: [unsafe extern "C" fn(sys::moek_status) -> *const c_char; 2] = [sys::moek_status_string, moek_status_string];
 const _: [unsafe extern "C" fn() -> *const c_char; 2] = [sys::moek_last_error_message, moek_last_error_message];
@@ -338,3 +374,11 @@ type EpDispatchFn = unsafe extern "C" fn(*const sys::moek_ep_dispatch_args, sys:
 const _: [EpDispatchFn; 2] = [sys::moek_ep_dispatch, moek_ep_dispatch];
 type EpCombineFn = unsafe extern "C" fn(*const sys::moek_ep_combine_args, sys::cudaStream_t) -> sys::moek_status;
 const _: [EpCombineFn; 2] = [sys::moek_ep_combine, moek_ep_combine];
+type LowDimSizeFn = unsafe extern "C" fn(*const sys::moek_ep_low_dim_group, *mut usize) -> sys::moek_status;
+const _: [LowDimSizeFn; 2] = [sys::moek_ep_low_dim_workspace_size, moek_ep_low_dim_workspace_size];
+type LowDimDispatchFn =
+    unsafe extern "C" fn(*const sys::moek_ep_low_dim_dispatch_args, sys::cudaStream_t) -> sys::moek_status;
+const _: [LowDimDispatchFn; 2] = [sys::moek_ep_low_dim_dispatch, moek_ep_low_dim_dispatch];
+type LowDimCombineFn =
+    unsafe extern "C" fn(*const sys::moek_ep_low_dim_combine_args, sys::cudaStream_t) -> sys::moek_status;
+const _: [LowDimCombineFn; 2] = [sys::moek_ep_low_dim_combine, moek_ep_low_dim_combine];

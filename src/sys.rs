@@ -623,3 +623,89 @@ const _: () = {
 unsafe extern "C" {
     pub fn moek_ep_combine(args: *const moek_ep_combine_args, stream: cudaStream_t) -> moek_status;
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moek_ep_low_dim_group {
+    pub group: moek_ep_group,
+    pub model_hidden: i64,
+    pub low_dim_workspace: *mut ::std::os::raw::c_void,
+    pub low_dim_workspace_bytes: usize,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of moek_ep_low_dim_group"][::std::mem::size_of::<moek_ep_low_dim_group>() - 104usize];
+    ["Alignment of moek_ep_low_dim_group"][::std::mem::align_of::<moek_ep_low_dim_group>() - 8usize];
+    ["Offset of field: moek_ep_low_dim_group::group"][::std::mem::offset_of!(moek_ep_low_dim_group, group) - 0usize];
+    ["Offset of field: moek_ep_low_dim_group::model_hidden"]
+        [::std::mem::offset_of!(moek_ep_low_dim_group, model_hidden) - 80usize];
+    ["Offset of field: moek_ep_low_dim_group::low_dim_workspace"]
+        [::std::mem::offset_of!(moek_ep_low_dim_group, low_dim_workspace) - 88usize];
+    ["Offset of field: moek_ep_low_dim_group::low_dim_workspace_bytes"]
+        [::std::mem::offset_of!(moek_ep_low_dim_group, low_dim_workspace_bytes) - 96usize];
+};
+unsafe extern "C" {
+    pub fn moek_ep_low_dim_workspace_size(group: *const moek_ep_low_dim_group, bytes: *mut usize) -> moek_status;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moek_ep_low_dim_dispatch_args {
+    pub group: moek_ep_low_dim_group,
+    pub num_tokens: i64,
+    pub x: *const ::std::os::raw::c_void,
+    pub w_down: *const ::std::os::raw::c_void,
+    pub topk_ids: *const i32,
+    pub topk_weights: *const f32,
+    pub received_expert_offsets: *mut i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of moek_ep_low_dim_dispatch_args"][::std::mem::size_of::<moek_ep_low_dim_dispatch_args>() - 152usize];
+    ["Alignment of moek_ep_low_dim_dispatch_args"][::std::mem::align_of::<moek_ep_low_dim_dispatch_args>() - 8usize];
+    ["Offset of field: moek_ep_low_dim_dispatch_args::group"]
+        [::std::mem::offset_of!(moek_ep_low_dim_dispatch_args, group) - 0usize];
+    ["Offset of field: moek_ep_low_dim_dispatch_args::num_tokens"]
+        [::std::mem::offset_of!(moek_ep_low_dim_dispatch_args, num_tokens) - 104usize];
+    ["Offset of field: moek_ep_low_dim_dispatch_args::x"]
+        [::std::mem::offset_of!(moek_ep_low_dim_dispatch_args, x) - 112usize];
+    ["Offset of field: moek_ep_low_dim_dispatch_args::w_down"]
+        [::std::mem::offset_of!(moek_ep_low_dim_dispatch_args, w_down) - 120usize];
+    ["Offset of field: moek_ep_low_dim_dispatch_args::topk_ids"]
+        [::std::mem::offset_of!(moek_ep_low_dim_dispatch_args, topk_ids) - 128usize];
+    ["Offset of field: moek_ep_low_dim_dispatch_args::topk_weights"]
+        [::std::mem::offset_of!(moek_ep_low_dim_dispatch_args, topk_weights) - 136usize];
+    ["Offset of field: moek_ep_low_dim_dispatch_args::received_expert_offsets"]
+        [::std::mem::offset_of!(moek_ep_low_dim_dispatch_args, received_expert_offsets) - 144usize];
+};
+unsafe extern "C" {
+    pub fn moek_ep_low_dim_dispatch(args: *const moek_ep_low_dim_dispatch_args, stream: cudaStream_t) -> moek_status;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moek_ep_low_dim_combine_args {
+    pub group: moek_ep_low_dim_group,
+    pub num_tokens: i64,
+    pub expert_out: *const ::std::os::raw::c_void,
+    pub w_up: *const ::std::os::raw::c_void,
+    pub residual: *const ::std::os::raw::c_void,
+    pub out: *mut ::std::os::raw::c_void,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of moek_ep_low_dim_combine_args"][::std::mem::size_of::<moek_ep_low_dim_combine_args>() - 144usize];
+    ["Alignment of moek_ep_low_dim_combine_args"][::std::mem::align_of::<moek_ep_low_dim_combine_args>() - 8usize];
+    ["Offset of field: moek_ep_low_dim_combine_args::group"]
+        [::std::mem::offset_of!(moek_ep_low_dim_combine_args, group) - 0usize];
+    ["Offset of field: moek_ep_low_dim_combine_args::num_tokens"]
+        [::std::mem::offset_of!(moek_ep_low_dim_combine_args, num_tokens) - 104usize];
+    ["Offset of field: moek_ep_low_dim_combine_args::expert_out"]
+        [::std::mem::offset_of!(moek_ep_low_dim_combine_args, expert_out) - 112usize];
+    ["Offset of field: moek_ep_low_dim_combine_args::w_up"]
+        [::std::mem::offset_of!(moek_ep_low_dim_combine_args, w_up) - 120usize];
+    ["Offset of field: moek_ep_low_dim_combine_args::residual"]
+        [::std::mem::offset_of!(moek_ep_low_dim_combine_args, residual) - 128usize];
+    ["Offset of field: moek_ep_low_dim_combine_args::out"]
+        [::std::mem::offset_of!(moek_ep_low_dim_combine_args, out) - 136usize];
+};
+unsafe extern "C" {
+    pub fn moek_ep_low_dim_combine(args: *const moek_ep_low_dim_combine_args, stream: cudaStream_t) -> moek_status;
+}

@@ -16,11 +16,12 @@
 use super::{EpConfig, EpRank, ExpertOutput};
 use crate::check;
 use crate::error::{bail, Result};
-use crate::grouped_gemm::{self, ExpertRows, GemmConfig, GemmInput, Layout};
+use crate::grouped_gemm::{self, GemmConfig, GemmInput, Layout};
 use crate::sys;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, ValidAsZeroBits};
 use std::collections::BTreeSet;
 use std::ffi::c_void;
+use std::marker::PhantomData;
 
 /// The shape of a low-dimension group: the expert-parallel configuration at the projected width
 /// (`ep.hidden` is r) and the model width H.
@@ -94,6 +95,18 @@ impl LowDimConfig {
         Ok(())
     }
 
+    /// Split-K space for both projections, the largest any call of 1..=max_tokens rows can use. Only
+    /// the first [`SPLIT_SCAN_ROWS`] row counts are asked: the automatic split serves few tiles, and far
+    /// fewer rows than that already make enough (a call beyond them given less space does not split).
+    fn split_workspace_bytes(&self) -> Result<usize> {
+        let mut bytes = 0;
+        for m in 1..=self.ep.max_tokens.min(SPLIT_SCAN_ROWS) {
+            let layout = Layout::Contiguous { max_rows: m };
+            bytes = bytes.max(self.descend().workspace_bytes(layout)?).max(self.ascend().workspace_bytes(layout)?);
+        }
+        Ok(bytes)
+    }
+
     /// The descend projection as a one-expert GEMM: [T, H] · [r, H]^T.
     fn descend(&self) -> GemmConfig {
         GemmConfig::new(1, self.projected(), self.hidden)
@@ -105,26 +118,27 @@ impl LowDimConfig {
     }
 }
 
+/// Row counts [`LowDimConfig::split_workspace_bytes`] asks about (the automatic split aims at 768 CTAs
+/// of at least 32 rows each, so beyond a few thousand rows it never splits).
+const SPLIT_SCAN_ROWS: usize = 65536;
+
 /// One rank of a low-dimension group: an [`EpRank`] made for width r (from a [`super::PeerGroup`] or an
-/// [`super::IpcRank`]) and the buffers the projections need, allocated once here. Every rank makes
-/// the same calls in the same order, as with [`EpRank`].
+/// [`super::IpcRank`]) and the low-dimension workspace the projections need, allocated once here.
+/// Every rank makes the same calls in the same order, as with [`EpRank`]. The calls are the C
+/// interface's (`moek_ep_low_dim_dispatch` / `_combine`) on that workspace, so one code path serves both.
 pub struct LowDimRank<'a, T: GemmInput + ValidAsZeroBits> {
     ep: &'a EpRank,
     config: LowDimConfig,
-    /// [max_tokens, r]: this rank's tokens after the descend projection (what dispatch sends).
-    projected: CudaSlice<T>,
-    /// [max_tokens, r]: the weighted sum of a token's expert outputs (what the ascend projects).
-    combined: CudaSlice<T>,
-    /// The one-expert GEMMs' offsets `[0, >= max_rows]`: written once here, since the GEMM clamps them
-    /// to the call's `max_rows` (= T), so no call writes them again.
-    offsets: CudaSlice<i32>,
-    /// Split-K space for the projections (decode: few tokens, K = H long); None when no split needs any.
-    workspace: Option<CudaSlice<u8>>,
+    /// The C path's workspace (see [`Carve`]): the projected and combined rows ([max_tokens, r] each),
+    /// the one-expert GEMMs' offsets and their split-K space.
+    workspace: CudaSlice<u8>,
+    carve: Carve,
+    _rows: PhantomData<T>,
 }
 
 impl<'a, T: GemmInput + ValidAsZeroBits> LowDimRank<'a, T> {
     /// Wraps `ep` (whose configuration's `hidden` is r) for model width `hidden` (H): checks the shape,
-    /// allocates the buffers, and runs each kernel the projections can use once on scratch rows (returns
+    /// allocates the workspace, and runs each kernel the projections can use once on scratch rows (returns
     /// after they finished). The warm-up is what makes one-process groups safe: with lazy module loading a
     /// kernel's first launch waits for the device's running kernels, and the ascend is launched right
     /// after a combine that spins until the other ranks' combines are enqueued (docs/expert-parallel.md).
@@ -136,78 +150,57 @@ impl<'a, T: GemmInput + ValidAsZeroBits> LowDimRank<'a, T> {
         config.validate()?;
         let stream = ep.stream();
         stream.context().bind_to_thread()?;
-        let (rows, r) = (config.ep.max_tokens, config.projected());
-        // One row at least: a zero-length allocation gives no pointer to pass.
-        let projected = stream.alloc_zeros::<T>(rows.max(1) * r)?;
-        let combined = stream.alloc_zeros::<T>(rows.max(1) * r)?;
-        let mut offsets = stream.alloc_zeros::<i32>(2)?;
-        {
-            let (p, _g) = offsets.device_ptr_mut(stream);
-            crate::cuda::status(crate::cuda::whole_range_offsets(p as *mut i32, stream.cu_stream() as _))?;
-        }
-        // The split-K need varies with the rows; take the largest any call can have.
-        let mut bytes = 0;
-        for m in 1..=rows {
-            let layout = Layout::Contiguous { max_rows: m };
-            bytes = bytes.max(config.descend().workspace_bytes(layout)?).max(config.ascend().workspace_bytes(layout)?);
-        }
-        let workspace = if bytes > 0 { Some(stream.alloc_zeros::<u8>(bytes)?) } else { None };
-        let mut me = LowDimRank { ep, config, projected, combined, offsets, workspace };
+        let carve = carve(&config)?;
+        let workspace = stream.alloc_zeros::<u8>(carve.total)?;
+        let me = LowDimRank { ep, config, workspace, carve, _rows: PhantomData };
         me.warm_up()?;
         Ok(me)
     }
 
     /// Launches, on scratch rows, one projection of each distinct kernel plan (tile, K slices) a call
     /// of 1..=max_tokens rows can take, and the residual add; waits for them.
-    fn warm_up(&mut self) -> Result<()> {
+    fn warm_up(&self) -> Result<()> {
         let (rows, h) = (self.config.ep.max_tokens, self.config.hidden);
         if rows == 0 {
             return Ok(());
         }
         let stream = self.ep.stream().clone();
+        let cu = stream.cu_stream() as sys::cudaStream_t;
         // Zeros: the values do not matter, only that each kernel is loaded.
         let mut scratch = stream.alloc_zeros::<T>(rows * h)?;
         let w = stream.alloc_zeros::<T>(h * self.config.projected())?;
+        let (sp, _g0) = scratch.device_ptr_mut(&stream);
+        let (wp, _g1) = w.device_ptr(&stream);
+        let (ws, _g2) = self.workspace.device_ptr(&stream);
+        let (sp, wp, ws) = (sp as *mut c_void, wp as *const c_void, ws as *mut u8);
+        // SAFETY: inside the workspace (carve.total bytes were allocated).
+        let combined = unsafe { ws.add(self.carve.combined) } as *mut c_void;
+        let dtype = self.config.ep.dtype;
         let (mut down, mut up) = (BTreeSet::new(), BTreeSet::new());
         for m in 1..=rows {
             let layout = Layout::Contiguous { max_rows: m };
             if down.insert(grouped_gemm::kernel_plan::<T, T>(&self.config.descend(), layout)?) {
-                self.project_down(m, &scratch.slice(..), &w.slice(..))?;
+                project(&self.config.descend(), dtype, m, sp, wp, ws as *mut c_void, ws, &self.carve, cu)?;
             }
             if up.insert(grouped_gemm::kernel_plan::<T, T>(&self.config.ascend(), layout)?) {
-                self.project_up(m, &w.slice(..), &mut scratch.slice_mut(..))?;
+                project(&self.config.ascend(), dtype, m, combined, wp, sp, ws, &self.carve, cu)?;
             }
         }
-        {
-            let (p, _g) = scratch.device_ptr_mut(&stream);
-            let elements = (rows * h) as i64;
-            let code = crate::cuda::add_residual(
-                T::DTYPE,
-                p as *mut c_void,
-                p as *const c_void,
-                elements,
-                stream.cu_stream() as _,
-            );
-            crate::cuda::status(code)?;
-        }
+        let code = crate::cuda::add_residual(dtype, sp, sp as *const c_void, (rows * h) as i64, cu);
+        crate::cuda::status(code)?;
         stream.synchronize()?;
         Ok(())
     }
 
-    fn project_down(&mut self, m: usize, x: &CudaView<'_, T>, w_down: &CudaView<'_, T>) -> Result<()> {
-        let stream = self.ep.stream();
-        let rows = ExpertRows::Contiguous { offsets: self.offsets.slice(..), max_rows: m };
-        let mut ws = self.workspace.as_mut().map(|w| w.slice_mut(..));
-        let out = &mut self.projected.slice_mut(..);
-        grouped_gemm::grouped_gemm(stream, &self.config.descend(), x, w_down, &rows, None, out, ws.as_mut())
-    }
-
-    fn project_up(&mut self, m: usize, w_up: &CudaView<'_, T>, out: &mut CudaViewMut<'_, T>) -> Result<()> {
-        let stream = self.ep.stream();
-        let rows = ExpertRows::Contiguous { offsets: self.offsets.slice(..), max_rows: m };
-        let mut ws = self.workspace.as_mut().map(|w| w.slice_mut(..));
-        let a = self.combined.slice(..);
-        grouped_gemm::grouped_gemm(stream, &self.config.ascend(), &a, w_up, &rows, None, out, ws.as_mut())
+    /// The C description of this rank's low-dimension group.
+    fn group(&self) -> Result<sys::moek_ep_low_dim_group> {
+        let (ws, _g) = self.workspace.device_ptr(self.ep.stream());
+        Ok(sys::moek_ep_low_dim_group {
+            group: self.ep.group()?,
+            model_hidden: self.config.hidden as i64,
+            low_dim_workspace: ws as *mut c_void,
+            low_dim_workspace_bytes: self.carve.total,
+        })
     }
 
     /// The wrapped rank (its stream, received rows at width r, layout).
@@ -236,12 +229,23 @@ impl<'a, T: GemmInput + ValidAsZeroBits> LowDimRank<'a, T> {
     ) -> Result<()> {
         self.config.check_dispatch(num_tokens, x.len(), w_down.len(), topk_ids.len(), topk_weights.map(|w| w.len()))?;
         check::length("received_offsets", received_offsets.len(), self.config.ep.local_experts() + 1)?;
-        // T = 0 still joins the exchange (every rank makes every call); it only has nothing to project.
-        if num_tokens > 0 {
-            self.project_down(num_tokens, x, w_down)?;
-        }
-        // The one dispatch call of this module (an API change of EpRank::dispatch is made here).
-        self.ep.dispatch(num_tokens, &self.projected.slice(..), topk_ids, topk_weights, received_offsets)
+        let stream = self.ep.stream().clone();
+        stream.context().bind_to_thread()?;
+        let (xp, _g0) = x.device_ptr(&stream);
+        let (wp, _g1) = w_down.device_ptr(&stream);
+        let (ids, _g2) = topk_ids.device_ptr(&stream);
+        let weights = topk_weights.map(|w| w.device_ptr(&stream));
+        let (offs, _g3) = received_offsets.device_ptr_mut(&stream);
+        let a = sys::moek_ep_low_dim_dispatch_args {
+            group: self.group()?,
+            num_tokens: num_tokens as i64,
+            x: xp as *const c_void,
+            w_down: wp as *const c_void,
+            topk_ids: ids as *const i32,
+            topk_weights: weights.as_ref().map_or(std::ptr::null(), |(p, _)| *p as *const f32),
+            received_expert_offsets: offs as *mut i32,
+        };
+        low_dim_dispatch_raw(&a, stream.cu_stream() as sys::cudaStream_t)
     }
 
     /// Returns the expert outputs (r wide; in place in the received rows or in a buffer, as for
@@ -262,30 +266,199 @@ impl<'a, T: GemmInput + ValidAsZeroBits> LowDimRank<'a, T> {
         let c = self.config;
         c.check_combine(num_tokens, w_up.len(), residual.map(|r| r.len()), out.len())?;
         let stream = self.ep.stream().clone();
-        // Resolved (and checked) before anything is enqueued, so a bad residual leaves no half-done call.
+        stream.context().bind_to_thread()?;
+        let buffer = match &expert_out {
+            ExpertOutput::Received => None,
+            ExpertOutput::Buffer(v) => {
+                check::length("expert_out", v.len(), self.ep.layout().max_received_rows * c.projected())?;
+                Some(v.device_ptr(&stream))
+            }
+        };
+        let eo = buffer.as_ref().map_or(self.ep.received_rows_ptr(), |(p, _)| *p);
+        let (wp, _g0) = w_up.device_ptr(&stream);
         let residual = residual.map(|r| r.device_ptr(&stream));
-        if let Some((rp, _)) = &residual {
-            check::pointer("residual", *rp as *const u8, num_tokens > 0, 16)?;
-        }
-        // The one combine call of this module (an API change of EpRank::combine is made here). No
-        // residual here: it is H wide, the exchange r wide.
-        self.ep.combine(num_tokens, expert_out, None, &mut self.combined.slice_mut(..))?;
-        if num_tokens == 0 {
-            return Ok(());
-        }
-        self.project_up(num_tokens, w_up, out)?;
-        if let Some((rp, _)) = &residual {
-            let (op, _g) = out.device_ptr_mut(&stream);
-            let elements = (num_tokens * c.hidden) as i64;
-            let code = crate::cuda::add_residual(
-                T::DTYPE,
-                op as *mut c_void,
-                *rp as *const c_void,
-                elements,
-                stream.cu_stream() as _,
-            );
-            crate::cuda::status(code)?;
-        }
-        Ok(())
+        let (op, _g1) = out.device_ptr_mut(&stream);
+        let a = sys::moek_ep_low_dim_combine_args {
+            group: self.group()?,
+            num_tokens: num_tokens as i64,
+            expert_out: eo as *const c_void,
+            w_up: wp as *const c_void,
+            residual: residual.as_ref().map_or(std::ptr::null(), |(p, _)| *p as *const c_void),
+            out: op as *mut c_void,
+        };
+        low_dim_combine_raw(&a, stream.cu_stream() as sys::cudaStream_t)
     }
+}
+
+// ---- the C interface (moek_ep_low_dim_*): the same steps on the caller's buffers ----
+
+/// Where the C path keeps its buffers inside the caller's low-dimension workspace (byte offsets): at 0
+/// the descend projection's output [max_tokens, r] (what dispatch sends), then:
+struct Carve {
+    /// [max_tokens, r]: the combine's weighted sums (what the ascend projects).
+    combined: usize,
+    /// Two i32: the one-expert GEMMs' offsets.
+    offsets: usize,
+    /// The projections' split-K space and its length.
+    split: usize,
+    split_bytes: usize,
+    total: usize,
+}
+
+const CARVE_ALIGN: usize = 256;
+
+fn carve(c: &LowDimConfig) -> Result<Carve> {
+    let elem = crate::dtype::size_of(c.ep.dtype).unwrap_or(2);
+    let rows = (c.ep.max_tokens.max(1) * c.projected() * elem).div_ceil(CARVE_ALIGN) * CARVE_ALIGN;
+    let split_bytes = c.split_workspace_bytes()?;
+    let split = 2 * rows + CARVE_ALIGN;
+    Ok(Carve { combined: rows, offsets: 2 * rows, split, split_bytes, total: split + split_bytes })
+}
+
+/// The low-dimension shape of a C group, checked (every field of the configuration but the rank, r,
+/// H, the dtype).
+fn config_of(g: &sys::moek_ep_low_dim_group) -> Result<LowDimConfig> {
+    let c = &g.group.config;
+    super::layout(c)?; // the field checks, before any cast below
+    let ep = EpConfig {
+        num_ranks: c.num_ranks as u32,
+        num_experts: c.num_experts as u32,
+        k: c.k as u32,
+        hidden: c.hidden as usize,
+        max_tokens: c.max_tokens as usize,
+        dtype: c.dtype,
+        capacity: c.capacity as usize,
+    };
+    if g.model_hidden < 8 || g.model_hidden % 8 != 0 || g.model_hidden > i64::from(i32::MAX) {
+        bail!(InvalidValue, "model_hidden (H) = {} must be a positive multiple of 8 below 2^31", g.model_hidden);
+    }
+    let config = LowDimConfig { ep, hidden: g.model_hidden as usize };
+    config.validate()?;
+    Ok(config)
+}
+
+/// Checks the low-dimension workspace and the token count; returns the shape and the carve.
+fn check_low_dim(g: &sys::moek_ep_low_dim_group, num_tokens: i64) -> Result<(LowDimConfig, Carve)> {
+    let config = config_of(g)?;
+    if num_tokens < 0 || num_tokens as usize > config.ep.max_tokens {
+        bail!(InvalidNumTokens, "num_tokens = {num_tokens} is outside 0..={}", config.ep.max_tokens);
+    }
+    let carve = carve(&config)?;
+    if g.low_dim_workspace_bytes < carve.total {
+        bail!(
+            WorkspaceTooSmall,
+            "low_dim_workspace_bytes = {} but this configuration needs {}",
+            g.low_dim_workspace_bytes,
+            carve.total
+        );
+    }
+    check::pointer("low_dim_workspace", g.low_dim_workspace as *const u8, true, CARVE_ALIGN)?;
+    Ok((config, carve))
+}
+
+/// See `moek_ep_low_dim_workspace_size` in the header.
+pub(crate) fn low_dim_workspace_bytes(g: &sys::moek_ep_low_dim_group) -> Result<usize> {
+    Ok(carve(&config_of(g)?)?.total)
+}
+
+/// One projection of the C path: `out[T, n] = a[T, k] · b[n, k]^T`, a one-expert grouped GEMM over
+/// the offsets and split-K space in the low-dimension workspace.
+#[allow(clippy::too_many_arguments)]
+fn project(
+    gemm: &GemmConfig,
+    dtype: sys::moek_dtype,
+    num_tokens: usize,
+    a: *const c_void,
+    b: *const c_void,
+    out: *mut c_void,
+    workspace: *mut u8,
+    carve: &Carve,
+    stream: sys::cudaStream_t,
+) -> Result<()> {
+    // SAFETY: the carve lies inside the workspace (checked against low_dim_workspace_bytes).
+    let offsets = unsafe { workspace.add(carve.offsets) } as *mut i32;
+    crate::cuda::status(crate::cuda::whole_range_offsets(offsets, stream))?;
+    let mut args = gemm.to_args(Layout::Contiguous { max_rows: num_tokens }, dtype, dtype);
+    args.a = a;
+    args.b = b;
+    args.out = out;
+    args.expert_offsets = offsets;
+    args.workspace = unsafe { workspace.add(carve.split) } as *mut c_void;
+    args.workspace_bytes = carve.split_bytes;
+    grouped_gemm::grouped_gemm_raw(&args, stream)
+}
+
+/// See `moek_ep_low_dim_dispatch` in the header: checks everything, then enqueues the descend
+/// projection into the workspace and the dispatch of its rows.
+pub(crate) fn low_dim_dispatch_raw(a: &sys::moek_ep_low_dim_dispatch_args, stream: sys::cudaStream_t) -> Result<()> {
+    let (config, carve) = check_low_dim(&a.group, a.num_tokens)?;
+    let tokens = a.num_tokens > 0;
+    check::pointer("x", a.x as *const u8, tokens, 16)?;
+    check::pointer("w_down", a.w_down as *const u8, tokens, 16)?;
+    let workspace = a.group.low_dim_workspace as *mut u8;
+    let ep_args = sys::moek_ep_dispatch_args {
+        group: a.group.group,
+        num_tokens: a.num_tokens,
+        x: workspace as *const c_void, // the projected rows, at the carve's start
+        topk_ids: a.topk_ids,
+        topk_weights: a.topk_weights,
+        received_expert_offsets: a.received_expert_offsets,
+    };
+    let checked = super::check_dispatch(&ep_args)?;
+    // T = 0 still joins the exchange (every rank makes every call); it only has nothing to project.
+    if tokens {
+        let n = a.num_tokens as usize;
+        project(
+            &config.descend(),
+            config.ep.dtype,
+            n,
+            a.x,
+            a.w_down,
+            workspace as *mut c_void,
+            workspace,
+            &carve,
+            stream,
+        )?;
+    }
+    super::launch_dispatch(&ep_args, &checked, stream)
+}
+
+/// See `moek_ep_low_dim_combine` in the header: checks everything, then enqueues the combine at width
+/// r into the workspace, the ascend projection into `out` and the residual add.
+pub(crate) fn low_dim_combine_raw(a: &sys::moek_ep_low_dim_combine_args, stream: sys::cudaStream_t) -> Result<()> {
+    let (config, carve) = check_low_dim(&a.group, a.num_tokens)?;
+    let tokens = a.num_tokens > 0;
+    check::pointer("w_up", a.w_up as *const u8, tokens, 16)?;
+    check::pointer("residual", a.residual as *const u8, false, 16)?;
+    check::pointer("out", a.out as *const u8, tokens, 16)?;
+    if tokens && !a.residual.is_null() {
+        // The ascend writes out before the residual is read: overlapping buffers would add a sum to itself.
+        let bytes = a.num_tokens as usize * config.hidden * crate::dtype::size_of(config.ep.dtype).unwrap_or(2);
+        let (r, o) = (a.residual as usize, a.out as usize);
+        if r < o + bytes && o < r + bytes {
+            bail!(InvalidValue, "residual overlaps out (the ascend projection is written to out first)");
+        }
+    }
+    let workspace = a.group.low_dim_workspace as *mut u8;
+    // SAFETY: inside the workspace (the carve was checked against its length).
+    let combined = unsafe { workspace.add(carve.combined) } as *mut c_void;
+    let ep_args = sys::moek_ep_combine_args {
+        group: a.group.group,
+        num_tokens: a.num_tokens,
+        expert_out: a.expert_out,
+        residual: std::ptr::null(), // H wide; the exchange is r wide
+        out: combined,
+    };
+    let checked = super::check_combine(&ep_args)?;
+    super::launch_combine(&ep_args, &checked, stream)?;
+    if !tokens {
+        return Ok(());
+    }
+    let n = a.num_tokens as usize;
+    project(&config.ascend(), config.ep.dtype, n, combined as *const c_void, a.w_up, a.out, workspace, &carve, stream)?;
+    if !a.residual.is_null() {
+        let elements = (n * config.hidden) as i64;
+        crate::cuda::status(crate::cuda::add_residual(config.ep.dtype, a.out, a.residual, elements, stream))?;
+    }
+    Ok(())
 }

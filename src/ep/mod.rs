@@ -23,6 +23,7 @@ mod low_dim;
 mod peer_group;
 
 pub use ipc::{IpcHandle, IpcRank, IPC_HANDLE_BYTES};
+pub(crate) use low_dim::{low_dim_combine_raw, low_dim_dispatch_raw, low_dim_workspace_bytes};
 pub use low_dim::{LowDimConfig, LowDimRank};
 pub use peer_group::{EpRank, ExpertOutput, PeerGroup};
 
@@ -211,8 +212,14 @@ fn check_tokens(g: &sys::moek_ep_group, num_tokens: i64) -> Result<()> {
     Ok(())
 }
 
-/// Validates a dispatch in full, then enqueues it (the C entry point and [`EpRank::dispatch`]).
-pub(crate) fn dispatch_raw(a: &sys::moek_ep_dispatch_args, stream: sys::cudaStream_t) -> Result<()> {
+/// A dispatch's arguments after [`check_dispatch`]: its layout and the peers' buffers.
+pub(crate) struct Checked {
+    lay: EpLayout,
+    peers: Vec<usize>,
+}
+
+/// Validates a dispatch in full (nothing enqueued).
+pub(crate) fn check_dispatch(a: &sys::moek_ep_dispatch_args) -> Result<Checked> {
     let (lay, peers) = check_group(&a.group)?;
     check_tokens(&a.group, a.num_tokens)?;
     let tokens = a.num_tokens > 0;
@@ -220,11 +227,21 @@ pub(crate) fn dispatch_raw(a: &sys::moek_ep_dispatch_args, stream: sys::cudaStre
     check::pointer("topk_ids", a.topk_ids, tokens, 4)?;
     check::pointer("topk_weights", a.topk_weights, false, 4)?;
     check::pointer("received_expert_offsets", a.received_expert_offsets, true, 4)?;
-    launch::dispatch(a, &lay, &peers, stream)
+    Ok(Checked { lay, peers })
 }
 
-/// Validates a combine in full, then enqueues it (the C entry point and [`EpRank::combine`]).
-pub(crate) fn combine_raw(a: &sys::moek_ep_combine_args, stream: sys::cudaStream_t) -> Result<()> {
+/// Enqueues a dispatch that [`check_dispatch`] accepted.
+pub(crate) fn launch_dispatch(a: &sys::moek_ep_dispatch_args, c: &Checked, stream: sys::cudaStream_t) -> Result<()> {
+    launch::dispatch(a, &c.lay, &c.peers, stream)
+}
+
+/// Validates a dispatch in full, then enqueues it (the C entry point and [`EpRank::dispatch`]).
+pub(crate) fn dispatch_raw(a: &sys::moek_ep_dispatch_args, stream: sys::cudaStream_t) -> Result<()> {
+    launch_dispatch(a, &check_dispatch(a)?, stream)
+}
+
+/// Validates a combine in full (nothing enqueued).
+pub(crate) fn check_combine(a: &sys::moek_ep_combine_args) -> Result<Checked> {
     let (lay, peers) = check_group(&a.group)?;
     check_tokens(&a.group, a.num_tokens)?;
     // Whether rows arrive is known on the device only, so expert_out is needed whenever any can.
@@ -232,5 +249,15 @@ pub(crate) fn combine_raw(a: &sys::moek_ep_combine_args, stream: sys::cudaStream
     let tokens = a.num_tokens > 0;
     check::pointer("residual", a.residual as *const u8, false, 16)?;
     check::pointer("out", a.out as *const u8, tokens, 16)?;
-    launch::combine(a, &lay, &peers, stream)
+    Ok(Checked { lay, peers })
+}
+
+/// Enqueues a combine that [`check_combine`] accepted.
+pub(crate) fn launch_combine(a: &sys::moek_ep_combine_args, c: &Checked, stream: sys::cudaStream_t) -> Result<()> {
+    launch::combine(a, &c.lay, &c.peers, stream)
+}
+
+/// Validates a combine in full, then enqueues it (the C entry point and [`EpRank::combine`]).
+pub(crate) fn combine_raw(a: &sys::moek_ep_combine_args, stream: sys::cudaStream_t) -> Result<()> {
+    launch_combine(a, &check_combine(a)?, stream)
 }

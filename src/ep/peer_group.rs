@@ -183,7 +183,8 @@ impl EpRank {
         self.symmetric.ptr + self.layout.received_offset as u64
     }
 
-    fn group(&self) -> Result<sys::moek_ep_group> {
+    /// The C description of this rank's group (its buffers and the peers'), valid while the rank lives.
+    pub(super) fn group(&self) -> Result<sys::moek_ep_group> {
         self.stream.context().bind_to_thread()?;
         let (ws, _guard) = self.workspace.device_ptr(&self.stream);
         Ok(sys::moek_ep_group {

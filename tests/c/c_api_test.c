@@ -8,6 +8,7 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <stdint.h>
 #include <string.h>
 
 static int passed = 0, failed = 0;
@@ -124,6 +125,59 @@ static void cpu_side(void) {
   memset(&mv, 0, sizeof mv);
   CHECK(moek_subbit_matvec(&mv, NULL) == MOEK_ERROR_INVALID_VALUE, "subbit matvec with an empty descriptor");
   CHECK(strstr(moek_last_error_message(), "weights.matrices") != NULL, "message names weights.matrices: %s",
+        moek_last_error_message());
+
+  /* Low-dimension expert parallelism: the shape and the caller's buffers are checked before anything is
+   * enqueued (no GPU needed for any of these). */
+  moek_ep_low_dim_group low;
+  memset(&low, 0, sizeof low);
+  low.group.config.num_ranks = 1;
+  low.group.config.num_experts = 8;
+  low.group.config.k = 2;
+  low.group.config.hidden = 360; /* r */
+  low.group.config.max_tokens = 64;
+  low.group.config.dtype = MOEK_DTYPE_BF16;
+  low.model_hidden = 2880;
+  size_t low_bytes = 0;
+  CHECK(moek_ep_low_dim_workspace_size(&low, &low_bytes) == MOEK_SUCCESS && low_bytes >= 2 * 64 * 360 * 2,
+        "low-dim workspace %zu: %s", low_bytes, moek_last_error_message());
+  CHECK(moek_ep_low_dim_workspace_size(NULL, &low_bytes) == MOEK_ERROR_NULL_POINTER, "low-dim NULL group");
+  CHECK(moek_ep_low_dim_workspace_size(&low, NULL) == MOEK_ERROR_NULL_POINTER, "low-dim NULL bytes");
+  low.model_hidden = 2884;
+  CHECK(moek_ep_low_dim_workspace_size(&low, &low_bytes) == MOEK_ERROR_INVALID_VALUE, "H not a multiple of 8");
+  CHECK(strstr(moek_last_error_message(), "model_hidden") != NULL, "message names model_hidden: %s",
+        moek_last_error_message());
+  low.model_hidden = 2880;
+  low.group.config.dtype = MOEK_DTYPE_F32;
+  CHECK(moek_ep_low_dim_workspace_size(&low, &low_bytes) == MOEK_ERROR_INVALID_DTYPE, "low-dim f32 rows");
+  low.group.config.dtype = MOEK_DTYPE_BF16;
+  low.group.config.num_ranks = 3;
+  CHECK(moek_ep_low_dim_workspace_size(&low, &low_bytes) == MOEK_ERROR_INVALID_RANKS, "ranks not dividing E");
+  low.group.config.num_ranks = 1;
+  moek_ep_low_dim_dispatch_args ld;
+  memset(&ld, 0, sizeof ld);
+  ld.group = low;
+  ld.num_tokens = 4;
+  ld.group.low_dim_workspace_bytes = low_bytes - 1;
+  ld.group.low_dim_workspace = (void *)(uintptr_t)4096; /* never dereferenced: refused first */
+  CHECK(moek_ep_low_dim_dispatch(&ld, NULL) == MOEK_ERROR_WORKSPACE_TOO_SMALL, "low-dim workspace too small");
+  CHECK(strstr(moek_last_error_message(), "low_dim_workspace_bytes") != NULL, "message names it: %s",
+        moek_last_error_message());
+  ld.group.low_dim_workspace_bytes = low_bytes;
+  ld.num_tokens = 65;
+  CHECK(moek_ep_low_dim_dispatch(&ld, NULL) == MOEK_ERROR_INVALID_NUM_TOKENS, "low-dim T > max_tokens");
+  ld.num_tokens = 4;
+  CHECK(moek_ep_low_dim_dispatch(&ld, NULL) == MOEK_ERROR_NULL_POINTER, "low-dim dispatch without x");
+  CHECK(strstr(moek_last_error_message(), "x") != NULL, "message names x: %s", moek_last_error_message());
+  moek_ep_low_dim_combine_args lc;
+  memset(&lc, 0, sizeof lc);
+  lc.group = ld.group;
+  lc.num_tokens = 4;
+  lc.w_up = (const void *)(uintptr_t)8192;
+  lc.out = (void *)(uintptr_t)(1 << 20);
+  lc.residual = (const void *)(uintptr_t)((1 << 20) + 256); /* inside out's 4 x 2880 bf16 */
+  CHECK(moek_ep_low_dim_combine(&lc, NULL) == MOEK_ERROR_INVALID_VALUE, "low-dim residual overlapping out");
+  CHECK(strstr(moek_last_error_message(), "overlaps") != NULL, "message says overlaps: %s",
         moek_last_error_message());
 }
 
