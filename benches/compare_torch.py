@@ -15,7 +15,9 @@ bandwidth ceiling, and, given our bench JSON, prints the comparison table. Suite
   per-expert matmul loop a user would write.
 - subbit (benches/subbit.rs): the bf16 product of the same shapes with dense weights (torch.bmm over the
   two experts' [rows, cols] weights, each token a row of both), beside our fused decode + matvec from
-  0.71 bit/weight; the decode cases are timed as a bf16 copy of the dense weights (what the decode writes).
+  0.71 bit/weight; the decode cases are timed as a bf16 copy of the dense weights (what the decode writes);
+  the _gemm64 cases (64 rows on each expert) as the same bmm, beside our fused decode + grouped GEMM and
+  our bf16 grouped GEMM on the dense weights.
 
     python3 benches/compare_torch.py --suite route --ours target/bench-route.json --out torch-route.json
 """
@@ -278,6 +280,11 @@ def subbit_cases():
             out[f"{name}_T{t}"] = lambda x=x, w=w: torch.bmm(x, w.transpose(1, 2))
         dst = torch.empty_like(w)
         out[f"{name}_decode"] = lambda w=w, dst=dst: dst.copy_(w)
+        # The grouped GEMM cases: 64 rows on each expert, the same bf16 product for both of ours (fused
+        # from 0.71 bit, and our grouped GEMM on the dense weights).
+        x = torch.randn(2, 64, c, device="cuda", dtype=bf16)
+        for case in (f"{name}_gemm64", f"{name}_gemm64_dense_bf16"):
+            out[case] = lambda x=x, w=w: torch.bmm(x, w.transpose(1, 2))
     return out
 
 

@@ -527,6 +527,53 @@ moek_status moek_subbit_matvec_workspace_size(const moek_subbit_matvec_args *arg
 /* Enqueues the fused decode + matvec. Reads the image, x and the offsets; writes y and the workspace. */
 moek_status moek_subbit_matvec(const moek_subbit_matvec_args *args, cudaStream_t stream);
 
+/* Fused decode + grouped GEMM, for tens of rows per expert (prefill, batched decode): for every expert m
+ * and every row r it owns,
+ *   y[r][n] = row_scale[r] * sum over c of x[r][c] * Wb[m][n][c]      (n = 0..R-1, c = 0..C-1)
+ * with Wb the dense bf16 weights moek_subbit_decode writes (the f16 levels rounded to bf16, to nearest
+ * even), bf16 x and y, fp32 accumulation on the tensor cores (mma.sync, sm_80 and later); the dense weights
+ * never reach global memory. Expert m owns rows expert_offsets[m] .. expert_offsets[m+1] of x, y and
+ * row_scale (device [M + 1], clamped to [0, num_rows]; an expert whose offsets go backwards is empty):
+ * the layout moek_plan/moek_permute produce and moek_grouped_gemm's MOEK_GEMM_CONTIGUOUS. Experts without
+ * rows read none of their weights; rows outside expert_offsets[0] .. expert_offsets[M] are untouched
+ * (offsets that go backwards never cause an access outside the buffers; which rows get computed is then
+ * unspecified). Any number of rows per expert; each block takes 64 rows of one expert, so this is meant
+ * for about 16 rows per expert and more (fewer: moek_subbit_matvec).
+ *
+ * Split-K: with few output tiles, K is cut at the image's tile boundaries into S slices (at most
+ * tiles_per_row) computed by different blocks; each writes fp32 partial products to the workspace
+ * ([S, num_rows, R] floats) and a second kernel adds them in slice order 0..S-1, then applies row_scale,
+ * so the result is bit-identical from run to run (for a given S). S comes from the sizes only:
+ * split_k = 0 lets the library choose (MOEK_SUBBIT_GEMM_SPLIT_TARGET=ctas, read once per process,
+ * replaces the number of blocks it aims at) and falls back to S = 1 when workspace_bytes is below the
+ * size query's answer; split_k = 1 never splits; split_k >= 2 asks for that many slices (lowered to
+ * tiles_per_row), with the workspace required. */
+#define MOEK_SUBBIT_GEMM_MAX_SPLIT_K 64
+
+typedef struct moek_subbit_grouped_gemm_args {
+  moek_subbit_weights weights; /* M at most MOEK_GEMM_MAX_EXPERTS */
+  int64_t num_rows;          /* rows of x, y and row_scale, 0..2^31-1 */
+  const int32_t *expert_offsets; /* device [M + 1] */
+  const void *x;             /* device [num_rows, C] bf16, 2-byte aligned (16-byte aligned rows, i.e. x
+                                16-byte aligned and C a multiple of 8, take the asynchronous-copy path) */
+  const float *row_scale;    /* device [num_rows] or NULL (scale 1) */
+  void *y;                   /* device [num_rows, R] bf16, 2-byte aligned, written */
+  int32_t split_k;           /* K slices: 0 automatic, 1 never, 2..MOEK_SUBBIT_GEMM_MAX_SPLIT_K that many
+                                (lowered to tiles_per_row; workspace required) */
+  void *workspace;           /* device, workspace_bytes long, 16-byte aligned; may be NULL when the query
+                                says 0 */
+  size_t workspace_bytes;
+} moek_subbit_grouped_gemm_args;
+
+/* Bytes of workspace moek_subbit_grouped_gemm needs for these arguments: 4 * S * num_rows * R for the S
+ * slices it would cut K into (0 when S = 1). Reads only the weights' shape fields, num_rows, split_k and
+ * the MOEK_SUBBIT_GEMM_SPLIT_TARGET override; pointers may be NULL. */
+moek_status moek_subbit_grouped_gemm_workspace_size(const moek_subbit_grouped_gemm_args *args, size_t *bytes);
+
+/* Enqueues the fused decode + grouped GEMM. Reads the image, x, the offsets and row_scale; writes the
+ * rows of y that experts own, and the workspace when it splits K. num_rows = 0 enqueues nothing. */
+moek_status moek_subbit_grouped_gemm(const moek_subbit_grouped_gemm_args *args, cudaStream_t stream);
+
 /* ------------------------------------------------------------------------------------------------
  * Expert parallelism across the GPUs of one host: dispatch (every token's row to the rank that owns
  * each of its experts) and combine (the expert outputs back to their token's rank, weighted-summed).

@@ -3,6 +3,7 @@
 //! checked against the bindgen declarations in `src/sys.rs` at compile time (see the bottom).
 
 use crate::error::{bail, last_error_ptr, status_text, to_status, Result};
+use crate::subbit::gemm as subbit_gemm;
 use crate::subbit::gpu as subbit;
 use crate::{ep, grouped_gemm, layer, permute, route, sys};
 use std::os::raw::c_char;
@@ -248,6 +249,30 @@ pub unsafe extern "C" fn moek_subbit_matvec(
     to_status(unsafe { read_args(args, "args") }.and_then(|a| subbit::matvec_raw(a, stream)))
 }
 
+/// See `moek_subbit_grouped_gemm_workspace_size` in the header.
+///
+/// # Safety
+/// `args` is NULL or valid; `bytes` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn moek_subbit_grouped_gemm_workspace_size(
+    args: *const sys::moek_subbit_grouped_gemm_args,
+    bytes: *mut usize,
+) -> sys::moek_status {
+    unsafe { query(args, bytes, "bytes", subbit_gemm::grouped_gemm_workspace_bytes) }
+}
+
+/// See `moek_subbit_grouped_gemm` in the header.
+///
+/// # Safety
+/// `args` is NULL or valid, and its pointers satisfy the header's contract.
+#[no_mangle]
+pub unsafe extern "C" fn moek_subbit_grouped_gemm(
+    args: *const sys::moek_subbit_grouped_gemm_args,
+    stream: sys::cudaStream_t,
+) -> sys::moek_status {
+    to_status(unsafe { read_args(args, "args") }.and_then(|a| subbit_gemm::grouped_gemm_raw(a, stream)))
+}
+
 /// See `moek_ep_layout_query` in the header.
 ///
 /// # Safety
@@ -368,6 +393,12 @@ type SubbitSizeFn = unsafe extern "C" fn(*const sys::moek_subbit_matvec_args, *m
 const _: [SubbitSizeFn; 2] = [sys::moek_subbit_matvec_workspace_size, moek_subbit_matvec_workspace_size];
 type SubbitMatvecFn = unsafe extern "C" fn(*const sys::moek_subbit_matvec_args, sys::cudaStream_t) -> sys::moek_status;
 const _: [SubbitMatvecFn; 2] = [sys::moek_subbit_matvec, moek_subbit_matvec];
+type SubbitGemmSizeFn = unsafe extern "C" fn(*const sys::moek_subbit_grouped_gemm_args, *mut usize) -> sys::moek_status;
+const _: [SubbitGemmSizeFn; 2] =
+    [sys::moek_subbit_grouped_gemm_workspace_size, moek_subbit_grouped_gemm_workspace_size];
+type SubbitGemmFn =
+    unsafe extern "C" fn(*const sys::moek_subbit_grouped_gemm_args, sys::cudaStream_t) -> sys::moek_status;
+const _: [SubbitGemmFn; 2] = [sys::moek_subbit_grouped_gemm, moek_subbit_grouped_gemm];
 type EpLayoutFn = unsafe extern "C" fn(*const sys::moek_ep_config, *mut sys::moek_ep_layout) -> sys::moek_status;
 const _: [EpLayoutFn; 2] = [sys::moek_ep_layout_query, moek_ep_layout_query];
 type EpDispatchFn = unsafe extern "C" fn(*const sys::moek_ep_dispatch_args, sys::cudaStream_t) -> sys::moek_status;

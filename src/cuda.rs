@@ -61,6 +61,11 @@ mod launchers {
             substream_cols: i32,
             stream: sys::cudaStream_t,
         ) -> i32;
+        pub fn moek_cuda_subbit_grouped_gemm(
+            args: *const sys::moek_subbit_grouped_gemm_args,
+            splits: i32,
+            stream: sys::cudaStream_t,
+        ) -> i32;
         pub fn moek_cuda_ep_counts(
             a: *const crate::ep::launch::EpLaunch,
             dtype: sys::moek_dtype,
@@ -296,6 +301,26 @@ pub(crate) fn subbit_matvec(
     #[cfg(not(moek_cuda))]
     {
         let _ = (args, rows_per_block, table_entries, substream_cols, stream);
+        NO_KERNELS
+    }
+}
+
+/// Enqueues the fused sub-1-bit decode + grouped GEMM in `splits` K slices (arguments already validated;
+/// with `splits` > 1 the workspace holds `splits` × num_rows × R floats).
+pub(crate) fn subbit_grouped_gemm(
+    args: &sys::moek_subbit_grouped_gemm_args,
+    splits: i32,
+    stream: sys::cudaStream_t,
+) -> LaunchCode {
+    #[cfg(moek_cuda)]
+    {
+        // SAFETY: validated by subbit::gemm::grouped_gemm_raw; the buffers are the caller's, sized per the
+        // header, and the workspace holds the slices when splits > 1.
+        unsafe { launchers::moek_cuda_subbit_grouped_gemm(args, splits, stream) }
+    }
+    #[cfg(not(moek_cuda))]
+    {
+        let _ = (args, splits, stream);
         NO_KERNELS
     }
 }

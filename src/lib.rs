@@ -20,8 +20,9 @@
 //!   combine), or fused (route, plan, then one persistent kernel: [`layer::LayerImpl`]), with the CPU
 //!   reference in [`reference::layer`].
 //! - [`subbit`]: the sub-1-bit ternary expert format (encoder, validator, CPU decoder) and its kernels:
-//!   lossless decode to dense bf16 and the fused decode + matvec for 1..=8 tokens, with the CPU
-//!   reference in [`reference::subbit`].
+//!   lossless decode to dense bf16, the fused decode + matvec for 1..=8 tokens and the fused decode +
+//!   grouped GEMM for tens of rows per expert (not yet run on a GPU), with the CPU reference in
+//!   [`reference::subbit`].
 //! - [`ep`]: expert parallelism across the GPUs of one host: dispatch and combine with NVLink peer
 //!   stores and device-side flags, with the CPU reference in [`reference::ep`]; its low-dimension
 //!   (BigMac) variant [`ep::LowDimRank`] with [`reference::low_dim`].

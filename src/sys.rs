@@ -17,6 +17,7 @@ pub const MOEK_GEMM_MAX_EXPERTS: u32 = 8192;
 pub const MOEK_GEMM_MAX_N: u32 = 2097152;
 pub const MOEK_GEMM_MAX_SPLIT_K: u32 = 64;
 pub const MOEK_SUBBIT_MAX_TOKENS: u32 = 8;
+pub const MOEK_SUBBIT_GEMM_MAX_SPLIT_K: u32 = 64;
 pub const MOEK_EP_MAX_RANKS: u32 = 64;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -499,6 +500,51 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn moek_subbit_matvec(args: *const moek_subbit_matvec_args, stream: cudaStream_t) -> moek_status;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct moek_subbit_grouped_gemm_args {
+    pub weights: moek_subbit_weights,
+    pub num_rows: i64,
+    pub expert_offsets: *const i32,
+    pub x: *const ::std::os::raw::c_void,
+    pub row_scale: *const f32,
+    pub y: *mut ::std::os::raw::c_void,
+    pub split_k: i32,
+    pub workspace: *mut ::std::os::raw::c_void,
+    pub workspace_bytes: usize,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of moek_subbit_grouped_gemm_args"][::std::mem::size_of::<moek_subbit_grouped_gemm_args>() - 144usize];
+    ["Alignment of moek_subbit_grouped_gemm_args"][::std::mem::align_of::<moek_subbit_grouped_gemm_args>() - 8usize];
+    ["Offset of field: moek_subbit_grouped_gemm_args::weights"]
+        [::std::mem::offset_of!(moek_subbit_grouped_gemm_args, weights) - 0usize];
+    ["Offset of field: moek_subbit_grouped_gemm_args::num_rows"]
+        [::std::mem::offset_of!(moek_subbit_grouped_gemm_args, num_rows) - 80usize];
+    ["Offset of field: moek_subbit_grouped_gemm_args::expert_offsets"]
+        [::std::mem::offset_of!(moek_subbit_grouped_gemm_args, expert_offsets) - 88usize];
+    ["Offset of field: moek_subbit_grouped_gemm_args::x"]
+        [::std::mem::offset_of!(moek_subbit_grouped_gemm_args, x) - 96usize];
+    ["Offset of field: moek_subbit_grouped_gemm_args::row_scale"]
+        [::std::mem::offset_of!(moek_subbit_grouped_gemm_args, row_scale) - 104usize];
+    ["Offset of field: moek_subbit_grouped_gemm_args::y"]
+        [::std::mem::offset_of!(moek_subbit_grouped_gemm_args, y) - 112usize];
+    ["Offset of field: moek_subbit_grouped_gemm_args::split_k"]
+        [::std::mem::offset_of!(moek_subbit_grouped_gemm_args, split_k) - 120usize];
+    ["Offset of field: moek_subbit_grouped_gemm_args::workspace"]
+        [::std::mem::offset_of!(moek_subbit_grouped_gemm_args, workspace) - 128usize];
+    ["Offset of field: moek_subbit_grouped_gemm_args::workspace_bytes"]
+        [::std::mem::offset_of!(moek_subbit_grouped_gemm_args, workspace_bytes) - 136usize];
+};
+unsafe extern "C" {
+    pub fn moek_subbit_grouped_gemm_workspace_size(
+        args: *const moek_subbit_grouped_gemm_args,
+        bytes: *mut usize,
+    ) -> moek_status;
+}
+unsafe extern "C" {
+    pub fn moek_subbit_grouped_gemm(args: *const moek_subbit_grouped_gemm_args, stream: cudaStream_t) -> moek_status;
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

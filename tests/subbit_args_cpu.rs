@@ -187,3 +187,132 @@ fn c_interface_checks_subbit_arguments() {
     assert_eq!(decode(|a| a.weights.scales_at = 0), sys::moek_status_MOEK_ERROR_INVALID_VALUE);
     assert!(message().contains("scales_at"), "{}", message());
 }
+
+/// Three tiles of 256 per row (C = 700), 2 matrices of 5 rows.
+fn valid_gemm() -> sys::moek_subbit_grouped_gemm_args {
+    let mut w = Compressed::parse(&buffer()).unwrap().descriptor().unwrap();
+    w.image = 0x10000 as *const c_void;
+    sys::moek_subbit_grouped_gemm_args {
+        weights: w,
+        num_rows: 40,
+        expert_offsets: 0x50000 as *const i32,
+        x: 0x20000 as *const c_void,
+        row_scale: 0x70000 as *const f32,
+        y: 0x30000 as *mut c_void,
+        split_k: 3,
+        workspace: 0x40000 as *mut c_void,
+        workspace_bytes: 4 * 3 * 40 * 5,
+    }
+}
+
+fn gemm_workspace(a: &sys::moek_subbit_grouped_gemm_args) -> (sys::moek_status, usize) {
+    let mut bytes = usize::MAX;
+    let status = unsafe { capi::moek_subbit_grouped_gemm_workspace_size(a, &mut bytes) };
+    (status, bytes)
+}
+
+#[test]
+fn grouped_gemm_workspace_is_the_slices_partial_products() {
+    let a = valid_gemm();
+    // An explicit split: 4 bytes x slices x rows x R.
+    assert_eq!(gemm_workspace(&a), (sys::moek_status_MOEK_SUCCESS, 4 * 3 * 40 * 5));
+    // More slices than tiles are lowered to the tiles; one slice needs none.
+    assert_eq!(gemm_workspace(&sys::moek_subbit_grouped_gemm_args { split_k: 64, ..a }).1, 4 * 3 * 40 * 5);
+    assert_eq!(gemm_workspace(&sys::moek_subbit_grouped_gemm_args { split_k: 2, ..a }).1, 4 * 2 * 40 * 5);
+    assert_eq!(gemm_workspace(&sys::moek_subbit_grouped_gemm_args { split_k: 1, ..a }).1, 0);
+    // Automatic: this tiny shape makes 2 blocks, so it takes all 3 tiles' slices; no rows, no workspace.
+    assert_eq!(gemm_workspace(&sys::moek_subbit_grouped_gemm_args { split_k: 0, ..a }).1, 4 * 3 * 40 * 5);
+    assert_eq!(gemm_workspace(&sys::moek_subbit_grouped_gemm_args { split_k: 0, num_rows: 0, ..a }).1, 0);
+    // The query reads no pointer.
+    let bare = sys::moek_subbit_grouped_gemm_args {
+        expert_offsets: std::ptr::null(),
+        x: std::ptr::null(),
+        y: std::ptr::null_mut(),
+        workspace: std::ptr::null_mut(),
+        ..a
+    };
+    assert_eq!(gemm_workspace(&bare).0, sys::moek_status_MOEK_SUCCESS);
+    let status = unsafe { capi::moek_subbit_grouped_gemm_workspace_size(&a, std::ptr::null_mut()) };
+    assert_eq!(status, sys::moek_status_MOEK_ERROR_NULL_POINTER);
+    let status = unsafe { capi::moek_subbit_grouped_gemm_workspace_size(std::ptr::null(), &mut 0) };
+    assert_eq!(status, sys::moek_status_MOEK_ERROR_NULL_POINTER);
+    let (status, _) = gemm_workspace(&sys::moek_subbit_grouped_gemm_args { num_rows: -1, ..a });
+    assert_eq!(status, sys::moek_status_MOEK_ERROR_INVALID_NUM_TOKENS);
+}
+
+#[test]
+fn c_interface_checks_subbit_grouped_gemm_arguments() {
+    let stream = std::ptr::null_mut();
+    let status = unsafe { capi::moek_subbit_grouped_gemm(std::ptr::null(), stream) };
+    assert_eq!(status, sys::moek_status_MOEK_ERROR_NULL_POINTER);
+    assert!(message().contains("args"), "{}", message());
+
+    type Edit = fn(&mut sys::moek_subbit_grouped_gemm_args);
+    let cases: [(Edit, sys::moek_status, &str); 24] = [
+        (|a| a.num_rows = -1, sys::moek_status_MOEK_ERROR_INVALID_NUM_TOKENS, "num_rows"),
+        (|a| a.num_rows = 1 << 31, sys::moek_status_MOEK_ERROR_INVALID_NUM_TOKENS, "num_rows"),
+        (|a| a.split_k = -1, sys::moek_status_MOEK_ERROR_INVALID_VALUE, "split_k"),
+        (|a| a.split_k = 65, sys::moek_status_MOEK_ERROR_INVALID_VALUE, "split_k"),
+        (|a| a.expert_offsets = std::ptr::null(), sys::moek_status_MOEK_ERROR_NULL_POINTER, "expert_offsets"),
+        (|a| a.expert_offsets = 0x50002 as *const i32, sys::moek_status_MOEK_ERROR_MISALIGNED, "expert_offsets"),
+        (|a| a.weights.image = std::ptr::null(), sys::moek_status_MOEK_ERROR_NULL_POINTER, "image"),
+        (|a| a.weights.image = 0x10008 as *const c_void, sys::moek_status_MOEK_ERROR_MISALIGNED, "image"),
+        (|a| a.x = std::ptr::null(), sys::moek_status_MOEK_ERROR_NULL_POINTER, "x"),
+        (|a| a.x = 0x20001 as *const c_void, sys::moek_status_MOEK_ERROR_MISALIGNED, "x"),
+        (|a| a.y = std::ptr::null_mut(), sys::moek_status_MOEK_ERROR_NULL_POINTER, "y"),
+        (|a| a.y = 0x30001 as *mut c_void, sys::moek_status_MOEK_ERROR_MISALIGNED, "y"),
+        (|a| a.row_scale = 0x70002 as *const f32, sys::moek_status_MOEK_ERROR_MISALIGNED, "row_scale"),
+        (|a| a.workspace_bytes -= 1, sys::moek_status_MOEK_ERROR_WORKSPACE_TOO_SMALL, "workspace_bytes"),
+        (|a| a.workspace = std::ptr::null_mut(), sys::moek_status_MOEK_ERROR_NULL_POINTER, "workspace"),
+        (|a| a.workspace = 0x40004 as *mut c_void, sys::moek_status_MOEK_ERROR_MISALIGNED, "workspace"),
+        (|a| a.weights.matrices = 0, sys::moek_status_MOEK_ERROR_INVALID_VALUE, "matrices"),
+        (|a| a.weights.matrices = 8193, sys::moek_status_MOEK_ERROR_INVALID_VALUE, "matrices"),
+        (|a| a.weights.rows = 50, sys::moek_status_MOEK_ERROR_INVALID_VALUE, "offsets_at"),
+        (|a| a.weights.cols = 1000, sys::moek_status_MOEK_ERROR_INVALID_VALUE, "tiles_per_row"),
+        (|a| a.weights.tile_cols = 300, sys::moek_status_MOEK_ERROR_INVALID_VALUE, "tile_cols"),
+        (|a| a.weights.codes += 8, sys::moek_status_MOEK_ERROR_INVALID_VALUE, "image_bytes"),
+        (|a| a.weights.offsets_at += 16, sys::moek_status_MOEK_ERROR_INVALID_VALUE, "offsets_at"),
+        (|a| a.weights.dictionary_entries = 2, sys::moek_status_MOEK_ERROR_INVALID_VALUE, "dictionary_entries"),
+    ];
+    for (i, (edit, status, name)) in cases.into_iter().enumerate() {
+        let mut a = valid_gemm();
+        edit(&mut a);
+        assert_eq!(unsafe { capi::moek_subbit_grouped_gemm(&a, stream) }, status, "case {i}: {}", message());
+        assert!(message().contains(name), "case {i}: '{}' does not name {name}", message());
+    }
+}
+
+/// What a call that passes every check does here: the launch fails without kernels or a GPU, but the
+/// arguments were accepted (no status naming an argument). Covers the optional pointers: no row scale, no
+/// workspace with the automatic split (which then does not split), and no x or y without rows.
+#[test]
+fn grouped_gemm_accepts_optional_pointers_left_out() {
+    let accepted = |a: &sys::moek_subbit_grouped_gemm_args| {
+        let status = unsafe { capi::moek_subbit_grouped_gemm(a, std::ptr::null_mut()) };
+        let ok = [
+            sys::moek_status_MOEK_SUCCESS,
+            sys::moek_status_MOEK_ERROR_NO_CUDA_KERNELS,
+            sys::moek_status_MOEK_ERROR_CUDA,
+        ];
+        assert!(ok.contains(&status), "status {status}: {}", message());
+    };
+    let a = valid_gemm();
+    accepted(&a);
+    accepted(&sys::moek_subbit_grouped_gemm_args { row_scale: std::ptr::null(), ..a });
+    accepted(&sys::moek_subbit_grouped_gemm_args {
+        split_k: 0,
+        workspace: std::ptr::null_mut(),
+        workspace_bytes: 0,
+        ..a
+    });
+    accepted(&sys::moek_subbit_grouped_gemm_args { split_k: 1, workspace: std::ptr::null_mut(), ..a });
+    accepted(&sys::moek_subbit_grouped_gemm_args {
+        num_rows: 0,
+        x: std::ptr::null(),
+        y: std::ptr::null_mut(),
+        split_k: 0,
+        workspace: std::ptr::null_mut(),
+        workspace_bytes: 0,
+        ..a
+    });
+}

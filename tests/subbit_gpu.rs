@@ -3,15 +3,21 @@
 //! multiplies by (the f16 levels, `reference::dense`, not the decode's bf16 values: see there) on odd
 //! shapes (rows and cols off the tile, one row, one expert, empty experts, more than 8 rows of an expert,
 //! tiles too wide for the shared-memory x window, tiles of several restarts), 1..=8 tokens, outputs
-//! poisoned first; run-to-run bit identity; a CUDA-graph replay. Skips (with a notice) where there is no
-//! GPU.
+//! poisoned first; run-to-run bit identity; a CUDA-graph replay. The fused decode + grouped GEMM against
+//! the product of the decode's bf16 weights (`reference::grouped_gemm`): Mixtral-like small shapes (tile
+//! 256 and 512), one row, experts without rows, all rows on one expert, 64 rows per expert, R and C off
+//! the block and the image's tiles, rows no expert owns, with and without a row scale, every K-slice
+//! count; and its CUDA-graph replay with new offsets in the same buffers. Skips (with a notice) where
+//! there is no GPU. Every test holds `common::serial()`: two of them capture graphs.
 
 mod common;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use moe_kernels::reference::subbit as reference;
-use moe_kernels::subbit::{decode_on_gpu, encode, matvec, random_iid, Compressed, DeviceWeights, Experts};
+use moe_kernels::subbit::{
+    decode_on_gpu, encode, grouped_gemm, matvec, random_iid, Compressed, DeviceWeights, Experts,
+};
 use rand::Rng;
 use std::sync::Arc;
 
@@ -77,6 +83,7 @@ fn check(got: &[bf16], want: &[f32], what: &str) -> Result<(), String> {
 
 #[test]
 fn gpu_decode_equals_cpu_decode_bit_for_bit() {
+    let _serial = common::serial();
     let Some((_ctx, stream)) = common::gpu() else { return };
     let mut rng = common::rng("gpu_decode_equals_cpu_decode_bit_for_bit");
     for (m, r, c, tile, p0) in SHAPES {
@@ -102,6 +109,7 @@ fn gpu_decode_equals_cpu_decode_bit_for_bit() {
 
 #[test]
 fn fused_matvec_matches_the_dense_reference() {
+    let _serial = common::serial();
     let Some((_ctx, stream)) = common::gpu() else { return };
     let mut rng = common::rng("fused_matvec_matches_the_dense_reference");
     let mut failures = Vec::new();
@@ -155,6 +163,7 @@ fn offsets_of(rng: &mut impl Rng, m: usize, rows: usize) -> Vec<i32> {
 
 #[test]
 fn grouped_matvec_matches_the_dense_reference() {
+    let _serial = common::serial();
     let Some((_ctx, stream)) = common::gpu() else { return };
     let mut rng = common::rng("grouped_matvec_matches_the_dense_reference");
     let mut failures = Vec::new();
@@ -193,6 +202,7 @@ fn grouped_matvec_matches_the_dense_reference() {
 
 #[test]
 fn matvec_is_bit_identical_from_run_to_run_and_replays_from_a_cuda_graph() {
+    let _serial = common::serial();
     let Some((ctx, stream)) = common::gpu() else { return };
     unsafe { ctx.disable_event_tracking() };
     let mut rng = common::rng("matvec_is_bit_identical_from_run_to_run_and_replays_from_a_cuda_graph");
@@ -227,6 +237,159 @@ fn matvec_is_bit_identical_from_run_to_run_and_replays_from_a_cuda_graph() {
         let first = stream.clone_dtoh(&y).unwrap();
         let want = reference::grouped_matvec(&dense, r, c, &offsets, &x, t);
         check(&first, &want, &format!("replay {replay}")).unwrap();
+        graph.launch().unwrap();
+        let second = stream.clone_dtoh(&y).unwrap();
+        assert!(
+            first.iter().zip(&second).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "replay {replay}: two runs on the same inputs differ"
+        );
+    }
+}
+
+/// The grouped GEMM's shapes: (matrices, rows R, cols C, tile_cols, P(0)).
+const GEMM_SHAPES: [(usize, usize, usize, usize, f64); 6] = [
+    (2, 300, 1000, 256, 0.885),  // Mixtral-like, small: 4 tiles a row (up to 4 K slices)
+    (2, 300, 1000, 512, 0.885),  // the same with 2 tiles a row
+    (3, 37, 2049, 1024, 0.885),  // R and C odd: element-wise x copies and y stores
+    (1, 129, 1001, 256, 0.9),    // two blocks of weight rows, the second of one row; C not a multiple of 8
+    (2, 136, 5000, 1024, 0.885), // 5 tiles, the last partial
+    (2, 64, 4096, 2048, 0.885),  // Mixtral's K
+];
+
+/// (what, num_rows, offsets) for `m` experts: 64 rows each, a single row, experts without rows, all rows
+/// on the first or the last expert, rows past a block of 64, rows no expert owns, random offsets.
+fn gemm_routings(rng: &mut impl Rng, m: usize) -> Vec<(String, usize, Vec<i32>)> {
+    let each = |count: usize| (0..=m).map(|e| (e * count) as i32).collect::<Vec<_>>();
+    let on = |e: usize, rows: usize| (0..=m).map(|j| if j > e { rows as i32 } else { 0 }).collect::<Vec<_>>();
+    let mut all = vec![
+        ("64 rows per expert".to_string(), 64 * m, each(64)),
+        ("one row on the first expert".to_string(), 1, on(0, 1)),
+        ("one row on the last expert".to_string(), 1, on(m - 1, 1)),
+        ("all rows on the first expert".to_string(), 100, on(0, 100)),
+        ("all rows on the last expert".to_string(), 130, on(m - 1, 130)),
+        ("65 rows per expert".to_string(), 65 * m, each(65)),
+    ];
+    // Experts without rows between others, and rows past the last expert's end (never written).
+    let mut gaps = vec![0i32];
+    for e in 0..m {
+        let last = *gaps.last().unwrap();
+        gaps.push(last + if e % 2 == 1 { 0 } else { 37 });
+    }
+    let owned = *gaps.last().unwrap() as usize;
+    all.push(("experts without rows, rows past the end".to_string(), owned + 11, gaps));
+    for rows in [17usize, 150] {
+        all.push((format!("random over {rows} rows"), rows, offsets_of(rng, m, rows)));
+    }
+    all
+}
+
+fn random_scale(rng: &mut impl Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(0.25f32..2.0)).collect()
+}
+
+#[test]
+fn fused_grouped_gemm_matches_the_dense_bf16_reference() {
+    let _serial = common::serial();
+    let Some((_ctx, stream)) = common::gpu() else { return };
+    let mut rng = common::rng("fused_grouped_gemm_matches_the_dense_bf16_reference");
+    let mut failures = Vec::new();
+    for (m, r, c, tile, p0) in GEMM_SHAPES {
+        let bytes = compressed(&mut rng, m, r, c, tile, p0);
+        let view = Compressed::parse(&bytes).unwrap();
+        let weights = DeviceWeights::upload(&stream, &view).unwrap();
+        let dense = reference::dense_bf16(&view);
+        let tiles = c.div_ceil(tile) as u32;
+        for (case, (what, rows, offsets)) in gemm_routings(&mut rng, m).into_iter().enumerate() {
+            let x = random_x(&mut rng, rows * c);
+            let scale = (case % 2 == 1).then(|| random_scale(&mut rng, rows));
+            let want = reference::grouped_gemm(&dense, r, c, &offsets, &x, rows, scale.as_deref());
+            let d_x = stream.clone_htod(&x).unwrap();
+            let d_offsets = stream.clone_htod(&offsets).unwrap();
+            let d_scale = scale.as_ref().map(|s| stream.clone_htod(s).unwrap());
+            let mut splits = vec![0u32, 1, 2, tiles, tiles + 3];
+            splits.dedup();
+            for split_k in splits {
+                let mut y = poisoned(&stream, rows * r);
+                let need = weights.grouped_gemm_workspace_bytes(rows, split_k).unwrap();
+                let mut ws = stream.alloc_zeros::<u8>(need.max(16)).unwrap();
+                let scale_view = d_scale.as_ref().map(|s| s.slice(..));
+                grouped_gemm(
+                    &stream,
+                    &weights,
+                    &d_offsets.slice(..),
+                    rows,
+                    &d_x.slice(..),
+                    scale_view.as_ref(),
+                    &mut y.slice_mut(..),
+                    split_k,
+                    Some(&mut ws.slice_mut(..)),
+                )
+                .unwrap();
+                let got = stream.clone_dtoh(&y).unwrap();
+                let label = format!(
+                    "{m} x {r} x {c} tile {tile}, {what} (offsets {offsets:?}), scaled {}, split_k {split_k}",
+                    scale.is_some()
+                );
+                if let Err(e) = check(&got[..rows * r], &want, &label) {
+                    failures.push(e);
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn grouped_gemm_is_bit_identical_from_run_to_run_and_replays_new_offsets_from_a_cuda_graph() {
+    let _serial = common::serial();
+    let Some((ctx, stream)) = common::gpu() else { return };
+    unsafe { ctx.disable_event_tracking() };
+    let mut rng =
+        common::rng("grouped_gemm_is_bit_identical_from_run_to_run_and_replays_new_offsets_from_a_cuda_graph");
+    let (m, r, c, rows) = (2usize, 300usize, 1000usize, 128usize);
+    let bytes = compressed(&mut rng, m, r, c, 256, 0.885);
+    let view = Compressed::parse(&bytes).unwrap();
+    let weights = DeviceWeights::upload(&stream, &view).unwrap();
+    let dense = reference::dense_bf16(&view);
+    // Automatic slices (4 tiles a row: this shape splits), so the graph holds the reduce kernel too.
+    let need = weights.grouped_gemm_workspace_bytes(rows, 0).unwrap();
+    assert!(need > 0, "the automatic choice should split this small shape");
+    let mut d_offsets = stream.clone_htod(&[0i32, 64, 128]).unwrap();
+    let mut d_x = stream.clone_htod(&random_x(&mut rng, rows * c)).unwrap();
+    let scale = random_scale(&mut rng, rows);
+    let d_scale = stream.clone_htod(&scale).unwrap();
+    let mut y = poisoned(&stream, rows * r);
+    let mut ws = stream.alloc_zeros::<u8>(need).unwrap();
+    let run = |d_offsets: &CudaSlice<i32>, d_x: &CudaSlice<bf16>, y: &mut CudaSlice<bf16>, ws: &mut CudaSlice<u8>| {
+        grouped_gemm(
+            &stream,
+            &weights,
+            &d_offsets.slice(..),
+            rows,
+            &d_x.slice(..),
+            Some(&d_scale.slice(..)),
+            &mut y.slice_mut(..),
+            0,
+            Some(&mut ws.slice_mut(..)),
+        )
+        .unwrap()
+    };
+    // Once outside the capture: loads the kernels before it.
+    run(&d_offsets, &d_x, &mut y, &mut ws);
+    stream.synchronize().unwrap();
+    stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+    run(&d_offsets, &d_x, &mut y, &mut ws);
+    let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).unwrap().expect("a graph");
+    let routings = [vec![0i32, 64, 128], vec![0, 0, 128], vec![0, 1, 1], vec![0, 100, 120], vec![0, 70, 70]];
+    for (replay, offsets) in routings.iter().enumerate() {
+        let x = random_x(&mut rng, rows * c);
+        stream.memcpy_htod(&x, &mut d_x).unwrap();
+        stream.memcpy_htod(offsets, &mut d_offsets).unwrap();
+        stream.memcpy_htod(&vec![bf16::from_bits(POISON); rows * r], &mut y).unwrap();
+        graph.launch().unwrap();
+        let first = stream.clone_dtoh(&y).unwrap();
+        let want = reference::grouped_gemm(&dense, r, c, offsets, &x, rows, Some(&scale));
+        check(&first, &want, &format!("replay {replay}, offsets {offsets:?}")).unwrap();
         graph.launch().unwrap();
         let second = stream.clone_dtoh(&y).unwrap();
         assert!(

@@ -1,5 +1,6 @@
-//! CPU reference of the sub-1-bit kernels: the dense bf16 weights the decode kernel writes, the dense
-//! f16-level weights the fused kernel multiplies by, and the matrix-vector products computed from them.
+//! CPU reference of the sub-1-bit kernels: the dense bf16 weights the decode kernel writes (which the fused
+//! grouped GEMM multiplies by), the dense f16-level weights the fused matvec multiplies by, and the
+//! products computed from them.
 
 use crate::subbit::Compressed;
 use half::bf16;
@@ -47,6 +48,40 @@ pub fn grouped_matvec(dense: &[f32], rows: usize, cols: usize, offsets: &[i32], 
         let w = &dense[m * rows * cols..(m + 1) * rows * cols];
         let part = matvec(w, rows, cols, &x[lo * cols..hi * cols], hi - lo);
         y[lo * rows..hi * rows].copy_from_slice(&part);
+    }
+    y
+}
+
+/// The fused grouped GEMM: for every matrix m and every row r of `x` ([num_rows, C]) it owns (rows
+/// `offsets[m]..offsets[m+1]`, each clamped to `0..=num_rows`; offsets that go backwards own none),
+/// `y[r, n] = row_scale[r] · sum over c of x[r, c] · w[m, n, c]`, the sum accumulated in f64 and the
+/// result returned in f32 ([num_rows, R]). `w` is [`dense_bf16`] ([M, R, C]): the kernel multiplies by the decode's bf16 weights
+/// on the tensor cores, not by the f16 levels. Rows no matrix owns are NaN. Where two matrices' rows
+/// overlap (offsets out of order) the later one's product is kept.
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_gemm(
+    w: &[bf16],
+    rows: usize,
+    cols: usize,
+    offsets: &[i32],
+    x: &[bf16],
+    num_rows: usize,
+    row_scale: Option<&[f32]>,
+) -> Vec<f32> {
+    let mut y = vec![f32::NAN; num_rows * rows];
+    let clamp = |o: i32| (o.max(0) as usize).min(num_rows);
+    for m in 0..offsets.len().saturating_sub(1) {
+        let (lo, hi) = (clamp(offsets[m]), clamp(offsets[m + 1]));
+        if hi <= lo {
+            continue;
+        }
+        let wm: Vec<f32> = w[m * rows * cols..(m + 1) * rows * cols].iter().map(|v| v.to_f32()).collect();
+        let part = matvec(&wm, rows, cols, &x[lo * cols..hi * cols], hi - lo);
+        for (i, v) in part.into_iter().enumerate() {
+            let r = lo + i / rows;
+            let scale = row_scale.map_or(1.0, |s| f64::from(s[r]));
+            y[lo * rows + i] = (f64::from(v) * scale) as f32;
+        }
     }
     y
 }

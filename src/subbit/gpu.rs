@@ -1,5 +1,6 @@
 //! The sub-1-bit kernels: lossless decode to dense bf16 and the fused decode + matrix-vector product for
-//! 1..=8 tokens (one matrix, or grouped by expert through device offsets). Semantics: the "Sub-1-bit"
+//! 1..=8 tokens (one matrix, or grouped by expert through device offsets); the fused decode + grouped
+//! GEMM is in [`super::gemm`]. Semantics: the "Sub-1-bit"
 //! section of `include/moe_kernels.h`; [`crate::reference::subbit`] is the CPU oracle. The bytes and
 //! FLOPs of the fused kernel are worked out at the top of `cuda/subbit.cu` and in `docs/subbit-gpu.md`:
 //! 0.089 bytes of codewords per weight from HBM, one dictionary lookup per ~23 weights (shared memory
@@ -96,7 +97,7 @@ pub(crate) unsafe fn write_image_raw(
 }
 
 /// The descriptor's fields and its device image pointer.
-fn check_weights(w: &sys::moek_subbit_weights) -> Result<()> {
+pub(super) fn check_weights(w: &sys::moek_subbit_weights) -> Result<()> {
     check_descriptor(w)?;
     check::pointer("weights.image", w.image, true, 16)
 }
@@ -173,8 +174,8 @@ pub(crate) fn matvec_raw(a: &sys::moek_subbit_matvec_args, stream: sys::cudaStre
 
 /// A validated buffer's image in device memory.
 pub struct DeviceWeights {
-    image: CudaSlice<u8>,
-    descriptor: sys::moek_subbit_weights,
+    pub(super) image: CudaSlice<u8>,
+    pub(super) descriptor: sys::moek_subbit_weights,
 }
 
 impl DeviceWeights {

@@ -25,10 +25,12 @@
 //! phrase) are dropped. [`Compressed::parse`] checks every field, every offset and every tile's
 //! codeword lengths before anything decodes, so a kernel given a parsed buffer never reads out of bounds.
 
+pub mod gemm;
 pub mod gpu;
 pub mod image;
 pub mod tunstall;
 
+pub use gemm::grouped_gemm;
 pub use gpu::{decode as decode_on_gpu, matvec, DeviceWeights, Experts};
 
 use crate::error::{Error, Result, Status};

@@ -126,6 +126,14 @@ static void cpu_side(void) {
   CHECK(moek_subbit_matvec(&mv, NULL) == MOEK_ERROR_INVALID_VALUE, "subbit matvec with an empty descriptor");
   CHECK(strstr(moek_last_error_message(), "weights.matrices") != NULL, "message names weights.matrices: %s",
         moek_last_error_message());
+  moek_subbit_grouped_gemm_args gg;
+  memset(&gg, 0, sizeof gg);
+  CHECK(moek_subbit_grouped_gemm(NULL, NULL) == MOEK_ERROR_NULL_POINTER, "subbit grouped gemm of NULL");
+  CHECK(moek_subbit_grouped_gemm(&gg, NULL) == MOEK_ERROR_INVALID_VALUE, "subbit grouped gemm, empty descriptor");
+  CHECK(strstr(moek_last_error_message(), "weights.matrices") != NULL, "message names weights.matrices: %s",
+        moek_last_error_message());
+  CHECK(moek_subbit_grouped_gemm_workspace_size(&gg, NULL) == MOEK_ERROR_NULL_POINTER,
+        "subbit grouped gemm workspace query without an output");
 
   /* Low-dimension expert parallelism: the shape and the caller's buffers are checked before anything is
    * enqueued (no GPU needed for any of these). */
