@@ -7,7 +7,7 @@
 //!
 //! Split-K: with few output tiles the kernel cuts K at the image's tile boundaries into slices computed
 //! by different blocks, their fp32 partial products added in slice order by a second kernel
-//! (deterministic). The number of slices comes from the sizes only (see [`auto_splits`]), so the
+//! (deterministic). The number of slices comes from the sizes only (see `auto_splits`), so the
 //! workspace query needs no device; `MOEK_SUBBIT_GEMM_SPLIT_TARGET=blocks` (read once per process)
 //! replaces the number of blocks the automatic choice aims at.
 
@@ -172,7 +172,7 @@ impl DeviceWeights {
 /// Enqueues `y[r, n] = row_scale[r] · sum over c of x[r, c] · Wb[m][n, c]` for every row r of `x`
 /// ([num_rows, C]) that expert m owns (`offsets[m]..offsets[m+1]`, [M + 1] on the device, clamped to
 /// `0..=num_rows`) into `y` ([num_rows, R]), with Wb the dense bf16 weights (the f16 levels rounded to
-/// bf16) and fp32 accumulation; rows no expert owns are left untouched. `row_scale` ([num_rows]) is
+/// bf16) and fp32 accumulation; rows no expert owns are left untouched. `row_scale` (`[num_rows]`) is
 /// optional. `split_k` (0 automatic, 1 never, n that many, at most one a tile of the image) cuts K into
 /// slices added in a fixed order; `workspace` (at least [`DeviceWeights::grouped_gemm_workspace_bytes`])
 /// holds their partial products. No allocation, no host synchronisation: capturable in a CUDA graph.
