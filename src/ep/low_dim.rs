@@ -150,8 +150,9 @@ impl<'a, T: GemmInput + ValidAsZeroBits> LowDimRank<'a, T> {
         config.validate()?;
         let stream = ep.stream();
         stream.context().bind_to_thread()?;
-        let carve = carve(&config)?;
-        let workspace = stream.alloc_zeros::<u8>(carve.total)?;
+        let bytes = workspace_bytes_for(&config)?;
+        let workspace = stream.alloc_zeros::<u8>(bytes)?;
+        let carve = carve(&config, bytes);
         let me = LowDimRank { ep, config, workspace, carve, _rows: PhantomData };
         me.warm_up()?;
         Ok(me)
@@ -173,7 +174,7 @@ impl<'a, T: GemmInput + ValidAsZeroBits> LowDimRank<'a, T> {
         let (wp, _g1) = w.device_ptr(&stream);
         let (ws, _g2) = self.workspace.device_ptr(&stream);
         let (sp, wp, ws) = (sp as *mut c_void, wp as *const c_void, ws as *mut u8);
-        // SAFETY: inside the workspace (carve.total bytes were allocated).
+        // SAFETY: inside the workspace (allocated for this carve).
         let combined = unsafe { ws.add(self.carve.combined) } as *mut c_void;
         let dtype = self.config.ep.dtype;
         let (mut down, mut up) = (BTreeSet::new(), BTreeSet::new());
@@ -199,7 +200,7 @@ impl<'a, T: GemmInput + ValidAsZeroBits> LowDimRank<'a, T> {
             group: self.ep.group()?,
             model_hidden: self.config.hidden as i64,
             low_dim_workspace: ws as *mut c_void,
-            low_dim_workspace_bytes: self.carve.total,
+            low_dim_workspace_bytes: self.workspace.len(),
         })
     }
 
@@ -299,20 +300,24 @@ struct Carve {
     combined: usize,
     /// Two i32: the one-expert GEMMs' offsets.
     offsets: usize,
-    /// The projections' split-K space and its length.
+    /// The projections' split-K space: where it starts, and how much of it the caller gave.
     split: usize,
     split_bytes: usize,
-    total: usize,
 }
 
 const CARVE_ALIGN: usize = 256;
 
-fn carve(c: &LowDimConfig) -> Result<Carve> {
+/// The carve of a workspace of `workspace_bytes` for `c` (the split-K space is what lies past `split`).
+fn carve(c: &LowDimConfig, workspace_bytes: usize) -> Carve {
     let elem = crate::dtype::size_of(c.ep.dtype).unwrap_or(2);
     let rows = (c.ep.max_tokens.max(1) * c.projected() * elem).div_ceil(CARVE_ALIGN) * CARVE_ALIGN;
-    let split_bytes = c.split_workspace_bytes()?;
     let split = 2 * rows + CARVE_ALIGN;
-    Ok(Carve { combined: rows, offsets: 2 * rows, split, split_bytes, total: split + split_bytes })
+    Carve { combined: rows, offsets: 2 * rows, split, split_bytes: workspace_bytes.saturating_sub(split) }
+}
+
+/// Bytes of a low-dimension workspace for `c`: the fixed part and the most split-K space any call can use.
+fn workspace_bytes_for(c: &LowDimConfig) -> Result<usize> {
+    Ok(carve(c, 0).split + c.split_workspace_bytes()?)
 }
 
 /// The low-dimension shape of a C group, checked (every field of the configuration but the rank, r,
@@ -343,13 +348,21 @@ fn check_low_dim(g: &sys::moek_ep_low_dim_group, num_tokens: i64) -> Result<(Low
     if num_tokens < 0 || num_tokens as usize > config.ep.max_tokens {
         bail!(InvalidNumTokens, "num_tokens = {num_tokens} is outside 0..={}", config.ep.max_tokens);
     }
-    let carve = carve(&config)?;
-    if g.low_dim_workspace_bytes < carve.total {
+    let carve = carve(&config, g.low_dim_workspace_bytes);
+    // This call's projections only: two size questions, not the size query's scan over every row count
+    // up to max_tokens (thousands of them, on every call).
+    let split_need = if num_tokens > 0 {
+        let layout = Layout::Contiguous { max_rows: num_tokens as usize };
+        config.descend().workspace_bytes(layout)?.max(config.ascend().workspace_bytes(layout)?)
+    } else {
+        0
+    };
+    let need = carve.split + split_need;
+    if g.low_dim_workspace_bytes < need {
         bail!(
             WorkspaceTooSmall,
-            "low_dim_workspace_bytes = {} but this configuration needs {}",
-            g.low_dim_workspace_bytes,
-            carve.total
+            "low_dim_workspace_bytes = {} but this call needs {need} (moek_ep_low_dim_workspace_size: enough for any)",
+            g.low_dim_workspace_bytes
         );
     }
     check::pointer("low_dim_workspace", g.low_dim_workspace as *const u8, true, CARVE_ALIGN)?;
@@ -358,7 +371,7 @@ fn check_low_dim(g: &sys::moek_ep_low_dim_group, num_tokens: i64) -> Result<(Low
 
 /// See `moek_ep_low_dim_workspace_size` in the header.
 pub(crate) fn low_dim_workspace_bytes(g: &sys::moek_ep_low_dim_group) -> Result<usize> {
-    Ok(carve(&config_of(g)?)?.total)
+    workspace_bytes_for(&config_of(g)?)
 }
 
 /// One projection of the C path: `out[T, n] = a[T, k] · b[n, k]^T`, a one-expert grouped GEMM over
